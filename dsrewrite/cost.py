@@ -1,0 +1,79 @@
+"""MACs and parameter counts of convolutions and their separable rewrites (pure).
+
+MACs count multiply-accumulates of the convolution itself for one inference at
+the given shapes; bias additions and the Concat copy are not counted. Per output
+pixel a conv with ``M`` inputs, ``N`` outputs, ``g`` groups and ``K`` kernel taps
+costs ``N·(M/g)·K``. Its rank-``r`` rewrite costs ``r·M·K`` (depthwise) plus
+``r·(M/g)·N`` (pointwise), a ratio of ``r/N + r/K`` when ``g = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Cost:
+    """``macs`` is None when an output dim is unknown; ``macs_per_pixel`` is always known."""
+
+    macs: int | None
+    params: int
+    macs_per_pixel: int
+
+
+def conv_output_spatial(
+    input_spatial: Sequence[int | None],
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[int],
+    dilations: Sequence[int],
+    auto_pad: str = "NOTSET",
+) -> list[int | None]:
+    """Spatial output dims of an ONNX Conv; None where the input dim is unknown."""
+    d = len(kernel_shape)
+    out: list[int | None] = []
+    for i in range(d):
+        size = input_spatial[i]
+        if size is None:
+            out.append(None)
+            continue
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out.append(-(-size // strides[i]))
+        else:
+            begin, end = (0, 0) if auto_pad == "VALID" else (pads[i], pads[i + d])
+            span = dilations[i] * (kernel_shape[i] - 1) + 1
+            out.append((size + begin + end - span) // strides[i] + 1)
+    return out
+
+
+def output_elements(batch: int | None, output_spatial: Sequence[int | None]) -> int | None:
+    """Output pixels over the batch, or None if any dim is unknown."""
+    if batch is None or any(s is None for s in output_spatial):
+        return None
+    return batch * math.prod(output_spatial)
+
+
+def conv_cost(
+    in_channels: int, out_channels: int, kernel_size: int, group: int, pixels: int | None, has_bias: bool
+) -> Cost:
+    per_pixel = out_channels * (in_channels // group) * kernel_size
+    params = per_pixel + (out_channels if has_bias else 0)
+    return Cost(macs=None if pixels is None else per_pixel * pixels, params=params, macs_per_pixel=per_pixel)
+
+
+def separable_cost(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    group: int,
+    rank: int,
+    pixels: int | None,
+    has_bias: bool,
+) -> Cost:
+    depthwise = rank * in_channels * kernel_size
+    pointwise = rank * (in_channels // group) * out_channels
+    per_pixel = depthwise + pointwise
+    params = per_pixel + (out_channels if has_bias else 0)
+    return Cost(macs=None if pixels is None else per_pixel * pixels, params=params, macs_per_pixel=per_pixel)

@@ -1,0 +1,213 @@
+"""onnx-graphsurgeon helpers shared by the passes.
+
+* ``producer(t)`` / ``consumers(t)``: graphsurgeon's ``tensor.inputs`` and
+  ``tensor.outputs`` read backwards; these names say what they mean.
+* ``iter_graphs``: the main graph and every If/Loop/Scan body, recursively.
+* ``ConvSpec``: a Conv node with its attributes normalised (defaults filled in,
+  pads expanded) and its constant weights, if any.
+* ``NameAllocator``: fresh node/tensor names that collide with nothing in the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .cost import conv_output_spatial, output_elements
+
+Shape = tuple  # of int | None
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    """The node that computes ``tensor``, or None for inputs and constants."""
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    """The nodes that read ``tensor``."""
+    return list(tensor.outputs)
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph and all its subgraphs (If branches, Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            subgraphs = value if isinstance(value, (list, tuple)) else [value]
+            for sub in subgraphs:
+                if isinstance(sub, gs.Graph):
+                    yield from iter_graphs(sub)
+
+
+def iter_nodes(graph: gs.Graph) -> Iterator[tuple[gs.Graph, gs.Node]]:
+    """Every node of the graph and its subgraphs, with the graph that owns it."""
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            yield g, node
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of an initializer or of a ``Constant`` node's output; None if computed at run time."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = producer(tensor)
+    if node is not None and node.op == "Constant":
+        value = node.attrs.get("value")
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+    return None
+
+
+def is_graph_output(tensor: gs.Tensor, root: gs.Graph) -> bool:
+    return any(tensor in g.outputs for g in iter_graphs(root))
+
+
+def collect_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
+    """Tensor name -> shape (None for unknown dims) from a shape-inferred model, subgraphs included."""
+    shapes: dict[str, Shape] = {}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                dims = tuple(
+                    d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                    for d in vi.type.tensor_type.shape.dim
+                )
+                shapes.setdefault(vi.name, dims)
+        for init in graph.initializer:
+            shapes.setdefault(init.name, tuple(init.dims))
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        visit(sub)
+
+    visit(model.graph)
+    return shapes
+
+
+class NameAllocator:
+    """Hands out node and tensor names unique across the whole model."""
+
+    def __init__(self, graph: gs.Graph):
+        self._taken: set[str] = set()
+        for g in iter_graphs(graph):
+            self._taken.update(n.name for n in g.nodes if n.name)
+            self._taken.update(g.tensors().keys())
+
+    def fresh(self, base: str) -> str:
+        name = base
+        counter = 1
+        while name in self._taken:
+            name = f"{base}_{counter}"
+            counter += 1
+        self._taken.add(name)
+        return name
+
+
+_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+@dataclass
+class ConvSpec:
+    """A Conv node with normalised attributes and, when constant, its weights."""
+
+    node: gs.Node
+    graph: gs.Graph
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    has_bias: bool
+    bias_is_constant: bool
+    weight_shape: tuple[int, ...] | None
+    group: int
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+    auto_pad: str
+    input_shape: Shape | None
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...] | None:
+        return None if self.weight_shape is None else tuple(self.weight_shape[2:])
+
+    @property
+    def kernel_size(self) -> int | None:
+        ks = self.kernel_shape
+        return None if ks is None else int(np.prod(ks, dtype=np.int64))
+
+    @property
+    def out_channels(self) -> int | None:
+        return None if self.weight_shape is None else int(self.weight_shape[0])
+
+    @property
+    def in_channels(self) -> int | None:
+        return None if self.weight_shape is None else int(self.weight_shape[1]) * self.group
+
+    @property
+    def output_spatial(self) -> list[int | None] | None:
+        if self.input_shape is None or self.kernel_shape is None:
+            return None
+        return conv_output_spatial(
+            self.input_shape[2:], self.kernel_shape, self.strides, self.pads, self.dilations, self.auto_pad
+        )
+
+    def output_pixels(self) -> int | None:
+        """Output positions times batch for one inference; None if any dim is unknown."""
+        spatial = self.output_spatial
+        if spatial is None:
+            return None
+        return output_elements(self.input_shape[0], spatial)
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight is not None and self.weight.dtype in _FLOAT_DTYPES
+
+    @classmethod
+    def from_node(cls, node: gs.Node, graph: gs.Graph, shapes: dict[str, Shape]) -> "ConvSpec":
+        x, w = node.inputs[0], node.inputs[1]
+        b = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        weight = constant_value(w)
+        bias = constant_value(b) if b is not None else None
+        weight_shape = tuple(int(d) for d in weight.shape) if weight is not None else _known(shapes.get(w.name))
+        spatial_dims = len(weight_shape) - 2 if weight_shape is not None else None
+        attrs = node.attrs
+        d = spatial_dims or 0
+        pads = tuple(int(p) for p in attrs.get("pads", [0] * (2 * d)))
+        auto_pad = attrs.get("auto_pad", "NOTSET")
+        if isinstance(auto_pad, bytes):
+            auto_pad = auto_pad.decode()
+        input_shape = shapes.get(x.name)
+        if input_shape is None and x.shape is not None:
+            input_shape = tuple(s if isinstance(s, int) and s > 0 else None for s in x.shape)
+        return cls(
+            node=node,
+            graph=graph,
+            weight=weight,
+            bias=bias,
+            has_bias=b is not None,
+            bias_is_constant=b is None or bias is not None,
+            weight_shape=weight_shape,
+            group=int(attrs.get("group", 1)),
+            strides=tuple(int(s) for s in attrs.get("strides", [1] * d)),
+            pads=pads,
+            dilations=tuple(int(s) for s in attrs.get("dilations", [1] * d)),
+            auto_pad=auto_pad,
+            input_shape=input_shape,
+        )
+
+
+def _known(shape: Shape | None) -> tuple[int, ...] | None:
+    if shape is None or any(s is None for s in shape):
+        return None
+    return tuple(int(s) for s in shape)
+

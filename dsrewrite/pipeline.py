@@ -1,0 +1,136 @@
+"""Pass infrastructure: the Pass protocol, PassResult, and the Pipeline that runs passes.
+
+A pass edits an onnx-graphsurgeon graph in place and returns a
+:class:`PassResult`: the changes it made and the things it deliberately left
+alone, each with a reason. Passes never print; they log through ``logging``.
+The pipeline imports the model once, runs the passes in order, exports once,
+and keeps the model-level fields (IR version, opsets, producer, metadata)
+of the input.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import DsrewriteError, PassError
+from .graph import Shape, collect_shapes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Change:
+    node: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Skip:
+    node: str
+    reason: str
+
+
+@dataclass
+class PassResult:
+    """What one pass did. ``facts`` carries pass-specific records (e.g. the layer plan)."""
+
+    pass_name: str
+    changes: list[Change] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    facts: list[Any] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph: tensor shapes of the analysed model."""
+
+    shapes: dict[str, Shape]
+    opset: int
+
+
+@runtime_checkable
+class Pass(Protocol):
+    name: str
+
+    def run(self, graph: gs.Graph, context: PassContext) -> PassResult: ...
+
+
+@dataclass
+class PipelineResult:
+    model: onnx.ModelProto
+    results: list[PassResult]
+
+
+class Pipeline:
+    """Runs passes in order on one imported graph.
+
+    >>> from dsrewrite.passes import FoldBatchNorm, DecomposeConv, Cleanup
+    >>> Pipeline([FoldBatchNorm(), DecomposeConv(), Cleanup()]).run(model).model  # doctest: +SKIP
+    """
+
+    def __init__(self, passes: Sequence[Pass]):
+        self.passes = list(passes)
+
+    def run(self, model: onnx.ModelProto, *, shapes: dict[str, Shape] | None = None) -> PipelineResult:
+        if shapes is None:
+            shapes = collect_shapes(infer_shapes(model))
+        graph = gs.import_onnx(model)
+        context = PassContext(shapes=shapes, opset=default_opset(model))
+        results: list[PassResult] = []
+        for p in self.passes:
+            start = time.perf_counter()
+            try:
+                result = p.run(graph, context)
+            except DsrewriteError:
+                raise
+            except Exception as exc:
+                raise PassError(p.name, [r.pass_name for r in results], exc) from exc
+            result.seconds = time.perf_counter() - start
+            log.info("%s: %d changes, %d skips (%.2fs)", p.name, len(result.changes), len(result.skips), result.seconds)
+            results.append(result)
+        return PipelineResult(model=export_model(graph, model), results=results)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    return 1
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference that never fails the rewrite: unknown stays unknown."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:  # inference is best effort; costs fall back to "unknown"
+        log.warning("shape inference failed: %s", exc)
+        return model
+
+
+def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` and restore the model-level fields of ``original``."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = original.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(original.opset_import)
+    model.producer_name = original.producer_name
+    model.producer_version = original.producer_version
+    model.domain = original.domain
+    model.model_version = original.model_version
+    model.doc_string = original.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    if not model.functions and original.functions:
+        model.functions.extend(original.functions)
+    return model
