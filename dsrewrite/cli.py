@@ -1,0 +1,191 @@
+"""Command line: parse options into RewriteOptions, call api.rewrite, render, write files.
+
+No rewriting logic lives here. Exit codes: 0 ok (including "nothing to
+rewrite"), 1 verification failed (no model written), 2 usage or input error
+(one ``error:`` line on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from ._version import __version__
+from .api import RewriteOptions, rewrite
+from .budget import DEFAULT_MAX_ERROR
+from .errors import DsrewriteError, UsageError
+from .model_io import atomic_write_text, check_output_path, save_model
+
+log = logging.getLogger("dsrewrite")
+
+REPORT_FORMATS = (".json",)
+
+
+class RankType(click.ParamType):
+    name = "N|full|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            rank = value
+        else:
+            text = str(value).strip().lower()
+            if text in ("full", "auto"):
+                return text
+            try:
+                rank = int(text)
+            except ValueError:
+                self.fail(f"must be a positive integer, 'full' or 'auto', not {value!r}", param, ctx)
+        if rank < 1:
+            self.fail(f"must be a positive integer, 'full' or 'auto', not {value!r}", param, ctx)
+        return rank
+
+
+def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
+    """``NAME:D0,D1,...`` -> (name, dims). The name may itself contain colons."""
+    if ":" not in value:
+        raise UsageError(f"--input-shape must look like NAME:D0,D1,..., got {value!r}")
+    name, _, dims_text = value.rpartition(":")
+    try:
+        dims = tuple(int(d) for d in dims_text.split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape {value!r}: dims must be comma-separated positive integers") from None
+    if not name or any(d < 1 for d in dims):
+        raise UsageError(f"--input-shape {value!r}: dims must be comma-separated positive integers")
+    return name, dims
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the rewritten model.")
+@click.option("--rank", type=RankType(), default="auto", show_default=True,
+              help="Per-channel rank: an integer, 'full' (exact) or 'auto' (smallest within --max-error).")
+@click.option("--max-error", type=float, default=DEFAULT_MAX_ERROR, show_default=True,
+              help="Per-layer bound on the estimated relative output error (--rank auto).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
+              help="Fix an input's dims for costing and verification (repeatable).")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only rewrite convs whose node name matches (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Never rewrite convs whose node name matches (repeatable).")
+@click.option("--fold-batchnorm/--no-fold-batchnorm", default=True, show_default=True,
+              help="Fold inference BatchNormalization into the preceding conv first.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Run both models in onnxruntime and compare outputs.")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance; makes verification pass/fail.")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance; makes verification pass/fail.")
+@click.option("--report", "reports", multiple=True, type=click.Path(path_type=Path), metavar="PATH",
+              help="Write the report; format by extension: .json (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Plan and report; write no model.")
+@click.option("--overwrite", is_flag=True, help="Allow the output path to be the input model.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv) to stderr.")
+@click.version_option(__version__, "--version", prog_name="dsrewrite")
+def command(model, output, rank, max_error, input_shapes, include, exclude, fold_batchnorm, verify, atol, rtol,
+            reports, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
+    """Rewrite the standard convolutions of MODEL into depthwise + pointwise convolutions."""
+    _configure_logging(verbose, quiet)
+    if output is None and not dry_run:
+        raise UsageError("missing option -o/--output (or use --dry-run)")
+    if output is not None:
+        check_output_path(output, input_path=model, overwrite=overwrite)
+    for path in reports:
+        if path.suffix.lower() not in REPORT_FORMATS:
+            raise UsageError(f"--report {path}: unknown format; use one of {', '.join(REPORT_FORMATS)}")
+        check_output_path(path, input_path=model, overwrite=False)
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in input_shapes:
+        name, dims = parse_input_shape(value)
+        shapes[name] = dims
+    options = RewriteOptions(
+        rank=rank,
+        max_error=max_error,
+        include=tuple(include),
+        exclude=tuple(exclude),
+        input_shapes=shapes,
+        fold_batchnorm=fold_batchnorm,
+        verify=verify,
+        atol=atol,
+        rtol=rtol,
+        seed=seed,
+        dry_run=dry_run,
+    )
+    result = rewrite(model, options)
+    report = result.report
+    if output is not None and not dry_run and result.ok:
+        report.model["output"] = str(output)
+
+    # Pipes and CI logs get a wide table rather than rich's 80-column default.
+    console = Console(quiet=quiet, width=None if sys.stdout.isatty() else 160)
+    from .report import render_terminal  # noqa: PLC0415 (formatting only when needed)
+
+    render_terminal(report, console)
+    for path in reports:
+        atomic_write_text(path, report.to_json())
+    if not result.ok:
+        Console(stderr=True).print("[red]error:[/red] verification failed; no model written")
+        return 1
+    if output is not None and not dry_run:
+        written = save_model(result.model, output)
+        if not quiet:
+            console.print(f"Wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the command and map every failure to one line and an exit code."""
+    try:
+        code = command.main(args=argv, prog_name="dsrewrite", standalone_mode=False)
+    except click.exceptions.Exit as exc:  # --help, --version
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _error("interrupted")
+        sys.exit(130)
+    except click.UsageError as exc:
+        _error(exc.format_message().splitlines()[0] if exc.format_message() else str(exc))
+        sys.exit(2)
+    except click.ClickException as exc:
+        _error(exc.format_message())
+        sys.exit(2)
+    except DsrewriteError as exc:
+        _error(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        sys.exit(130)
+    except MemoryError:
+        _error("out of memory")
+        sys.exit(2)
+    except Exception as exc:  # never a traceback for the user; -v shows it
+        log.debug("unexpected failure", exc_info=True)
+        if logging.getLogger("dsrewrite").isEnabledFor(logging.DEBUG):
+            traceback.print_exc()
+        _error(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error(message: str) -> None:
+    message = " ".join(str(message).split())
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING
+    if quiet:
+        level = logging.ERROR
+    elif verbose == 1:
+        level = logging.INFO
+    elif verbose >= 2:
+        level = logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("dsrewrite")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False

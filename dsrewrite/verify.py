@@ -1,0 +1,225 @@
+"""Run the original and the rewritten model in onnxruntime and compare their outputs.
+
+Both models see the same feeds: seeded random inputs, or calibration samples
+when given. Per output we report max/mean absolute error, max relative error,
+cosine similarity, and the smallest atol (at the given rtol) and rtol (at the
+given atol) that would have passed. With a tolerance the comparison is
+``|a − b| ≤ atol + rtol·|a|`` elementwise (``a`` original, ``b`` rewritten),
+as in ``numpy.allclose``; without one only names, shapes, dtypes and
+finiteness are checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
+
+# Tolerances applied at --rank full when none are given: float32 rewrites
+# change the summation order, nothing else.
+FULL_RANK_ATOL = 1e-4
+FULL_RANK_RTOL = 1e-3
+# Unknown non-batch dims get this size for the random verification feeds.
+DEFAULT_DYNAMIC_DIM = 64
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    shape: list[int]
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    cosine: float
+    finite: bool
+    min_atol: float  # smallest atol that passes at the run's rtol
+    min_rtol: float  # smallest rtol that passes at the run's atol
+    passed: bool
+
+
+@dataclass
+class VerificationResult:
+    ran: bool
+    passed: bool | None
+    atol: float | None = None
+    rtol: float | None = None
+    inputs: str = ""
+    samples: int = 0
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    outputs: list[OutputComparison] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def session(model: onnx.ModelProto, *, threads: int = 1, optimize: bool = True) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def feed_shapes(model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Concrete shapes for every graph input: overrides, else known dims, batch 1, other dims 64."""
+    initializers = {i.name for i in model.graph.initializer}
+    shapes = {}
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        if vi.name in overrides:
+            shapes[vi.name] = [int(d) for d in overrides[vi.name]]
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (1 if i == 0 else DEFAULT_DYNAMIC_DIM)
+            for i, d in enumerate(dims)
+        ]
+    return shapes
+
+
+def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], seed: int) -> dict[str, np.ndarray]:
+    """Seeded standard-normal floats; zeros for integer and bool inputs."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name not in shapes:
+            continue
+        elem = vi.type.tensor_type.elem_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem) if elem else np.dtype(np.float32)
+        shape = list(shapes[vi.name])
+        if np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[vi.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def verify(
+    original: onnx.ModelProto,
+    rewritten: onnx.ModelProto,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    atol: float | None,
+    rtol: float | None,
+    inputs_label: str = "random",
+) -> VerificationResult:
+    """Compare the two models on ``feeds``. Raises InputError if the original itself cannot run."""
+    result = VerificationResult(ran=True, passed=None, atol=atol, rtol=rtol, inputs=inputs_label)
+    try:
+        reference = session(original)
+    except Exception as exc:
+        raise InputError(f"the input model does not load in onnxruntime ({_short(exc)}); use --no-verify to skip") from None
+    try:
+        candidate = session(rewritten)
+    except Exception as exc:
+        result.passed = False
+        result.problems.append(f"the rewritten model does not load in onnxruntime: {_short(exc)}")
+        return result
+
+    ref_outputs = [o.name for o in reference.get_outputs()]
+    cand_outputs = [o.name for o in candidate.get_outputs()]
+    if ref_outputs != cand_outputs:
+        result.passed = False
+        result.problems.append(f"output names differ: {ref_outputs} vs {cand_outputs}")
+        return result
+
+    per_output: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in ref_outputs}
+    for feed in feeds:
+        feed = dict(feed)
+        if not result.input_shapes:
+            result.input_shapes = {k: list(v.shape) for k, v in feed.items()}
+        try:
+            expected = reference.run(None, feed)
+        except Exception as exc:
+            raise InputError(f"the input model fails in onnxruntime on the verification inputs ({_short(exc)})") from None
+        try:
+            actual = candidate.run(None, feed)
+        except Exception as exc:
+            result.passed = False
+            result.problems.append(f"the rewritten model fails in onnxruntime: {_short(exc)}")
+            return result
+        result.samples += 1
+        for name, a, b in zip(ref_outputs, expected, actual):
+            per_output[name].append((np.asarray(a), np.asarray(b)))
+
+    if result.samples == 0:
+        raise UsageError("verification got no input samples")
+    for name, pairs in per_output.items():
+        comparison, problems = _compare(name, pairs, atol, rtol)
+        result.outputs.append(comparison)
+        result.problems.extend(problems)
+    result.passed = not result.problems and all(o.passed for o in result.outputs)
+    return result
+
+
+def _compare(
+    name: str, pairs: list[tuple[np.ndarray, np.ndarray]], atol: float | None, rtol: float | None
+) -> tuple[OutputComparison, list[str]]:
+    problems = []
+    for a, b in pairs:
+        if a.shape != b.shape:
+            problems.append(f"output '{name}': shape {list(b.shape)} differs from the original {list(a.shape)}")
+        if a.dtype != b.dtype:
+            problems.append(f"output '{name}': dtype {b.dtype} differs from the original {a.dtype}")
+    if problems:
+        nan = float("nan")
+        return OutputComparison(name, list(pairs[0][0].shape), nan, nan, nan, nan, False, nan, nan, False), problems
+
+    a = np.concatenate([p[0].astype(np.float64).ravel() for p in pairs])
+    b = np.concatenate([p[1].astype(np.float64).ravel() for p in pairs])
+    ref_finite = np.isfinite(a)
+    finite = bool(np.all(np.isfinite(b[ref_finite])))
+    if not finite:
+        problems.append(f"output '{name}' has NaN or Inf where the original is finite")
+    a, b = a[ref_finite], b[ref_finite]
+    diff = np.abs(a - b)
+    scale = np.abs(a)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    mean_abs = float(diff.mean()) if diff.size else 0.0
+    # Relative to each element, floored at 1e-6 of the output's largest magnitude
+    # so exact zeros in the reference do not make the ratio meaningless.
+    floor = max(float(scale.max()) * 1e-6, np.finfo(np.float64).tiny) if scale.size else 1.0
+    max_rel = float((diff / np.maximum(scale, floor)).max()) if diff.size else 0.0
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    cosine = float(a @ b / norms) if norms > 0 else (1.0 if max_abs == 0 else 0.0)
+    run_atol = atol or 0.0
+    run_rtol = rtol or 0.0
+    min_atol = float(np.max(diff - run_rtol * scale, initial=0.0))
+    excess = diff - run_atol
+    with np.errstate(divide="ignore", invalid="ignore"):
+        needed = np.where(excess > 0, excess / scale, 0.0)
+    min_rtol = float(np.max(needed, initial=0.0))
+    passed = finite
+    if atol is not None or rtol is not None:
+        passed = passed and bool(np.all(diff <= run_atol + run_rtol * scale))
+    comparison = OutputComparison(
+        name=name,
+        shape=list(pairs[0][0].shape),
+        max_abs=max_abs,
+        mean_abs=mean_abs,
+        max_rel=max_rel,
+        cosine=cosine,
+        finite=finite,
+        min_atol=min_atol,
+        min_rtol=min_rtol,
+        passed=passed,
+    )
+    return comparison, problems
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] if text else type(exc).__name__
