@@ -133,4 +133,14 @@ def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     model.metadata_props.extend(original.metadata_props)
     if not model.functions and original.functions:
         model.functions.extend(original.functions)
+    if model.ir_version < 4:
+        _list_initializers_as_inputs(model.graph)
     return model
+
+
+def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
+    """IR < 4 requires every initializer to be a graph input too."""
+    listed = {vi.name for vi in graph.input}
+    for init in graph.initializer:
+        if init.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
