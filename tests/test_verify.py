@@ -1,0 +1,59 @@
+"""verify: error statistics, tolerance semantics, and the smallest passing tolerances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import conv_model
+from onnx import numpy_helper
+
+from dsrewrite.verify import feed_shapes, random_feeds, verify
+
+
+def perturbed(model, scale):
+    out = type(model)()
+    out.CopyFrom(model)
+    w = numpy_helper.to_array(out.graph.initializer[0]).copy()
+    w[0, 0, 0, 0] += scale
+    out.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
+    return out
+
+
+def feeds(model, seed=0):
+    return [random_feeds(model, feed_shapes(model, {}), seed)]
+
+
+def test_identical_models_pass_at_zero_tolerance():
+    model = conv_model()
+    result = verify(model, model, feeds(model), atol=0.0, rtol=0.0)
+    assert result.passed and result.samples == 1
+    (out,) = result.outputs
+    assert out.max_abs == 0 and out.cosine == pytest.approx(1.0) and out.min_atol == 0
+
+
+def test_a_real_difference_fails_and_reports_what_would_pass():
+    model = conv_model()
+    other = perturbed(model, 0.5)
+    result = verify(model, other, feeds(model), atol=1e-3, rtol=0.0)
+    assert result.passed is False
+    (out,) = result.outputs
+    assert out.max_abs > 1e-3 and out.cosine < 1.0
+    assert out.min_atol == pytest.approx(out.max_abs)
+    again = verify(model, other, feeds(model), atol=out.min_atol * 1.0001, rtol=0.0)
+    assert again.passed
+    by_rtol = verify(model, other, feeds(model), atol=1e-3, rtol=out.min_rtol * 1.0001)
+    assert by_rtol.passed
+
+
+def test_without_a_tolerance_only_structure_and_finiteness_are_checked():
+    model = conv_model()
+    result = verify(model, perturbed(model, 0.5), feeds(model), atol=None, rtol=None)
+    assert result.passed
+    broken = perturbed(model, np.nan)
+    assert verify(model, broken, feeds(model), atol=None, rtol=None).passed is False
+
+
+def test_dynamic_dims_get_concrete_feed_shapes():
+    model = conv_model(batch="N", spatial=("H", 12))
+    assert feed_shapes(model, {}) == {"x": [1, 4, 64, 12]}
+    assert feed_shapes(model, {"x": (2, 4, 10, 12)}) == {"x": [2, 4, 10, 12]}
