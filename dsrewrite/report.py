@@ -198,6 +198,9 @@ def render_terminal(report: Report, console: Console) -> None:
             f"{human(totals.eligible_macs_after)} ({_fmt_ratio(totals.eligible_macs_ratio)}). "
             f"Conv params: {human(totals.params_before)} → {human(totals.params_after)}."
         )
+    if report.passes:
+        steps = ", ".join(f"{p['name']} ({p['changes']} changes, {p['seconds']:.2f}s)" for p in report.passes)
+        console.print(f"Passes: {steps}.")
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     render_verification(report.verification, console)
