@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Mapping
 
 import onnx
 
@@ -18,7 +18,9 @@ from .budget import DEFAULT_MAX_ERROR
 from .errors import DsrewriteError, UsageError
 from .graph import collect_shapes
 from .model_io import check_model, load_model
-from .passes import DecomposeOptions, default_passes
+from .calibration import CalibrationSet
+from .distill import DistillOptions, distill
+from .passes import Cleanup, DecomposeConv, DecomposeOptions, FoldBatchNorm
 from .pipeline import Pipeline, default_opset, infer_shapes
 from .report import Report
 from .verify import FULL_RANK_ATOL, FULL_RANK_RTOL, VerificationResult, feed_shapes, random_feeds, verify
@@ -41,6 +43,11 @@ class RewriteOptions:
     rtol: float | None = None
     seed: int = 0
     dry_run: bool = False
+    # Calibration: an .npz path, a directory of .npz feeds, or an iterable of {input: array} dicts.
+    calibration: Any = None
+    calibration_samples: int | None = None
+    sequential: bool = True
+    progress: Callable[[str, int, int], None] | None = None
 
     def validate(self) -> None:
         rank = self.rank
@@ -51,6 +58,10 @@ class RewriteOptions:
         for flag, value in (("--atol", self.atol), ("--rtol", self.rtol)):
             if value is not None and not (value >= 0 and value != float("inf")):
                 raise UsageError(f"{flag} must be a finite number >= 0, not {value!r}")
+        if self.calibration_samples is not None and (
+            isinstance(self.calibration_samples, bool) or not isinstance(self.calibration_samples, int) or self.calibration_samples < 1
+        ):
+            raise UsageError(f"--calibration-samples must be a positive integer, not {self.calibration_samples!r}")
         for name, dims in self.input_shapes.items():
             if not dims or any((not isinstance(d, int)) or d < 1 for d in dims):
                 raise UsageError(f"--input-shape {name}: dims must be positive integers, got {list(dims)}")
@@ -62,11 +73,16 @@ class RewriteOptions:
         return self.atol, self.rtol
 
     def to_settings(self) -> dict[str, Any]:
-        settings = asdict(self)
+        settings = asdict(replace(self, calibration=None, progress=None))
         settings["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
         settings["include"] = list(self.include)
         settings["exclude"] = list(self.exclude)
         settings["atol"], settings["rtol"] = self.tolerances()
+        calibration = self.calibration
+        settings["calibration"] = str(calibration) if isinstance(calibration, (str, os.PathLike)) else (
+            None if calibration is None else "<feeds>"
+        )
+        settings.pop("progress", None)
         return settings
 
 
@@ -110,6 +126,9 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
 
     notes: list[str] = []
     shapes = _analysis_shapes(original, options.input_shapes, notes)
+    calibration = None
+    if options.calibration is not None:
+        calibration = CalibrationSet(options.calibration, original, limit=options.calibration_samples)
     decompose = DecomposeOptions(
         rank=options.rank,
         max_error=options.max_error,
@@ -117,17 +136,30 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
         exclude=tuple(options.exclude),
         apply=not options.dry_run,
     )
-    passes = default_passes(decompose)
-    if not options.fold_batchnorm or options.dry_run:
-        passes = [p for p in passes if p.name != "fold_batchnorm"]
-    outcome = Pipeline(passes).run(original, shapes=shapes)
+
+    results = []
+    working = original
+    if options.fold_batchnorm:
+        folded = Pipeline([FoldBatchNorm()]).run(working, shapes=shapes)
+        working, results = folded.model, folded.results
+    fitted = {}
+    if calibration is not None and not options.dry_run:
+        planned = Pipeline([DecomposeConv(replace(decompose, apply=False))]).run(working, shapes=shapes)
+        plans = planned.results[0].facts
+        fitted = distill(
+            working, plans, calibration, DistillOptions(sequential=options.sequential, seed=options.seed), options.progress
+        )
+    elif calibration is not None:
+        notes.append("dry run: calibration data was validated but no fitting ran")
+    outcome = Pipeline([DecomposeConv(decompose, fitted=fitted), Cleanup()]).run(working, shapes=shapes)
+    results = results + outcome.results
     rewritten = outcome.model
     try:
         onnx.checker.check_model(rewritten)
     except Exception as exc:  # a rewrite that breaks the model is our bug, never the user's
         raise DsrewriteError(f"internal error: the rewritten model fails the ONNX checker: {exc}") from exc
 
-    layers = next((r.facts for r in outcome.results if r.pass_name == "decompose_conv"), [])
+    layers = next((r.facts for r in results if r.pass_name == "decompose_conv"), [])
     if not layers:
         notes.append("nothing to rewrite: the model has no Conv nodes")
     elif any(layer.macs_before is None for layer in layers):
@@ -136,9 +168,12 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
     verification = None
     if options.verify and not options.dry_run:
         atol, rtol = options.tolerances()
-        shapes_for_feeds = feed_shapes(original, options.input_shapes)
-        feeds = [random_feeds(original, shapes_for_feeds, options.seed)]
-        verification = verify(original, rewritten, feeds, atol=atol, rtol=rtol, inputs_label=f"random (seed {options.seed})")
+        if calibration is not None:
+            feeds, label = calibration, calibration.label
+        else:
+            feeds = [random_feeds(original, feed_shapes(original, options.input_shapes), options.seed)]
+            label = f"random (seed {options.seed})"
+        verification = verify(original, rewritten, feeds, atol=atol, rtol=rtol, inputs_label=label)
 
     report = Report(
         model={
@@ -159,7 +194,7 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
                 "skips": [{"node": s.node, "reason": s.reason} for s in r.skips],
                 "seconds": round(r.seconds, 4),
             }
-            for r in outcome.results
+            for r in results
         ],
         notes=notes,
     )

@@ -70,6 +70,12 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
               help="Fix an input's dims for costing and verification (repeatable).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only rewrite convs whose node name matches (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Never rewrite convs whose node name matches (repeatable).")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Fit weights to data: an .npz (one array per input, samples on axis 0) or a directory of .npz feeds.")
+@click.option("--calibration-samples", type=int, default=None, metavar="N", help="Use at most N calibration samples.")
+@click.option("--sequential/--independent", default=True, show_default=True,
+              help="With calibration: fit each conv on the inputs of the already-rewritten model (sequential) "
+                   "or on the original model's inputs (independent).")
 @click.option("--fold-batchnorm/--no-fold-batchnorm", default=True, show_default=True,
               help="Fold inference BatchNormalization into the preceding conv first.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
@@ -84,8 +90,8 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv) to stderr.")
 @click.version_option(__version__, "--version", prog_name="dsrewrite")
-def command(model, output, rank, max_error, input_shapes, include, exclude, fold_batchnorm, verify, atol, rtol,
-            reports, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
+def command(model, output, rank, max_error, input_shapes, include, exclude, calibration, calibration_samples, sequential,
+            fold_batchnorm, verify, atol, rtol, reports, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
     """Rewrite the standard convolutions of MODEL into depthwise + pointwise convolutions."""
     _configure_logging(verbose, quiet)
     if output is None and not dry_run:
@@ -113,6 +119,9 @@ def command(model, output, rank, max_error, input_shapes, include, exclude, fold
         rtol=rtol,
         seed=seed,
         dry_run=dry_run,
+        calibration=calibration,
+        calibration_samples=calibration_samples,
+        sequential=sequential,
     )
     result = rewrite(model, options)
     report = result.report

@@ -115,3 +115,209 @@ def reconstruct(factors: SeparableFactors) -> np.ndarray:
     pw = factors.pointwise.reshape(g, ng, mg, r)
     dense = np.einsum("gncr,gcrk->gnck", pw, dw).reshape(n, mg, *factors.kernel_shape)
     return dense
+
+
+# -- fitting to calibration statistics --------------------------------------------------------
+
+
+def whitened_spectra(weight: np.ndarray, groups: int, covariances: np.ndarray) -> tuple[ChannelSpectra, np.ndarray]:
+    """Per-channel SVD of ``A_m L_m``, with ``L_m`` the Cholesky factor of channel ``m``'s patch covariance.
+
+    Minimising ``‖(A_m − Â_m) L_m‖`` is minimising the channel's contribution
+    to the output error on inputs with second moment ``C_m = L_m L_mᵀ``. The
+    truncated ``Â_m = U_r S_r V_rᵀ L_m⁻¹``, so the returned spectra carry
+    ``vt`` already mapped back through ``L_m⁻¹`` (their rows are no longer
+    orthonormal). Also returns the Cholesky factors ``(M, K, K)``.
+
+    A small ridge keeps rank-deficient covariances (dead channels, constant
+    padding) invertible; an all-zero covariance falls back to the identity,
+    i.e. the plain SVD.
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    n_out, m_per_group = weight.shape[:2]
+    kernel_shape = tuple(int(k) for k in weight.shape[2:])
+    k = int(np.prod(kernel_shape, dtype=np.int64))
+    per_channel = weight.reshape(groups, n_out // groups, m_per_group, k).transpose(0, 2, 1, 3)
+    cholesky = regularised_cholesky(covariances).reshape(groups, m_per_group, k, k)
+    u, s, vt = np.linalg.svd(per_channel @ cholesky, full_matrices=False)
+    # Rows of Vᵀ L⁻¹: solve L_mᵀ x = v_j for each j.
+    mapped = np.linalg.solve(np.swapaxes(cholesky, -1, -2), np.swapaxes(vt, -1, -2))
+    return ChannelSpectra(u=u, s=s, vt=np.swapaxes(mapped, -1, -2), kernel_shape=kernel_shape), cholesky.reshape(-1, k, k)
+
+
+def regularised_cholesky(covariances: np.ndarray, ridge: float = 1e-4) -> np.ndarray:
+    """Cholesky factors of ``C + ridge·mean(diag C)·I`` per channel (identity where ``C = 0``)."""
+    c = np.asarray(covariances, dtype=np.float64)
+    k = c.shape[-1]
+    scale = np.trace(c, axis1=-2, axis2=-1) / k
+    scale = np.where(scale > 0, scale, 1.0)
+    eye = np.eye(k)
+    zero = (np.abs(c).sum(axis=(-2, -1)) == 0)[..., None, None]
+    regularised = np.where(zero, eye, c + ridge * scale[..., None, None] * eye)
+    return np.linalg.cholesky(regularised)
+
+
+@dataclass(frozen=True)
+class RegressionStats:
+    """Second moments of one conv's inputs and outputs, per group, summed over calibration positions.
+
+    With ``x̄ = [x; 1]`` the ``F = (M/g)·K`` patch values of a group (channel-major,
+    then kernel tap) plus a constant for the bias, and ``y`` the group's ``N/g``
+    original outputs: ``s (g, F+1, F+1) = Σ x̄ x̄ᵀ``, ``t (g, N/g, F+1) = Σ y x̄ᵀ``,
+    ``energy = Σ ‖y‖²``. ``centred_energy = Σ ‖y − ȳ‖²`` normalises the reported error.
+    """
+
+    s: np.ndarray
+    t: np.ndarray
+    energy: float
+    centred_energy: float
+
+
+def regression_error(weights: np.ndarray, stats: RegressionStats) -> float:
+    """``Σ ‖y − W̄ x̄‖²`` in closed form for per-group dense weights ``W̄ (g, N/g, F+1)``."""
+    error = stats.energy
+    for w, s, t in zip(weights, stats.s, stats.t):
+        error += float(-2.0 * np.sum(w * t) + np.sum((w @ s) * w))
+    return max(error, 0.0)
+
+
+@dataclass(frozen=True)
+class FittedFactors:
+    """Factors fitted to data, the refitted bias, and their squared output errors (fitted and data-free)."""
+
+    factors: SeparableFactors
+    bias: np.ndarray
+    squared_error: float
+    data_free_error: float
+
+
+def fit_separable(
+    weight: np.ndarray,
+    groups: int,
+    bias: np.ndarray | None,
+    stats: RegressionStats,
+    rank: int,
+    *,
+    rounds: int = 2,
+    ridge: float = 1e-5,
+    whiten: bool = True,
+) -> FittedFactors:
+    """Fit rank-``rank`` separable factors to a conv's calibration statistics.
+
+    1. Whitened SVD per input channel (``C_m``: the channel's diagonal block of ``s``).
+    2. ``rounds`` of alternating least squares: pointwise weights and bias in
+       closed form, then each channel's depthwise filters in turn (block
+       coordinate descent: exact for that block given everything else).
+    3. A final pointwise/bias solve.
+    Every step can only lower ``Σ ‖y − ŷ‖²`` (up to the small ridge), which is
+    evaluated in closed form from the same sums.
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    n, mg = weight.shape[:2]
+    kernel_shape = tuple(int(k) for k in weight.shape[2:])
+    k = int(np.prod(kernel_shape, dtype=np.int64))
+    ng = n // groups
+    r = max(1, min(int(rank), ng, k))
+    original_bias = np.zeros(n) if bias is None else np.asarray(bias, dtype=np.float64)
+    per_group = weight.reshape(groups, ng, mg, k)
+
+    data_free = factorize(channel_spectra(weight, groups), r)
+    dense_free = reconstruct(data_free).reshape(groups, ng, mg * k)
+    free_weights = np.concatenate([dense_free, original_bias.reshape(groups, ng, 1)], axis=2)
+
+    depthwise, pointwise, biases = [], [], []
+    for gi in range(groups):
+        s, t = stats.s[gi], stats.t[gi]
+        if whiten:
+            covariances = _diagonal_blocks(s, mg, k)
+            spectra, _ = whitened_spectra(per_group[gi].reshape(ng, mg, *kernel_shape), 1, covariances)
+        else:
+            spectra = channel_spectra(per_group[gi].reshape(ng, mg, *kernel_shape), 1)
+        init = factorize(spectra, r)
+        d = init.depthwise  # (Mg, r, K)
+        p, b = _solve_pointwise(d, s, t, ridge)
+        for _ in range(rounds):
+            d = _solve_depthwise(d, p, b, s, t, ridge)
+            p, b = _solve_pointwise(d, s, t, ridge)
+        depthwise.append(d)
+        pointwise.append(p)
+        biases.append(b)
+
+    factors = SeparableFactors(
+        depthwise=np.concatenate(depthwise),
+        pointwise=np.concatenate(pointwise),
+        groups=groups,
+        kernel_shape=kernel_shape,
+    )
+    fitted_bias = np.concatenate(biases)
+    dense = reconstruct(factors).reshape(groups, ng, mg * k)
+    fitted_weights = np.concatenate([dense, fitted_bias.reshape(groups, ng, 1)], axis=2)
+    return FittedFactors(
+        factors=factors,
+        bias=fitted_bias,
+        squared_error=regression_error(fitted_weights, stats),
+        data_free_error=regression_error(free_weights, stats),
+    )
+
+
+def _diagonal_blocks(s: np.ndarray, channels: int, taps: int) -> np.ndarray:
+    """Each channel's ``K×K`` second-moment block of ``s``."""
+    xx = s[:-1, :-1].reshape(channels, taps, channels, taps)
+    return xx[np.arange(channels), :, np.arange(channels), :]
+
+
+def _ridge(matrix_diag: np.ndarray, ridge: float) -> float:
+    mean = float(np.mean(matrix_diag)) if matrix_diag.size else 0.0
+    return ridge * mean if mean > 0 else ridge
+
+
+def _solve_pointwise(d: np.ndarray, s: np.ndarray, t: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pointwise weights ``(Ng, Mg, r)`` and bias minimising the error for fixed depthwise ``d (Mg, r, K)``.
+
+    The depthwise outputs ``z̄ = [D x; 1]`` have moments ``D̄ s D̄ᵀ`` and ``t D̄ᵀ``
+    (``D̄`` block diagonal), so no data is needed here.
+    """
+    mg, r, k = d.shape
+    ng = t.shape[0]
+    xx = s[:-1, :-1].reshape(mg, k, mg, k)
+    x1 = s[:-1, -1].reshape(mg, k)
+    zz = np.einsum("ajk,akbl,bil->ajbi", d, xx, d, optimize=True).reshape(mg * r, mg * r)
+    z1 = np.einsum("ajk,ak->aj", d, x1).reshape(mg * r)
+    yz = np.einsum("nak,ajk->naj", t[:, :-1].reshape(ng, mg, k), d, optimize=True).reshape(ng, mg * r)
+    gram = np.empty((mg * r + 1, mg * r + 1))
+    gram[:-1, :-1], gram[:-1, -1], gram[-1, :-1], gram[-1, -1] = zz, z1, z1, s[-1, -1]
+    cross = np.concatenate([yz, t[:, -1:]], axis=1)
+    penalty = np.full(mg * r + 1, _ridge(np.diag(zz), ridge))
+    penalty[-1] = 0.0  # the bias is not shrunk
+    solution = _solve_symmetric(gram + np.diag(penalty), cross.T).T
+    return solution[:, :-1].reshape(ng, mg, r), solution[:, -1]
+
+
+def _solve_depthwise(
+    d: np.ndarray, p: np.ndarray, b: np.ndarray, s: np.ndarray, t: np.ndarray, ridge: float
+) -> np.ndarray:
+    """One sweep of exact per-channel updates of the depthwise filters, pointwise fixed.
+
+    With ``W̄ = [P_1 D_1 … P_M D_M, b]`` and ``Q = P_m``, channel ``m``'s filters
+    solve ``QᵀQ D_m S_mm = Qᵀ (T_m − W̄_{−m} S_{·m})``.
+    """
+    mg, r, k = d.shape
+    d = d.copy()
+    dense = np.concatenate([np.einsum("naj,ajk->nak", p, d).reshape(p.shape[0], mg * k), b[:, None]], axis=1)
+    for m in range(mg):
+        block = slice(m * k, (m + 1) * k)
+        q = p[:, m, :]  # (Ng, r)
+        s_mm = s[block, block]
+        rhs = t[:, block] - dense @ s[:, block] + dense[:, block] @ s_mm
+        qtq = q.T @ q
+        left = _solve_symmetric(qtq + _ridge(np.diag(qtq), ridge) * np.eye(r), q.T @ rhs)  # (r, K)
+        d[m] = _solve_symmetric(s_mm + _ridge(np.diag(s_mm), ridge) * np.eye(k), left.T).T
+        dense[:, block] = q @ d[m]
+    return d
+
+
+def _solve_symmetric(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(a, b, rcond=None)[0]

@@ -39,7 +39,11 @@ class LayerPlan:
     macs_per_pixel_before: int | None = None
     macs_per_pixel_after: int | None = None
     weight_error: float | None = None
-    output_error: float | None = None
+    output_error: float | None = None  # NMSE vs the original layer output on calibration data
+    output_error_data_free: float | None = None  # the same for the plain SVD factors, for comparison
+    fit: str = "data-free"  # how the weights were obtained
+    fit_seconds: float | None = None
+    output: str = ""  # the conv's output tensor: a stable key even for unnamed nodes
     full_rank: int | None = None
     eligible: bool = False
     graph: str = "main"

@@ -37,6 +37,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -67,8 +68,10 @@ class DecomposeOptions:
 class DecomposeConv:
     name = "decompose_conv"
 
-    def __init__(self, options: DecomposeOptions | None = None, **kwargs):
+    def __init__(self, options: DecomposeOptions | None = None, *, fitted: Mapping | None = None, **kwargs):
         self.options = options or DecomposeOptions(**kwargs)
+        # Factors fitted to calibration data (dsrewrite.distill), keyed by conv output tensor.
+        self.fitted = dict(fitted or {})
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         result = PassResult(self.name)
@@ -84,7 +87,8 @@ class DecomposeConv:
                     result.skips.append(Skip(node.name, plan.reason or ""))
                     continue
                 if self.options.apply:
-                    _emit(spec, factors, plan.form, names)
+                    fitted = self.fitted.get(plan.output)
+                    _emit(spec, factors, plan.form, names, bias=None if fitted is None else fitted.bias)
                     result.changes.append(Change(node.name, f"rank {plan.rank} ({plan.form})"))
         return result
 
@@ -116,6 +120,14 @@ class DecomposeConv:
         plan.weight_error = float(errors[rank])
         if rank == spectra.full_rank and after.macs_per_pixel >= plan.macs_per_pixel_before:
             plan.notes.append("full rank is exact but saves no MACs")
+        fitted = self.fitted.get(plan.output)
+        if fitted is not None and fitted.factors.rank == rank:
+            plan.weight_error = fitted.weight_error
+            plan.output_error = fitted.output_error
+            plan.output_error_data_free = fitted.output_error_data_free
+            plan.fit = fitted.method
+            plan.fit_seconds = fitted.seconds
+            return plan, fitted.factors
         return plan, lowrank.factorize(spectra, rank)
 
     def _ineligible_reason(self, node: gs.Node, spec: ConvSpec | None, root: gs.Graph) -> str | None:
@@ -169,7 +181,7 @@ def _base_plan(node: gs.Node, spec: ConvSpec | None) -> LayerPlan:
     """A 'skipped' plan with the layer's shape facts filled in."""
     if spec is None or spec.weight_shape is None or spec.kernel_size is None:
         return LayerPlan(
-            node=node.name, op=node.op, status=SKIPPED, reason=None, rank=None, form=None,
+            node=node.name, op=node.op, output=node.outputs[0].name if node.outputs else "", status=SKIPPED, reason=None, rank=None, form=None,
             kernel=list(spec.kernel_shape) if spec and spec.kernel_shape else None,
             in_channels=None, out_channels=None, group=int(node.attrs.get("group", 1)),
             macs_before=None, macs_after=None, params_before=None, params_after=None,
@@ -178,7 +190,7 @@ def _base_plan(node: gs.Node, spec: ConvSpec | None) -> LayerPlan:
         spec.in_channels, spec.out_channels, spec.kernel_size, spec.group, spec.output_pixels(), spec.has_bias
     )
     return LayerPlan(
-        node=node.name, op=node.op, status=SKIPPED, reason=None, rank=None, form=None,
+        node=node.name, op=node.op, output=node.outputs[0].name if node.outputs else "", status=SKIPPED, reason=None, rank=None, form=None,
         kernel=list(spec.kernel_shape), in_channels=spec.in_channels, out_channels=spec.out_channels,
         group=spec.group, macs_before=before.macs, macs_after=before.macs,
         params_before=before.params, params_after=before.params,
@@ -198,8 +210,13 @@ def _selection_reason(name: str, include: tuple[str, ...], exclude: tuple[str, .
 # -- emission -------------------------------------------------------------------------------
 
 
-def _emit(spec: ConvSpec, factors: lowrank.SeparableFactors, form: str, names: NameAllocator) -> None:
-    """Replace ``spec.node`` in its graph by the separable subgraph, in place."""
+def _emit(
+    spec: ConvSpec, factors: lowrank.SeparableFactors, form: str, names: NameAllocator, bias: np.ndarray | None = None
+) -> None:
+    """Replace ``spec.node`` in its graph by the separable subgraph, in place.
+
+    ``bias``: a refitted bias for the pointwise conv; by default the original bias tensor is reused.
+    """
     node, graph = spec.node, spec.graph
     base = node.name or "conv"
     dtype = spec.weight.dtype
@@ -208,7 +225,7 @@ def _emit(spec: ConvSpec, factors: lowrank.SeparableFactors, form: str, names: N
     kernel = list(spec.kernel_shape)
     x = node.inputs[0]
     y = node.outputs[0]
-    bias = node.inputs[2] if spec.has_bias else None  # the original bias tensor, constant or not
+    bias_tensor = node.inputs[2] if spec.has_bias else None  # the original bias tensor, constant or not
     # Detach the original node first; its weight (initializer or Constant) is left for cleanup.
     position = graph.nodes.index(node)
     node.inputs.clear()
@@ -246,7 +263,9 @@ def _emit(spec: ConvSpec, factors: lowrank.SeparableFactors, form: str, names: N
     pw_weight = pw_weight.reshape(n, -1, *([1] * len(kernel))).astype(dtype)
     pw_inputs = [mid, gs.Constant(names.fresh(f"{base}/pw/W"), pw_weight)]
     if bias is not None:
-        pw_inputs.append(bias)
+        pw_inputs.append(gs.Constant(names.fresh(f"{base}/pw/B"), np.asarray(bias).astype(dtype)))
+    elif bias_tensor is not None:
+        pw_inputs.append(bias_tensor)
     pw_attrs = {"group": spec.group, "kernel_shape": [1] * len(kernel)}
     new_nodes.append(gs.Node("Conv", names.fresh(f"{base}/pw"), pw_attrs, pw_inputs, [y]))
 

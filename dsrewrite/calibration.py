@@ -1,0 +1,361 @@
+"""Calibration feeds, activation capture through onnxruntime, and streaming conv statistics.
+
+Feeds come from an ``.npz`` file (one array per model input, samples on axis 0),
+a directory of ``.npz`` files (each one feed, so sizes may vary), or any
+iterable of ``{input name: array}`` dicts. They are validated against the
+model's inputs before any work.
+
+Capture runs the model with the wanted intermediate tensors added as graph
+outputs, a small batch of feeds at a time, and hands the activations to
+accumulators that keep only fixed-size sums (:class:`RegressionAccumulator`).
+Nothing holds activations of more than one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .errors import InputError, UsageError
+from .lowrank import RegressionStats
+from .verify import session
+
+log = logging.getLogger(__name__)
+
+Feed = dict[str, np.ndarray]
+
+# Patch positions sampled per feed and conv: beyond a few thousand per feed the
+# second moments change little while their cost keeps growing.
+MAX_POSITIONS_PER_FEED = 4096
+
+
+# -- feeds ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    dims: tuple  # int for fixed dims, None for dynamic
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    initializers = {i.name for i in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        tensor_type = vi.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type else np.float32
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim)
+        specs.append(InputSpec(vi.name, np.dtype(dtype), dims))
+    return specs
+
+
+class CalibrationSet:
+    """A re-iterable, validated sequence of feeds (at most ``limit``).
+
+    An ``.npz`` file is read once; a directory is read one file per feed on every
+    pass, so only one feed of it is in memory at a time.
+    """
+
+    def __init__(self, source, model: onnx.ModelProto, *, limit: int | None = None):
+        if limit is not None and limit < 1:
+            raise UsageError(f"--calibration-samples must be >= 1, not {limit}")
+        self.inputs = model_inputs(model)
+        self.limit = limit
+        self.label = "calibration"
+        self._files: list[Path] | None = None
+        self._feeds: list[Feed] | None = None
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            self.label = f"calibration ({path.name})"
+            if path.is_dir():
+                files = sorted(p for p in path.iterdir() if p.suffix == ".npz")
+                if not files:
+                    raise InputError(f"calibration directory has no .npz files: {path}")
+                self._files = files[:limit] if limit else files
+            elif path.exists():
+                self._feeds = list(self._split_npz(path))
+            else:
+                raise InputError(f"calibration data not found: {path}")
+        else:
+            try:
+                feeds = list(source)
+            except TypeError:
+                raise UsageError("calibration must be a path or an iterable of {input name: array} dicts") from None
+            self._feeds = [self._validated(dict(f), f"feed {i}") for i, f in enumerate(feeds[:limit] if limit else feeds)]
+        if self._feeds is not None and not self._feeds:
+            raise InputError("calibration data holds no samples")
+        # A directory is validated eagerly too: a bad file must fail before any fitting.
+        if self._files is not None:
+            for f in self._files:
+                self._read_feed_file(f)
+
+    def __len__(self) -> int:
+        return len(self._files) if self._files is not None else len(self._feeds)
+
+    def __iter__(self) -> Iterator[Feed]:
+        if self._files is not None:
+            for f in self._files:
+                yield self._read_feed_file(f)
+        else:
+            yield from self._feeds
+
+    # -- parsing and validation -------------------------------------------------------------
+
+    def _load_npz(self, path: Path) -> dict[str, np.ndarray]:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except Exception as exc:
+            raise InputError(f"cannot read calibration file {path}: {' '.join(str(exc).split())[:200]}") from None
+
+    def _split_npz(self, path: Path) -> Iterator[Feed]:
+        """Samples on axis 0: an array of the input's rank is fed one sample at a time (batch 1)."""
+        arrays = self._load_npz(path)
+        self._check_names(arrays, str(path))
+        counts = set()
+        per_input = {}
+        for spec in self.inputs:
+            arr = arrays[spec.name]
+            if arr.ndim == len(spec.dims) + 1:
+                per_input[spec.name] = (arr, False)  # axis 0 indexes whole feeds
+            elif arr.ndim == len(spec.dims) and arr.ndim >= 1:
+                per_input[spec.name] = (arr, True)  # axis 0 is the batch: one sample per feed
+            else:
+                raise InputError(
+                    f"calibration input '{spec.name}' in {path} has rank {arr.ndim}; "
+                    f"the model input has rank {len(spec.dims)} (samples go on axis 0)"
+                )
+            counts.add(arr.shape[0])
+        if len(counts) > 1:
+            raise InputError(f"calibration inputs in {path} have different sample counts: {sorted(counts)}")
+        n = counts.pop() if counts else 0
+        if self.limit:
+            n = min(n, self.limit)
+        for i in range(n):
+            feed = {name: (arr[i : i + 1] if keep_batch else arr[i]) for name, (arr, keep_batch) in per_input.items()}
+            yield self._validated(feed, f"{path.name} sample {i}")
+
+    def _read_feed_file(self, path: Path) -> Feed:
+        arrays = self._load_npz(path)
+        return self._validated(arrays, str(path))
+
+    def _check_names(self, feed: Mapping[str, np.ndarray], where: str) -> None:
+        names = {s.name for s in self.inputs}
+        unknown = sorted(set(feed) - names)
+        if unknown:
+            raise InputError(f"calibration data {where} has unknown input '{unknown[0]}' (model inputs: {', '.join(sorted(names))})")
+        missing = sorted(names - set(feed))
+        if missing:
+            raise InputError(f"calibration data {where} lacks model input '{missing[0]}'")
+
+    def _validated(self, feed: Mapping[str, np.ndarray], where: str) -> Feed:
+        self._check_names(feed, where)
+        out = {}
+        for spec in self.inputs:
+            arr = np.asarray(feed[spec.name])
+            if arr.dtype != spec.dtype:
+                raise InputError(
+                    f"calibration input '{spec.name}' ({where}) has dtype {arr.dtype}; the model expects {spec.dtype}"
+                )
+            if arr.ndim != len(spec.dims):
+                raise InputError(
+                    f"calibration input '{spec.name}' ({where}) has rank {arr.ndim}; the model expects {len(spec.dims)}"
+                )
+            for axis, (got, want) in enumerate(zip(arr.shape, spec.dims)):
+                if want is not None and got != want:
+                    raise InputError(
+                        f"calibration input '{spec.name}' ({where}) has shape {list(arr.shape)}; "
+                        f"the model fixes dim {axis} to {want}"
+                    )
+            out[spec.name] = arr
+        return out
+
+
+# -- capture ----------------------------------------------------------------------------------
+
+
+def capture(
+    model: onnx.ModelProto, tensor_names: Sequence[str], feeds: Iterable[Feed], *, batch_size: int = 16
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Yield ``(values of tensor_names, number of feeds)`` for groups of feeds (graph inputs pass through).
+
+    Consecutive feeds of equal shapes are concatenated on axis 0 into runs of up
+    to ``batch_size`` when every input's batch dim is dynamic: far fewer
+    onnxruntime calls, and memory still bounded by one batch. If a batched run
+    fails (a model that hard-codes batch 1 inside), it falls back to one feed at a time.
+    """
+    graph_inputs = {vi.name for vi in model.graph.input}
+    outputs = [n for n in dict.fromkeys(tensor_names) if n not in graph_inputs]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    elem_types = {vi.name: vi.type.tensor_type.elem_type for vi in probe.graph.value_info}
+    for name in outputs:
+        if name not in existing:
+            probe.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, elem_types.get(name, onnx.TensorProto.FLOAT), None)
+            )
+    sess = session(probe, threads=os.cpu_count() or 1)
+    can_batch = batch_size > 1 and all(spec.dims and spec.dims[0] is None for spec in model_inputs(model))
+
+    def run(feed: Feed) -> dict[str, np.ndarray]:
+        values = dict(zip(outputs, sess.run(outputs, feed))) if outputs else {}
+        for name in tensor_names:
+            if name in graph_inputs:
+                values[name] = feed[name]
+        return values
+
+    batching = [can_batch]
+    for group in _group_feeds(feeds, batch_size if can_batch else 1):
+        if len(group) == 1:
+            yield run(group[0]), 1
+            continue
+        if batching[0]:
+            merged = {name: np.concatenate([f[name] for f in group], axis=0) for name in group[0]}
+            try:
+                yield run(merged), len(group)
+                continue
+            except Exception:  # noqa: BLE001 - the model rejects batching
+                log.info("batched capture failed; capturing one feed at a time")
+                batching[0] = False
+        # One feed at a time, concatenated so callers see the same grouping either way.
+        parts = [run(feed) for feed in group]
+        yield {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}, len(group)
+
+
+def _group_feeds(feeds: Iterable[Feed], batch_size: int) -> Iterator[list[Feed]]:
+    group: list[Feed] = []
+    for feed in feeds:
+        if group and (len(group) >= batch_size or _shapes(feed) != _shapes(group[0])):
+            yield group
+            group = []
+        group.append(feed)
+    if group:
+        yield group
+
+
+def _shapes(feed: Feed) -> dict[str, tuple]:
+    return {k: v.shape for k, v in feed.items()}
+
+
+# -- patches and statistics -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What patch extraction needs to know about a conv."""
+
+    kernel_shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+    auto_pad: str = "NOTSET"
+
+
+def explicit_pads(geometry: ConvGeometry, spatial: Sequence[int]) -> list[int]:
+    """Begin/end pads after resolving auto_pad for these input dims."""
+    d = len(geometry.kernel_shape)
+    if geometry.auto_pad == "VALID":
+        return [0] * (2 * d)
+    if geometry.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for i in range(d):
+            out = -(-spatial[i] // geometry.strides[i])
+            span = geometry.dilations[i] * (geometry.kernel_shape[i] - 1) + 1
+            total = max(0, (out - 1) * geometry.strides[i] + span - spatial[i])
+            small, big = total // 2, total - total // 2
+            begin, end = (small, big) if geometry.auto_pad == "SAME_UPPER" else (big, small)
+            begins.append(begin)
+            ends.append(end)
+        return begins + ends
+    return list(geometry.pads) if geometry.pads else [0] * (2 * d)
+
+
+def extract_patches(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """im2col: ``x (B, M, *spatial)`` -> ``(M, K, P)`` with ``P = B·output positions``."""
+    d = len(geometry.kernel_shape)
+    b, m = x.shape[:2]
+    spatial = x.shape[2:]
+    pads = explicit_pads(geometry, spatial)
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
+    out = [
+        (spatial[i] + pads[i] + pads[i + d] - geometry.dilations[i] * (geometry.kernel_shape[i] - 1) - 1)
+        // geometry.strides[i]
+        + 1
+        for i in range(d)
+    ]
+    taps = []
+    for offset in np.ndindex(*geometry.kernel_shape):
+        index = tuple(
+            slice(offset[i] * geometry.dilations[i], offset[i] * geometry.dilations[i] + (out[i] - 1) * geometry.strides[i] + 1, geometry.strides[i])
+            for i in range(d)
+        )
+        taps.append(padded[(slice(None), slice(None)) + index])
+    stacked = np.stack(taps, axis=2)  # (B, M, K, *out)
+    return stacked.reshape(b, m, len(taps), -1).transpose(1, 2, 0, 3).reshape(m, len(taps), -1)
+
+
+def flatten_output(y: np.ndarray) -> np.ndarray:
+    """``y (B, N, *spatial)`` -> ``(N, P)`` in the same position order as :func:`extract_patches`."""
+    b, n = y.shape[:2]
+    return y.reshape(b, n, -1).transpose(1, 0, 2).reshape(n, -1)
+
+
+def positions_per_feed(features: int, groups: int) -> int:
+    """How many patch positions per feed to sample for a conv with ``features`` (= (M/g)·K) per group.
+
+    Accumulating ``Σ x̄ x̄ᵀ`` costs ``g·(F+1)²`` per position, so wide layers get
+    fewer positions per feed (never fewer than 512) and narrow layers more (up to 4096).
+    """
+    budget = 1e9 / (groups * (features + 1) ** 2)
+    return int(min(MAX_POSITIONS_PER_FEED, max(512, budget)))
+
+
+def sample_positions(count: int, rng: np.random.Generator, limit: int) -> np.ndarray | slice:
+    """At most ``limit`` of ``count`` positions, drawn without replacement, in order."""
+    if count <= limit:
+        return slice(None)
+    return np.sort(rng.choice(count, size=limit, replace=False))
+
+
+class RegressionAccumulator:
+    """Streams ``Σ x̄ x̄ᵀ``, ``Σ y x̄ᵀ``, ``Σ ‖y‖²`` and ``Σ y`` of one conv (see ``lowrank.RegressionStats``).
+
+    Memory: ``g·(F+1)² + N·(F+1) + N`` float64 numbers with ``F = (M/g)·K``,
+    whatever the number of samples.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, taps: int, groups: int):
+        self.groups = groups
+        self.features = (in_channels // groups) * taps
+        self.s = np.zeros((groups, self.features + 1, self.features + 1))
+        self.t = np.zeros((groups, out_channels // groups, self.features + 1))
+        self.energy = 0.0
+        self.y_sum = np.zeros(out_channels)
+        self.count = 0
+
+    def add(self, patches: np.ndarray, y: np.ndarray) -> None:
+        """``patches (M, K, P)`` and outputs ``y (N, P)`` at the same positions."""
+        g, positions = self.groups, patches.shape[2]
+        x = np.ones((g, self.features + 1, positions))
+        x[:, :-1, :] = patches.reshape(g, self.features, positions)
+        y = y.astype(np.float64)
+        xt = x.transpose(0, 2, 1)
+        self.s += x @ xt  # batched matmul: BLAS, unlike einsum
+        self.t += y.reshape(g, -1, positions) @ xt
+        self.energy += float(np.vdot(y, y))
+        self.y_sum += y.sum(axis=1)
+        self.count += positions
+
+    def finish(self) -> RegressionStats:
+        centred = self.energy - float((self.y_sum**2).sum()) / max(self.count, 1)
+        return RegressionStats(s=self.s, t=self.t, energy=self.energy, centred_energy=max(centred, 1e-30))
