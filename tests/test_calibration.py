@@ -1,0 +1,139 @@
+"""calibration: feed validation, patch extraction against onnxruntime, streamed statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import conv_model, random_input, run
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import numpy_helper
+
+from dsrewrite import lowrank
+from dsrewrite.calibration import (
+    CalibrationSet,
+    ConvGeometry,
+    RegressionAccumulator,
+    capture,
+    extract_patches,
+    flatten_output,
+)
+from dsrewrite.errors import InputError, UsageError
+
+
+@st.composite
+def geometries(draw):
+    d = draw(st.integers(1, 3))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(d))
+    auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"]))
+    dilations = tuple(draw(st.integers(1, 2)) for _ in range(d)) if not auto_pad.startswith("SAME") else (1,) * d
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(2 * d)) if auto_pad == "NOTSET" else (0,) * (2 * d)
+    strides = tuple(draw(st.integers(1, 2)) for _ in range(d))
+    spatial = tuple(dl * (k - 1) + 1 + draw(st.integers(0, 4)) for k, dl in zip(kernel, dilations))
+    return ConvGeometry(kernel, strides, pads, dilations, auto_pad), spatial
+
+
+@settings(max_examples=40, deadline=None)
+@given(geometries(), st.integers(1, 2))
+def test_patches_times_the_kernel_is_the_conv(geometry_and_spatial, batch):
+    """im2col must match onnxruntime's Conv for every padding mode, stride and dilation."""
+    geometry, spatial = geometry_and_spatial
+    model = conv_model(
+        in_channels=3, out_channels=4, kernel=geometry.kernel_shape, spatial=spatial, strides=geometry.strides,
+        dilations=geometry.dilations, bias=False, batch=batch,
+        pads=geometry.pads if geometry.auto_pad == "NOTSET" else None,
+        auto_pad=None if geometry.auto_pad == "NOTSET" else geometry.auto_pad,
+    )  # fmt: skip
+    x = random_input((batch, 3, *spatial))
+    (y,) = run(model, {"x": x})
+    weight = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    patches = extract_patches(x.astype(np.float64), geometry)
+    ours = weight.reshape(4, -1) @ patches.reshape(-1, patches.shape[2])
+    np.testing.assert_allclose(ours, flatten_output(y), atol=1e-4)
+
+
+def test_accumulated_statistics_give_the_direct_error():
+    rng = np.random.default_rng(0)
+    acc = RegressionAccumulator(in_channels=4, out_channels=6, taps=9, groups=2)
+    xs, ys = [], []
+    for _ in range(3):
+        x, y = rng.standard_normal((4, 9, 50)), rng.standard_normal((6, 50))
+        acc.add(x, y)
+        xs.append(x)
+        ys.append(y)
+    stats = acc.finish()
+    w = rng.standard_normal((2, 3, 19))
+    x = np.concatenate(xs, axis=2).reshape(2, 18, -1)
+    x = np.concatenate([x, np.ones((2, 1, x.shape[2]))], axis=1)
+    y = np.concatenate(ys, axis=1).reshape(2, 3, -1)
+    direct = float(((y - w @ x) ** 2).sum())
+    assert lowrank.regression_error(w, stats) == pytest.approx(direct, rel=1e-9)
+
+
+# -- feeds ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model():
+    return conv_model(batch="N", spatial=(9, 9))
+
+
+def test_npz_samples_on_axis_0_are_split_into_feeds(model, tmp_path):
+    path = tmp_path / "c.npz"
+    np.savez(path, x=random_input((5, 4, 9, 9)))
+    feeds = list(CalibrationSet(path, model))
+    assert len(feeds) == 5 and feeds[0]["x"].shape == (1, 4, 9, 9)
+    assert len(CalibrationSet(path, model, limit=2)) == 2
+
+
+def test_a_directory_holds_one_feed_per_file(model, tmp_path):
+    for i, batch in enumerate([1, 3]):
+        np.savez(tmp_path / f"{i}.npz", x=random_input((batch, 4, 9, 9)))
+    calibration = CalibrationSet(tmp_path, model)
+    assert [f["x"].shape[0] for f in calibration] == [1, 3]
+    assert [f["x"].shape[0] for f in calibration] == [1, 3], "re-iterable"
+
+
+@pytest.mark.parametrize(
+    "arrays,message",
+    [
+        ({"y": np.zeros((2, 4, 9, 9), np.float32)}, "unknown input"),
+        ({"x": np.zeros((2, 4, 9, 9), np.float64)}, "dtype"),
+        ({"x": np.zeros((2, 9, 9), np.float32)}, "rank"),
+        ({"x": np.zeros((2, 5, 9, 9), np.float32)}, "shape"),
+    ],
+)
+def test_bad_calibration_arrays_are_input_errors(model, tmp_path, arrays, message):
+    path = tmp_path / "c.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(InputError, match=message):
+        CalibrationSet(path, model)
+
+
+def test_missing_garbage_and_empty_calibration(model, tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        CalibrationSet(tmp_path / "nope.npz", model)
+    garbage = tmp_path / "g.npz"
+    garbage.write_bytes(b"not an npz")
+    with pytest.raises(InputError, match="cannot read"):
+        CalibrationSet(garbage, model)
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    with pytest.raises(InputError, match="no .npz"):
+        CalibrationSet(empty_dir, model)
+    with pytest.raises(InputError, match="lacks"):
+        CalibrationSet([{}], model)
+    with pytest.raises(UsageError):
+        CalibrationSet([{"x": random_input((1, 4, 9, 9))}], model, limit=0)
+
+
+def test_capture_batches_and_falls_back_to_single_feeds():
+    dynamic = conv_model(batch="N", spatial=(9, 9))
+    fixed = conv_model(batch=1, spatial=(9, 9))
+    feeds = [{"x": random_input((1, 4, 9, 9), seed=i)} for i in range(5)]
+    for model in (dynamic, fixed):
+        groups = list(capture(model, ["x", "y"], feeds, batch_size=4))
+        assert sum(count for _, count in groups) == 5
+        (expected,) = run(model, feeds[4])
+        np.testing.assert_allclose(groups[-1][0]["y"][-1:], expected, rtol=1e-5, atol=1e-5)
+    assert [count for _, count in capture(dynamic, ["y"], feeds, batch_size=4)] == [4, 1]
