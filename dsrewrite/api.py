@@ -47,6 +47,7 @@ class RewriteOptions:
     calibration: Any = None
     calibration_samples: int | None = None
     sequential: bool = True
+    distill: DistillOptions | None = None  # fine control of the fit; overrides `sequential` and `seed`
     progress: Callable[[str, int, int], None] | None = None
 
     def validate(self) -> None:
@@ -74,6 +75,7 @@ class RewriteOptions:
 
     def to_settings(self) -> dict[str, Any]:
         settings = asdict(replace(self, calibration=None, progress=None))
+        settings["distill"] = asdict(self.distill) if self.distill else None
         settings["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
         settings["include"] = list(self.include)
         settings["exclude"] = list(self.exclude)
@@ -146,9 +148,8 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
     if calibration is not None and not options.dry_run:
         planned = Pipeline([DecomposeConv(replace(decompose, apply=False))]).run(working, shapes=shapes)
         plans = planned.results[0].facts
-        fitted = distill(
-            working, plans, calibration, DistillOptions(sequential=options.sequential, seed=options.seed), options.progress
-        )
+        fit_options = options.distill or DistillOptions(sequential=options.sequential, seed=options.seed)
+        fitted = distill(working, plans, calibration, fit_options, options.progress)
     elif calibration is not None:
         notes.append("dry run: calibration data was validated but no fitting ran")
     outcome = Pipeline([DecomposeConv(decompose, fitted=fitted), Cleanup()]).run(working, shapes=shapes)

@@ -204,7 +204,10 @@ def capture(
             probe.graph.output.append(
                 onnx.helper.make_tensor_value_info(name, elem_types.get(name, onnx.TensorProto.FLOAT), None)
             )
-    sess = session(probe, threads=os.cpu_count() or 1)
+    try:
+        sess = session(probe, threads=os.cpu_count() or 1)
+    except Exception as exc:
+        raise InputError(f"the model does not load in onnxruntime: {' '.join(str(exc).split())[:300]}") from None
     can_batch = batch_size > 1 and all(spec.dims and spec.dims[0] is None for spec in model_inputs(model))
 
     def run(feed: Feed) -> dict[str, np.ndarray]:

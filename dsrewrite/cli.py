@@ -7,8 +7,10 @@ rewrite"), 1 verification failed (no model written), 2 usage or input error
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from dataclasses import replace
 import traceback
 from pathlib import Path
 
@@ -123,7 +125,8 @@ def command(model, output, rank, max_error, input_shapes, include, exclude, cali
         calibration_samples=calibration_samples,
         sequential=sequential,
     )
-    result = rewrite(model, options)
+    with progress_bars(enabled=not quiet and sys.stderr.isatty()) as progress:
+        result = rewrite(model, replace(options, progress=progress))
     report = result.report
     if output is not None and not dry_run and result.ok:
         report.model["output"] = str(output)
@@ -143,6 +146,26 @@ def command(model, output, rank, max_error, input_shapes, include, exclude, cali
         if not quiet:
             console.print(f"Wrote {', '.join(str(p) for p in written)}")
     return 0
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """A ``progress(stage, done, total)`` callback drawing rich bars on stderr, or None."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bars:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done)
+
+        yield update
 
 
 def main(argv: list[str] | None = None) -> None:

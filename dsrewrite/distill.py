@@ -60,6 +60,7 @@ Progress = Callable[[str, int, int], None]
 class DistillOptions:
     sequential: bool = True
     whiten: bool = True
+    refit: bool = True  # pointwise/bias least squares (and the ALS rounds)
     rounds: int = 4  # alternating depthwise/pointwise rounds after the first pointwise solve
     ridge: float = 1e-5
     seed: int = 0
@@ -91,8 +92,10 @@ class _Target:
 
 
 def describe(options: DistillOptions) -> str:
-    parts = ["whitened SVD" if options.whiten else "SVD", "pointwise refit"]
-    if options.rounds:
+    parts = ["whitened SVD" if options.whiten else "SVD"]
+    if options.refit:
+        parts.append("pointwise refit")
+    if options.refit and options.rounds:
         parts.append(f"{options.rounds} ALS rounds")
     return " + ".join(parts) + (" (sequential)" if options.sequential else " (independent)")
 
@@ -208,6 +211,7 @@ def _fit(t: _Target, stats: lowrank.RegressionStats, options: DistillOptions, wa
         rounds=options.rounds,
         ridge=options.ridge,
         whiten=options.whiten,
+        refit=options.refit,
     )
     weight = t.spec.weight.astype(np.float64)
     dense = lowrank.reconstruct(result.factors)

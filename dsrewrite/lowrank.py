@@ -201,6 +201,7 @@ def fit_separable(
     rounds: int = 2,
     ridge: float = 1e-5,
     whiten: bool = True,
+    refit: bool = True,
 ) -> FittedFactors:
     """Fit rank-``rank`` separable factors to a conv's calibration statistics.
 
@@ -209,6 +210,7 @@ def fit_separable(
        closed form, then each channel's depthwise filters in turn (block
        coordinate descent: exact for that block given everything else).
     3. A final pointwise/bias solve.
+    With ``refit=False`` only step 1 runs and the original bias is kept.
     Every step can only lower ``Σ ‖y − ŷ‖²`` (up to the small ridge), which is
     evaluated in closed form from the same sums.
     """
@@ -235,6 +237,11 @@ def fit_separable(
             spectra = channel_spectra(per_group[gi].reshape(ng, mg, *kernel_shape), 1)
         init = factorize(spectra, r)
         d = init.depthwise  # (Mg, r, K)
+        if not refit:
+            depthwise.append(d)
+            pointwise.append(init.pointwise)
+            biases.append(original_bias[gi * ng : (gi + 1) * ng])
+            continue
         p, b = _solve_pointwise(d, s, t, ridge)
         for _ in range(rounds):
             d = _solve_depthwise(d, p, b, s, t, ridge)
