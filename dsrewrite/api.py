@@ -6,8 +6,10 @@ load → analyse shapes → run the pass pipeline (fold_batchnorm → decompose_
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping
 
@@ -15,13 +17,15 @@ import onnx
 
 from ._version import __version__
 from .budget import DEFAULT_MAX_ERROR
-from .errors import DsrewriteError, UsageError
+from .errors import DsrewriteError, InputError, UsageError
 from .graph import collect_shapes
 from .model_io import check_model, load_model
 from .calibration import CalibrationSet
-from .distill import DistillOptions, distill
+from . import planning
+from .distill import DistillOptions, calibrated_error_curves, distill
 from .passes import Cleanup, DecomposeConv, DecomposeOptions, FoldBatchNorm
 from .pipeline import Pipeline, default_opset, infer_shapes
+from .plan import decisions_from_document, plan_document
 from .report import Report
 from .verify import FULL_RANK_ATOL, FULL_RANK_RTOL, VerificationResult, feed_shapes, random_feeds, verify
 
@@ -48,6 +52,13 @@ class RewriteOptions:
     calibration_samples: int | None = None
     sequential: bool = True
     distill: DistillOptions | None = None  # fine control of the fit; overrides `sequential` and `seed`
+    # Decisions across layers (see planning.py).
+    target_macs: float | None = None  # eligible convs keep at most this fraction of their MACs
+    plan: Any = None  # a saved plan (path or dict) to reapply
+    evaluate: Callable[[onnx.ModelProto], float] | None = None  # task score, higher is better
+    eval_key: str = ""  # identifies `evaluate` in the sensitivity cache
+    sensitivity_cache: str | os.PathLike | None = None
+    sweep: bool = False
     progress: Callable[[str, int, int], None] | None = None
 
     def validate(self) -> None:
@@ -63,6 +74,12 @@ class RewriteOptions:
             isinstance(self.calibration_samples, bool) or not isinstance(self.calibration_samples, int) or self.calibration_samples < 1
         ):
             raise UsageError(f"--calibration-samples must be a positive integer, not {self.calibration_samples!r}")
+        if self.target_macs is not None and not (
+            isinstance(self.target_macs, (int, float)) and not isinstance(self.target_macs, bool) and 0 < self.target_macs <= 1
+        ):
+            raise UsageError(f"--target-macs must be in (0, 1], not {self.target_macs!r}")
+        if self.target_macs is not None and self.plan is not None:
+            raise UsageError("--target-macs and --plan cannot be combined: a plan already fixes every rank")
         for name, dims in self.input_shapes.items():
             if not dims or any((not isinstance(d, int)) or d < 1 for d in dims):
                 raise UsageError(f"--input-shape {name}: dims must be positive integers, got {list(dims)}")
@@ -74,8 +91,13 @@ class RewriteOptions:
         return self.atol, self.rtol
 
     def to_settings(self) -> dict[str, Any]:
-        settings = asdict(replace(self, calibration=None, progress=None))
+        settings = asdict(replace(self, calibration=None, progress=None, evaluate=None, plan=None))
         settings["distill"] = asdict(self.distill) if self.distill else None
+        settings["plan"] = str(self.plan) if isinstance(self.plan, (str, os.PathLike)) else (
+            None if self.plan is None else "<plan>"
+        )
+        settings["evaluate"] = None if self.evaluate is None else (self.eval_key or "<callable>")
+        settings["sensitivity_cache"] = None if self.sensitivity_cache is None else str(self.sensitivity_cache)
         settings["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
         settings["include"] = list(self.include)
         settings["exclude"] = list(self.exclude)
@@ -96,6 +118,10 @@ class RewriteResult:
     @property
     def verification(self) -> VerificationResult | None:
         return self.report.verification
+
+    def plan_document(self) -> dict:
+        """The per-conv decisions, to save with ``--plan-out`` and reapply with ``plan=``."""
+        return plan_document(self.report.layers, {"input": self.report.model.get("input")})
 
     @property
     def ok(self) -> bool:
@@ -144,14 +170,17 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
     if options.fold_batchnorm:
         folded = Pipeline([FoldBatchNorm()]).run(working, shapes=shapes)
         working, results = folded.model, folded.results
+
+    decisions, sweep_points, estimates = _decide(working, shapes, decompose, calibration, options, notes)
+    if decisions is not None:
+        decompose = replace(decompose, layer_ranks=decisions.ranks, layer_reasons=decisions.reasons)
     fitted = {}
     if calibration is not None and not options.dry_run:
         planned = Pipeline([DecomposeConv(replace(decompose, apply=False))]).run(working, shapes=shapes)
-        plans = planned.results[0].facts
         fit_options = options.distill or DistillOptions(sequential=options.sequential, seed=options.seed)
-        fitted = distill(working, plans, calibration, fit_options, options.progress)
+        fitted = distill(working, planned.results[0].facts, calibration, fit_options, options.progress)
     elif calibration is not None:
-        notes.append("dry run: calibration data was validated but no fitting ran")
+        notes.append("dry run: no fitting ran; errors are estimates")
     outcome = Pipeline([DecomposeConv(decompose, fitted=fitted), Cleanup()]).run(working, shapes=shapes)
     results = results + outcome.results
     rewritten = outcome.model
@@ -161,6 +190,9 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
         raise DsrewriteError(f"internal error: the rewritten model fails the ONNX checker: {exc}") from exc
 
     layers = next((r.facts for r in results if r.pass_name == "decompose_conv"), [])
+    for layer in layers:  # keep the measured error curves the decisions were made from
+        if layer.output in estimates:
+            layer.error_at_rank, layer.error_source = estimates[layer.output]
     if not layers:
         notes.append("nothing to rewrite: the model has no Conv nodes")
     elif any(layer.macs_before is None for layer in layers):
@@ -198,8 +230,66 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
             for r in results
         ],
         notes=notes,
+        sweep=sweep_points,
     )
     return RewriteResult(model=original if options.dry_run else rewritten, report=report)
+
+
+def _decide(working, shapes, decompose, calibration, options: RewriteOptions, notes: list[str]):
+    """Decisions that need the whole plan first: saved plan, MAC budget, calibrated auto, sweep.
+
+    Returns (decisions or None, sweep points or None, {output: (error curve, source)}).
+    """
+    needs_errors = options.target_macs is not None or options.sweep or options.evaluate is not None or (
+        options.rank == "auto" and calibration is not None
+    )
+    if options.plan is None and not needs_errors:
+        return None, None, {}
+    planned = Pipeline([DecomposeConv(replace(decompose, apply=False))]).run(working, shapes=shapes)
+    plans = planned.results[0].facts
+    if options.plan is not None:
+        ranks, reasons = _load_plan(options.plan)
+        known = {p.output for p in plans}
+        unknown = sorted(set(ranks) - known)
+        if unknown:
+            notes.append(f"the plan names {len(unknown)} conv(s) this model does not have, e.g. {unknown[0]!r}")
+        for p in plans:
+            if p.output not in ranks:
+                reasons[p.output] = "not in the plan"
+        return planning.Decisions(ranks, reasons), None, {}
+    if calibration is not None:
+        calibrated_error_curves(working, plans, calibration, options.distill or DistillOptions(seed=options.seed), options.progress)
+    if options.evaluate is not None:
+        cache = Path(options.sensitivity_cache) if options.sensitivity_cache is not None else None
+        planning.measure_sensitivity(
+            working, plans, options.evaluate, cache_path=cache, cache_key=options.eval_key, progress=options.progress
+        )
+    estimates = {p.output: (p.error_at_rank, p.error_source) for p in plans if p.eligible}
+    sweep_points = planning.sweep(plans) if options.sweep else None
+    decisions = None
+    if options.target_macs is not None:
+        decisions = planning.budget_decisions(plans, options.target_macs)
+    elif options.rank == "auto":
+        decisions = planning.auto_decisions(plans, options.max_error)
+    if decisions is not None:
+        notes.extend(decisions.notes)
+    return decisions, sweep_points, estimates
+
+
+def _load_plan(plan) -> tuple[dict, dict]:
+    if isinstance(plan, (str, os.PathLike)):
+        try:
+            document = json.loads(Path(plan).read_text())
+        except FileNotFoundError:
+            raise InputError(f"plan file not found: {plan}") from None
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read plan file {plan}: {' '.join(str(exc).split())[:200]}") from None
+    else:
+        document = plan
+    try:
+        return decisions_from_document(document)
+    except ValueError as exc:
+        raise InputError(f"invalid plan {plan if isinstance(plan, (str, os.PathLike)) else ''}: {exc}".replace("  ", " ")) from None
 
 
 def _analysis_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[int, ...]], notes: list[str]):

@@ -156,10 +156,76 @@ def distill(
     return fitted
 
 
-def _targets(graph: gs.Graph, plans: Sequence[LayerPlan]) -> list[_Target]:
-    wanted = {p.output: p for p in plans if p.rewritten and p.graph == "main"}
+# Statistics of all convs in one independent pass may not exceed this many bytes; more convs take more passes.
+CURVE_MEMORY_BUDGET = 2 * 2**30
+
+
+def calibrated_error_curves(
+    model: onnx.ModelProto,
+    plans: Sequence[LayerPlan],
+    calibration: CalibrationSet,
+    options: DistillOptions = DistillOptions(),
+    progress: Progress | None = None,
+) -> None:
+    """Replace each eligible main-graph conv's ``error_at_rank`` by errors measured on calibration data.
+
+    Every conv is fitted on the original model's inputs (independent), at
+    every rank that saves MACs, with one alternating round: an estimate of
+    the conv's own contribution to the error, the same for every allocation.
+    Ranks that save nothing get ``inf``. Convs are captured together in as
+    few passes as ``CURVE_MEMORY_BUDGET`` allows.
+    """
+    graph = gs.import_onnx(model)
+    targets = _targets(graph, plans, eligible=True)
+    rng = np.random.default_rng(options.seed)
+    chunks, chunk, used = [], [], 0
+    for t in targets:
+        size = 8 * t.spec.group * (t.spec.weight_shape[1] * t.spec.kernel_size + 1) ** 2
+        if chunk and used + size > CURVE_MEMORY_BUDGET:
+            chunks.append(chunk)
+            chunk, used = [], 0
+        chunk.append(t)
+        used += size
+    if chunk:
+        chunks.append(chunk)
+    for index, group in enumerate(chunks):
+        accumulators = {
+            t.y_name: RegressionAccumulator(t.spec.in_channels, t.spec.out_channels, t.spec.kernel_size, t.spec.group)
+            for t in group
+        }
+        done = 0
+        names = [t.y_name for t in group] + [t.x_name for t in group]
+        for values, count in capture(model, names, calibration):
+            for t in group:
+                _accumulate(t, None, values, accumulators[t.y_name], rng, count)
+            done += count
+            if progress:
+                progress(f"measuring error curves {index + 1}/{len(chunks)}", done, len(calibration))
+        for t in group:
+            stats = accumulators.pop(t.y_name).finish()
+            full = len(t.plan.error_at_rank or [])
+            errors = [float("inf")] * full
+            for r in range(1, full + 1):
+                if _separable_per_pixel(t, r) >= t.plan.macs_per_pixel_before:
+                    break
+                fit = lowrank.fit_separable(
+                    t.spec.weight, t.spec.group, t.spec.bias, stats, r, rounds=1, ridge=options.ridge, whiten=options.whiten
+                )
+                errors[r - 1] = fit.squared_error / stats.centred_energy
+            t.plan.error_at_rank = errors
+            t.plan.error_source = "calibration"
+
+
+def _separable_per_pixel(t: _Target, rank: int) -> int:
+    m, n, g, k = t.spec.in_channels, t.spec.out_channels, t.spec.group, t.spec.kernel_size
+    return rank * m * k + rank * (m // g) * n
+
+
+def _targets(graph: gs.Graph, plans: Sequence[LayerPlan], eligible: bool = False) -> list[_Target]:
+    """Main-graph convs planned for rewriting (or all eligible ones), with what fitting needs."""
+    wanted = {p.output: p for p in plans if (p.eligible if eligible else p.rewritten) and p.graph == "main"}
     for p in plans:
-        if p.rewritten and p.graph != "main":
+        if p.rewritten and p.graph != "main" and not eligible:
             p.notes.append("inside a subgraph: factorised data-free (activations there cannot be captured)")
     targets = []
     for node in graph.nodes:

@@ -44,6 +44,10 @@ class LayerPlan:
     fit: str = "data-free"  # how the weights were obtained
     fit_seconds: float | None = None
     output: str = ""  # the conv's output tensor: a stable key even for unnamed nodes
+    # Estimated normalised output error (NMSE) at ranks 1..full, and where the estimate comes from
+    # ("weights": kernel spectrum, i.e. white inputs; "calibration": fitted on data; "evaluation": task score drop).
+    error_at_rank: list[float] | None = None
+    error_source: str | None = None
     full_rank: int | None = None
     eligible: bool = False
     graph: str = "main"
@@ -55,3 +59,50 @@ class LayerPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# -- saved plans ------------------------------------------------------------------------------
+
+PLAN_SCHEMA = "dsrewrite.plan/1"
+
+
+def plan_document(layers: list[LayerPlan], model: dict) -> dict:
+    """The per-conv decisions as a JSON-able document (``--plan-out``)."""
+    return {
+        "schema": PLAN_SCHEMA,
+        "model": model,
+        "layers": [
+            {
+                "output": layer.output,
+                "node": layer.node,
+                "status": layer.status,
+                "rank": layer.rank,
+                "form": layer.form,
+                "reason": layer.reason,
+            }
+            for layer in layers
+        ],
+    }
+
+
+def decisions_from_document(document) -> tuple[dict[str, int | None], dict[str, str]]:
+    """Per-conv ranks (None: skip) and skip reasons from a saved plan; ValueError if malformed."""
+    if not isinstance(document, dict) or document.get("schema") != PLAN_SCHEMA:
+        raise ValueError(f"not a dsrewrite plan (expected schema {PLAN_SCHEMA!r})")
+    layers = document.get("layers")
+    if not isinstance(layers, list):
+        raise ValueError("plan has no 'layers' list")
+    ranks: dict[str, int | None] = {}
+    reasons: dict[str, str] = {}
+    for entry in layers:
+        if not isinstance(entry, dict) or not isinstance(entry.get("output"), str):
+            raise ValueError("every plan layer needs an 'output' tensor name")
+        key, rank = entry["output"], entry.get("rank")
+        if entry.get("status") == REWRITTEN:
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"plan layer {key!r}: rank must be a positive integer, not {rank!r}")
+            ranks[key] = rank
+        else:
+            ranks[key] = None
+            reasons[key] = f"skipped by the plan: {entry.get('reason') or 'no reason given'}"
+    return ranks, reasons

@@ -63,6 +63,10 @@ class DecomposeOptions:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     apply: bool = True  # False: plan only (dry run), leave the graph untouched
+    # Per-conv decisions made elsewhere (a MAC budget, a saved plan), keyed by conv output tensor:
+    # a rank, or None to leave the conv alone with the reason in `layer_reasons`. They override `rank`.
+    layer_ranks: Mapping[str, int | None] | None = None
+    layer_reasons: Mapping[str, str] | None = None
 
 
 class DecomposeConv:
@@ -104,7 +108,9 @@ class DecomposeConv:
         spectra = lowrank.channel_spectra(spec.weight, spec.group)
         plan.full_rank = spectra.full_rank
         errors = lowrank.relative_errors(spectra)
-        rank, reason = self._choose_rank(spec, spectra, errors)
+        plan.error_at_rank = [float(e) ** 2 for e in errors[1:]]
+        plan.error_source = "weights"
+        rank, reason = self._choose_rank(spec, spectra, errors, plan.output)
         if rank is None:
             plan.reason = reason
             return plan, None
@@ -158,8 +164,13 @@ class DecomposeConv:
             return "already depthwise (one input channel per group)"
         return None
 
-    def _choose_rank(self, spec: ConvSpec, spectra: lowrank.ChannelSpectra, errors: np.ndarray):
+    def _choose_rank(self, spec: ConvSpec, spectra: lowrank.ChannelSpectra, errors: np.ndarray, key: str):
         full = spectra.full_rank
+        if self.options.layer_ranks is not None:
+            if key in self.options.layer_ranks and self.options.layer_ranks[key] is not None:
+                return min(int(self.options.layer_ranks[key]), full), None
+            reasons = self.options.layer_reasons or {}
+            return None, reasons.get(key, "no rank decided for this conv")
         before = spec.weight_shape[0] * spec.weight_shape[1] * spec.kernel_size
         per_pixel = [0] + [
             separable_cost(spec.in_channels, spec.out_channels, spec.kernel_size, spec.group, r, None, False).macs_per_pixel

@@ -1,0 +1,238 @@
+"""Per-conv rank decisions made across layers: MAC budgets, calibrated ``auto``, saved plans, sensitivity.
+
+``decompose_conv`` alone decides each conv in isolation (a uniform rank, or the
+data-free ``auto`` rule). Everything here needs the whole plan first, then
+hands ``decompose_conv`` one decision per conv (``DecomposeOptions.layer_ranks``).
+
+Error estimates per conv and rank (``LayerPlan.error_at_rank``, an NMSE) come
+from, in increasing order of cost and faithfulness:
+
+* the kernel spectrum (always; exact for white inputs),
+* calibration data (``distill.calibrated_error_curves``: each conv fitted alone),
+* a task metric (:func:`measure_sensitivity`: the model scored with only that
+  conv rewritten at that rank; the error is the score drop).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import lowrank
+from .budget import allocate, curves_from_plans, smallest_rank_within
+from .graph import NameAllocator, constant_value
+from .model_io import atomic_write_text
+from .pipeline import export_model
+from .plan import LayerPlan
+
+log = logging.getLogger(__name__)
+
+Evaluate = Callable[[onnx.ModelProto], float]
+SWEEP_TARGETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+@dataclass
+class Decisions:
+    ranks: dict[str, int | None]
+    reasons: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+
+
+def budget_decisions(plans: Sequence[LayerPlan], target: float) -> Decisions:
+    """``--target-macs``: allocate ranks so the eligible convs keep at most ``target`` of their MACs."""
+    curves, absolute = curves_from_plans(plans)
+    allocation = allocate(curves, target)
+    reasons = {key: "left unrewritten by the MAC budget: cheaper error elsewhere" for key, r in allocation.ranks.items() if r is None}
+    notes = [
+        f"--target-macs {target:g}: eligible MACs {allocation.ratio:.3f} of the original "
+        f"(estimated total NMSE {allocation.estimated_error:.4g}, errors from {_sources(plans)})"
+    ]
+    if not absolute:
+        notes.append("MAC budget allocated per output pixel: some spatial dims are unknown")
+    if curves and allocation.ratio < target * 0.98:
+        notes.append(f"the budget could not be met within 2%: ranks are discrete (closest: {allocation.ratio:.3f})")
+    if curves and allocation.ratio > target * (1 + 1e-9):
+        notes.append(f"the budget cannot be met even at rank 1 everywhere (best: {allocation.ratio:.3f})")
+    return Decisions(allocation.ranks, reasons, notes)
+
+
+def auto_decisions(plans: Sequence[LayerPlan], max_error: float) -> Decisions:
+    """``--rank auto`` with measured errors: the cheapest rank whose relative error is within ``max_error``."""
+    curves, _ = curves_from_plans(plans)
+    ranks, reasons = {}, {}
+    for curve in curves:
+        rank = smallest_rank_within(curve, max_error)
+        ranks[curve.key] = rank
+        if rank is None:
+            reasons[curve.key] = f"no rank that saves MACs keeps the measured error <= {max_error:g}"
+    return Decisions(ranks, reasons)
+
+
+def sweep(plans: Sequence[LayerPlan], targets: Sequence[float] = SWEEP_TARGETS) -> list[dict]:
+    """The trade-off curve: for each MAC target, the allocation's eligible-MAC ratio and estimated error."""
+    curves, _ = curves_from_plans(plans)
+    points = []
+    for target in targets:
+        allocation = allocate(curves, target)
+        points.append(
+            {
+                "target": target,
+                "eligible_macs_ratio": allocation.ratio,
+                "estimated_error": allocation.estimated_error,
+                "ranks": allocation.ranks,
+            }
+        )
+    return points
+
+
+def _sources(plans: Sequence[LayerPlan]) -> str:
+    return ", ".join(sorted({p.error_source for p in plans if p.eligible and p.error_source})) or "none"
+
+
+# -- accuracy in the loop -----------------------------------------------------------------------
+
+
+def candidate_ranks(plan: LayerPlan, limit: int = 6) -> list[int]:
+    """Up to ``limit`` ranks that save MACs, spread geometrically (1, 2, 3, 4, 6, 8, 12, ...)."""
+    saving = [r for r, e in enumerate(plan.error_at_rank or [], start=1) if math.isfinite(e)]
+    if plan.error_source == "weights":
+        saving = [r for r in saving if _saves(plan, r)]
+    ladder = sorted({r for r in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if r in saving})
+    return ladder[:limit]
+
+
+def _saves(plan: LayerPlan, rank: int) -> bool:
+    k = math.prod(plan.kernel)
+    cost = rank * plan.in_channels * k + rank * (plan.in_channels // plan.group) * plan.out_channels
+    return cost < plan.macs_per_pixel_before
+
+
+def measure_sensitivity(
+    model: onnx.ModelProto,
+    plans: Sequence[LayerPlan],
+    evaluate: Evaluate,
+    *,
+    cache_path: Path | None = None,
+    cache_key: str = "",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """Score the model with one conv at a time rewritten (data-free factors) at a few ranks.
+
+    Sets each eligible conv's ``error_at_rank`` to the score drop (plus a
+    vanishing share of its previous estimate, to break ties), ``inf`` for ranks
+    not scored. Returns the table ``{"baseline": score, "layers": {output: {rank: score}}}``,
+    cached on disk at ``cache_path`` under a key of the model bytes and ``cache_key``.
+    """
+    fingerprint = hashlib.sha256(model.SerializeToString(deterministic=True) + cache_key.encode()).hexdigest()
+    cache = _read_cache(cache_path)
+    table = cache.get(fingerprint) or {"baseline": None, "layers": {}}
+    if table["baseline"] is None:
+        table["baseline"] = float(evaluate(model))
+    graph = gs.import_onnx(model)
+    nodes = {n.outputs[0].name: n for n in graph.nodes if n.op == "Conv" and n.outputs}
+    jobs = [(p, r) for p in plans if p.eligible and p.output in nodes for r in candidate_ranks(p)]
+    for index, (plan, rank) in enumerate(jobs):
+        scores = table["layers"].setdefault(plan.output, {})
+        if str(rank) not in scores:
+            scores[str(rank)] = float(evaluate(_with_one_conv_factorised(model, plan.output, rank)))
+            _write_cache(cache_path, {**cache, fingerprint: table})
+        if progress:
+            progress("measuring sensitivity", index + 1, len(jobs))
+    baseline = table["baseline"]
+    for plan in plans:
+        scores = table["layers"].get(plan.output)
+        if not plan.eligible or not scores:
+            continue
+        previous = plan.error_at_rank or []
+        errors = [float("inf")] * len(previous)
+        for rank_text, score in scores.items():
+            r = int(rank_text)
+            if r <= len(errors):
+                errors[r - 1] = max(baseline - score, 0.0) + 1e-6 * previous[r - 1]
+        plan.error_at_rank = errors
+        plan.error_source = "evaluation"
+    return table
+
+
+def _with_one_conv_factorised(model: onnx.ModelProto, output: str, rank: int) -> onnx.ModelProto:
+    """The model with one conv's kernel replaced by its rank-``rank`` data-free reconstruction."""
+    graph = gs.import_onnx(model)
+    names = NameAllocator(graph)
+    node = next(n for n in graph.nodes if n.op == "Conv" and n.outputs and n.outputs[0].name == output)
+    weight = constant_value(node.inputs[1])
+    group = int(node.attrs.get("group", 1))
+    dense = lowrank.reconstruct(lowrank.factorize(lowrank.channel_spectra(weight, group), rank)).astype(weight.dtype)
+    node.inputs = [node.inputs[0], gs.Constant(names.fresh(f"{output}/probe_W"), dense), *node.inputs[2:]]
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return export_model(graph, model)
+
+
+def _read_cache(path: Path | None) -> dict:
+    if path is None or not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("ignoring unreadable sensitivity cache %s", path)
+        return {}
+
+
+def _write_cache(path: Path | None, cache: dict) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(cache))
+    except OSError as exc:
+        log.warning("could not write the sensitivity cache %s: %s", path, exc)
+
+
+def default_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dsrewrite" / "sensitivity.json"
+
+
+def load_eval_script(path: str | os.PathLike) -> tuple[Evaluate, str]:
+    """``evaluate(model_path) -> float`` from a Python file, wrapped to take a ModelProto; and the file's hash."""
+    import importlib.util  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from .errors import InputError  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"eval script not found: {path}")
+    source = path.read_bytes()
+    spec = importlib.util.spec_from_file_location("dsrewrite_user_eval", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise InputError(f"eval script {path} failed to import: {type(exc).__name__}: {exc}") from None
+    user_evaluate = getattr(module, "evaluate", None)
+    if not callable(user_evaluate):
+        raise InputError(f"eval script {path} must define evaluate(model_path) -> float")
+
+    def evaluate(model: onnx.ModelProto) -> float:
+        with tempfile.TemporaryDirectory(prefix="dsrewrite-eval-") as tmp:
+            model_path = os.path.join(tmp, "model.onnx")
+            onnx.save_model(model, model_path)
+            try:
+                score = float(user_evaluate(model_path))
+            except Exception as exc:
+                raise InputError(f"eval script {path} failed: {type(exc).__name__}: {exc}") from None
+        if not np.isfinite(score):
+            raise InputError(f"eval script {path} returned a non-finite score: {score}")
+        return score
+
+    return evaluate, hashlib.sha256(source).hexdigest()
