@@ -32,6 +32,14 @@ from models import fetch  # noqa: E402
 import dsrewrite  # noqa: E402
 from dsrewrite.distill import DistillOptions  # noqa: E402
 
+# Fixed input shapes for costing (the OCR models have dynamic spatial dims); the sizes their evaluations use.
+INPUT_SHAPES = {
+    "captcha_crnn": {"image": (1, 3, 60, 160)},
+    "ppocr_rec": {"x": (1, 3, 48, 320)},
+    "ppocr_cls": {"x": (1, 3, 48, 192)},
+    "ppocr_det": {"x": (1, 3, 736, 736)},
+}
+
 METHODS = {
     "data-free": None,
     "whitened": DistillOptions(sequential=False, refit=False),
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 options = METHODS[method]
                 start = time.perf_counter()
                 result = dsrewrite.rewrite(
-                    path, rank=rank, verify=False,
+                    path, rank=rank, verify=False, input_shapes=INPUT_SHAPES[name],
                     calibration=None if options is None else feeds, distill=options,
                 )  # fmt: skip
                 elapsed = time.perf_counter() - start

@@ -8,6 +8,7 @@ rewrite"), 1 verification failed (no model written), 2 usage or input error
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 from dataclasses import replace
@@ -22,6 +23,7 @@ from .api import RewriteOptions, rewrite
 from .budget import DEFAULT_MAX_ERROR
 from .errors import DsrewriteError, UsageError
 from .model_io import atomic_write_text, check_output_path, save_model
+from .planning import default_cache_path, load_eval_script
 
 log = logging.getLogger("dsrewrite")
 
@@ -68,6 +70,16 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
               help="Per-channel rank: an integer, 'full' (exact) or 'auto' (smallest within --max-error).")
 @click.option("--max-error", type=float, default=DEFAULT_MAX_ERROR, show_default=True,
               help="Per-layer bound on the estimated relative output error (--rank auto).")
+@click.option("--target-macs", type=float, default=None, metavar="F",
+              help="Allocate ranks so the eligible convs keep at most F (0 < F <= 1) of their MACs.")
+@click.option("--plan", "plan_in", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Reapply the per-conv decisions saved by --plan-out.")
+@click.option("--plan-out", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="Save the per-conv decisions (rank, form or skip reason) as JSON.")
+@click.option("--eval-script", type=click.Path(path_type=Path), default=None, metavar="FILE.py",
+              help="A Python file defining evaluate(model_path) -> float (higher is better): "
+                   "rank decisions then follow measured task sensitivity.")
+@click.option("--sweep", is_flag=True, help="Add the MAC/error trade-off curve to the report.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
               help="Fix an input's dims for costing and verification (repeatable).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Only rewrite convs whose node name matches (repeatable).")
@@ -92,7 +104,7 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv) to stderr.")
 @click.version_option(__version__, "--version", prog_name="dsrewrite")
-def command(model, output, rank, max_error, input_shapes, include, exclude, calibration, calibration_samples, sequential,
+def command(model, output, rank, max_error, target_macs, plan_in, plan_out, eval_script, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential,
             fold_batchnorm, verify, atol, rtol, reports, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
     """Rewrite the standard convolutions of MODEL into depthwise + pointwise convolutions."""
     _configure_logging(verbose, quiet)
@@ -104,6 +116,11 @@ def command(model, output, rank, max_error, input_shapes, include, exclude, cali
         if path.suffix.lower() not in REPORT_FORMATS:
             raise UsageError(f"--report {path}: unknown format; use one of {', '.join(REPORT_FORMATS)}")
         check_output_path(path, input_path=model, overwrite=False)
+    if plan_out is not None:
+        check_output_path(plan_out, input_path=model, overwrite=False)
+    evaluate, eval_key = (None, "")
+    if eval_script is not None:
+        evaluate, eval_key = load_eval_script(eval_script)
 
     shapes: dict[str, tuple[int, ...]] = {}
     for value in input_shapes:
@@ -124,6 +141,12 @@ def command(model, output, rank, max_error, input_shapes, include, exclude, cali
         calibration=calibration,
         calibration_samples=calibration_samples,
         sequential=sequential,
+        target_macs=target_macs,
+        plan=plan_in,
+        evaluate=evaluate,
+        eval_key=eval_key,
+        sensitivity_cache=default_cache_path() if evaluate is not None else None,
+        sweep=sweep,
     )
     with progress_bars(enabled=not quiet and sys.stderr.isatty()) as progress:
         result = rewrite(model, replace(options, progress=progress))
@@ -138,6 +161,8 @@ def command(model, output, rank, max_error, input_shapes, include, exclude, cali
     render_terminal(report, console)
     for path in reports:
         atomic_write_text(path, report.to_json())
+    if plan_out is not None:
+        atomic_write_text(plan_out, json.dumps(result.plan_document(), indent=2) + "\n")
     if not result.ok:
         Console(stderr=True).print("[red]error:[/red] verification failed; no model written")
         return 1
