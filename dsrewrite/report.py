@@ -67,6 +67,7 @@ class Report:
     benchmark: dict[str, Any] | None = None
     passes: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    sweep: list[dict[str, Any]] | None = None  # trade-off curve points (target, eligible_macs_ratio, estimated_error[, score])
 
     @property
     def totals(self) -> Totals:
@@ -88,6 +89,8 @@ class Report:
         }
         if self.benchmark is not None:
             data["benchmark"] = self.benchmark
+        if self.sweep is not None:
+            data["sweep"] = self.sweep
         return data
 
     def to_json(self) -> str:
