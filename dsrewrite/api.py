@@ -20,7 +20,7 @@ from .budget import DEFAULT_MAX_ERROR
 from .errors import DsrewriteError, InputError, UsageError
 from .graph import collect_shapes
 from .model_io import check_model, load_model
-from .calibration import CalibrationSet
+from .calibration import CalibrationSet, capture
 from . import planning
 from .distill import DistillOptions, calibrated_error_curves, distill
 from .passes import Cleanup, DecomposeConv, DecomposeOptions, FoldBatchNorm
@@ -320,5 +320,38 @@ def _analysis_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[int, 
             per_sample.append(vi.name)
     if per_sample:
         notes.append(f"batch dim of {', '.join(per_sample)} is dynamic: MACs are per sample (batch 1)")
-    return collect_shapes(infer_shapes(analysis))
+    shapes = collect_shapes(infer_shapes(analysis))
+    _fill_conv_shapes_by_running(analysis, shapes)
+    return shapes
+
+
+def _fill_conv_shapes_by_running(analysis: onnx.ModelProto, shapes: dict) -> None:
+    """Where ONNX shape inference lost a conv input's dims, read them off one onnxruntime run.
+
+    Only when every graph input has concrete dims (from the model or --input-shape),
+    so the run happens at exactly the shapes being costed.
+    """
+    wanted = [
+        node.input[0]
+        for node in analysis.graph.node
+        if node.op_type == "Conv" and (shapes.get(node.input[0]) is None or None in shapes[node.input[0]])
+    ]
+    if not wanted:
+        return
+    feed_dims = {}
+    initializers = {i.name for i in analysis.graph.initializer}
+    for vi in analysis.graph.input:
+        if vi.name in initializers:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in vi.type.tensor_type.shape.dim]
+        if None in dims:
+            return
+        feed_dims[vi.name] = dims
+    try:
+        values, _ = next(capture(analysis, wanted, [random_feeds(analysis, feed_dims, seed=0)]))
+    except Exception as exc:  # costing stays "unknown" rather than failing the rewrite
+        log.info("could not run the model to find conv input shapes: %s", exc)
+        return
+    for name in wanted:
+        shapes[name] = tuple(int(d) for d in values[name].shape)
 
