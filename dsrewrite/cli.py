@@ -27,7 +27,7 @@ from .planning import default_cache_path, load_eval_script
 
 log = logging.getLogger("dsrewrite")
 
-REPORT_FORMATS = (".json",)
+REPORT_FORMATS = (".json", ".md", ".html")
 
 
 class RankType(click.ParamType):
@@ -98,6 +98,7 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("--rtol", type=float, default=None, help="Relative tolerance; makes verification pass/fail.")
 @click.option("--report", "reports", multiple=True, type=click.Path(path_type=Path), metavar="PATH",
               help="Write the report; format by extension: .json (repeatable).")
+@click.option("--top", type=click.IntRange(min=1), default=None, metavar="N", help="Terminal table: only the N convs with the most MACs (report files list all).")
 @click.option("--dry-run", is_flag=True, help="Plan and report; write no model.")
 @click.option("--overwrite", is_flag=True, help="Allow the output path to be the input model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
@@ -105,7 +106,7 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv) to stderr.")
 @click.version_option(__version__, "--version", prog_name="dsrewrite")
 def command(model, output, rank, max_error, target_macs, plan_in, plan_out, eval_script, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential,
-            fold_batchnorm, verify, atol, rtol, reports, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
+            fold_batchnorm, verify, atol, rtol, reports, top, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
     """Rewrite the standard convolutions of MODEL into depthwise + pointwise convolutions."""
     _configure_logging(verbose, quiet)
     if output is None and not dry_run:
@@ -158,9 +159,9 @@ def command(model, output, rank, max_error, target_macs, plan_in, plan_out, eval
     console = Console(quiet=quiet, width=None if sys.stdout.isatty() else 160)
     from .report import render_terminal  # noqa: PLC0415 (formatting only when needed)
 
-    render_terminal(report, console)
+    render_terminal(report, console, top=top)
     for path in reports:
-        atomic_write_text(path, report.to_json())
+        report.write(path)
     if plan_out is not None:
         atomic_write_text(plan_out, json.dumps(result.plan_document(), indent=2) + "\n")
     if not result.ok:
