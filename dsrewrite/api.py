@@ -19,14 +19,14 @@ from ._version import __version__
 from .budget import DEFAULT_MAX_ERROR
 from .errors import DsrewriteError, InputError, UsageError
 from .graph import collect_shapes
-from .model_io import check_model, load_model
+from .model_io import check_model, load_model, run_checker
 from .calibration import CalibrationSet, capture
-from . import planning
+from . import latency, planning
 from .distill import DistillOptions, calibrated_error_curves, distill
 from .passes import Cleanup, DecomposeConv, DecomposeOptions, FoldBatchNorm
 from .pipeline import Pipeline, default_opset, infer_shapes
 from .plan import decisions_from_document, plan_document
-from .report import Report
+from .report import Report, compute_totals
 from .verify import FULL_RANK_ATOL, FULL_RANK_RTOL, VerificationResult, feed_shapes, random_feeds, verify
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,11 @@ class RewriteOptions:
     eval_key: str = ""  # identifies `evaluate` in the sensitivity cache
     sensitivity_cache: str | os.PathLike | None = None
     sweep: bool = False
+    # Latency. None: time the convs whenever dsrewrite chooses ranks itself (auto, --target-macs).
+    latency_aware: bool | None = None
+    benchmark: bool = False
+    threads: int = 1
+    latency_cache: str | os.PathLike | None = field(default_factory=lambda: latency.default_cache_path())
     progress: Callable[[str, int, int], None] | None = None
 
     def validate(self) -> None:
@@ -78,11 +83,18 @@ class RewriteOptions:
             isinstance(self.target_macs, (int, float)) and not isinstance(self.target_macs, bool) and 0 < self.target_macs <= 1
         ):
             raise UsageError(f"--target-macs must be in (0, 1], not {self.target_macs!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise UsageError(f"--threads must be a positive integer, not {self.threads!r}")
         if self.target_macs is not None and self.plan is not None:
             raise UsageError("--target-macs and --plan cannot be combined: a plan already fixes every rank")
         for name, dims in self.input_shapes.items():
             if not dims or any((not isinstance(d, int)) or d < 1 for d in dims):
                 raise UsageError(f"--input-shape {name}: dims must be positive integers, got {list(dims)}")
+
+    def uses_latency(self) -> bool:
+        if self.latency_aware is not None:
+            return self.latency_aware
+        return self.plan is None and (self.rank == "auto" or self.target_macs is not None)
 
     def tolerances(self) -> tuple[float | None, float | None]:
         """The tolerances verification applies: the given ones, else the full-rank defaults."""
@@ -97,6 +109,8 @@ class RewriteOptions:
             None if self.plan is None else "<plan>"
         )
         settings["evaluate"] = None if self.evaluate is None else (self.eval_key or "<callable>")
+        settings["latency_aware"] = self.uses_latency()
+        settings["latency_cache"] = None if self.latency_cache is None else str(self.latency_cache)
         settings["sensitivity_cache"] = None if self.sensitivity_cache is None else str(self.sensitivity_cache)
         settings["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
         settings["include"] = list(self.include)
@@ -171,9 +185,12 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
         folded = Pipeline([FoldBatchNorm()]).run(working, shapes=shapes)
         working, results = folded.model, folded.results
 
-    decisions, sweep_points, estimates = _decide(working, shapes, decompose, calibration, options, notes)
+    decisions, sweep_points, estimates, curve_plans = _decide(working, shapes, decompose, calibration, options, notes)
     if decisions is not None:
         decompose = replace(decompose, layer_ranks=decisions.ranks, layer_reasons=decisions.reasons)
+    measured: dict[str, tuple[float, float | None]] = {}
+    if options.uses_latency():
+        decompose, measured = _apply_latency(working, shapes, decompose, curve_plans, options, notes)
     fitted = {}
     if calibration is not None and not options.dry_run:
         planned = Pipeline([DecomposeConv(replace(decompose, apply=False))]).run(working, shapes=shapes)
@@ -185,14 +202,17 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
     results = results + outcome.results
     rewritten = outcome.model
     try:
-        onnx.checker.check_model(rewritten)
+        run_checker(rewritten)  # also for models over 2 GB or with tensors left on disk
     except Exception as exc:  # a rewrite that breaks the model is our bug, never the user's
         raise DsrewriteError(f"internal error: the rewritten model fails the ONNX checker: {exc}") from exc
 
     layers = next((r.facts for r in results if r.pass_name == "decompose_conv"), [])
-    for layer in layers:  # keep the measured error curves the decisions were made from
+    for layer in layers:  # keep the measured error curves and latencies the decisions were made from
         if layer.output in estimates:
             layer.error_at_rank, layer.error_source = estimates[layer.output]
+        if layer.output in measured:
+            layer.latency_before_ms, after = measured[layer.output]
+            layer.latency_after_ms = after if layer.rewritten else None
     if not layers:
         notes.append("nothing to rewrite: the model has no Conv nodes")
     elif any(layer.macs_before is None for layer in layers):
@@ -208,7 +228,12 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
             label = f"random (seed {options.seed})"
         verification = verify(original, rewritten, feeds, atol=atol, rtol=rtol, inputs_label=label)
 
+    benchmark = None
+    if options.benchmark and not options.dry_run:
+        benchmark = _benchmark(original, rewritten, layers, calibration, options)
+
     report = Report(
+        benchmark=benchmark,
         model={
             "input": source,
             "output": None,
@@ -238,13 +263,14 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
 def _decide(working, shapes, decompose, calibration, options: RewriteOptions, notes: list[str]):
     """Decisions that need the whole plan first: saved plan, MAC budget, calibrated auto, sweep.
 
-    Returns (decisions or None, sweep points or None, {output: (error curve, source)}).
+    Returns (decisions or None, sweep points or None, {output: (error curve, source)}, the plans with
+    their error curves or None).
     """
     needs_errors = options.target_macs is not None or options.sweep or options.evaluate is not None or (
         options.rank == "auto" and calibration is not None
     )
     if options.plan is None and not needs_errors:
-        return None, None, {}
+        return None, None, {}, None
     planned = Pipeline([DecomposeConv(replace(decompose, apply=False))]).run(working, shapes=shapes)
     plans = planned.results[0].facts
     if options.plan is not None:
@@ -256,7 +282,7 @@ def _decide(working, shapes, decompose, calibration, options: RewriteOptions, no
         for p in plans:
             if p.output not in ranks:
                 reasons[p.output] = "not in the plan"
-        return planning.Decisions(ranks, reasons), None, {}
+        return planning.Decisions(ranks, reasons), None, {}, None
     if calibration is not None:
         calibrated_error_curves(working, plans, calibration, options.distill or DistillOptions(seed=options.seed), options.progress)
     if options.evaluate is not None:
@@ -273,7 +299,72 @@ def _decide(working, shapes, decompose, calibration, options: RewriteOptions, no
         decisions = planning.auto_decisions(plans, options.max_error)
     if decisions is not None:
         notes.extend(decisions.notes)
-    return decisions, sweep_points, estimates
+    return decisions, sweep_points, estimates, plans
+
+
+def _benchmark(original, rewritten, layers, calibration, options: RewriteOptions) -> dict:
+    """Whole-model latency before and after, next to the speedup Amdahl's law predicts from MACs."""
+    if calibration is not None:
+        feed = next(iter(calibration))
+    else:
+        feed = random_feeds(original, feed_shapes(original, options.input_shapes), options.seed)
+    if options.progress:
+        options.progress("benchmarking", 0, 1)
+    result = latency.benchmark_models(original, rewritten, feed, threads=options.threads)
+    share = latency.conv_time_share(original, feed, threads=options.threads)
+    totals = compute_totals(layers)
+    result["conv_time_share"] = share
+    result["macs_ratio"] = totals.macs_ratio
+    if share is not None and totals.macs_ratio is not None:
+        predicted = 1.0 / ((1.0 - share) + share * totals.macs_ratio)
+        result["predicted_speedup"] = predicted
+        measured = result["speedup"]
+        result["speedup_vs_predicted"] = (measured - 1.0) / (predicted - 1.0) if measured and predicted > 1.0 else None
+    else:
+        result["predicted_speedup"] = None
+        result["speedup_vs_predicted"] = None
+    if options.progress:
+        options.progress("benchmarking", 1, 1)
+    return result
+
+
+def _apply_latency(working, shapes, decompose, curve_plans, options: RewriteOptions, notes: list[str]):
+    """Time each planned rewrite against its original conv; keep the fastest form, never a slower conv.
+
+    Under --target-macs a slower rank is taken out of that conv's choices and the
+    budget is allocated again (at most three times), so the target still holds.
+    """
+    cache = latency.LatencyCache(Path(options.latency_cache) if options.latency_cache else None)
+    measured: dict[str, tuple[float, float | None]] = {}
+    outcome = planning.LatencyOutcome()
+    for _attempt in range(3):
+        planned = Pipeline([DecomposeConv(replace(decompose, apply=False))]).run(working, shapes=shapes)
+        plans = planned.results[0].facts
+        outcome = planning.check_latency(working, plans, shapes, cache, threads=options.threads, progress=options.progress)
+        measured.update(outcome.measured)
+        if not outcome.slower:
+            break
+        if options.target_macs is not None and curve_plans is not None:
+            by_output = {p.output: p for p in plans}
+            for p in curve_plans:
+                if p.output in outcome.slower and p.error_at_rank:
+                    p.error_at_rank[by_output[p.output].rank - 1] = float("inf")
+            decisions = planning.budget_decisions(curve_plans, options.target_macs)
+            decompose = replace(decompose, layer_ranks=decisions.ranks, layer_reasons=decisions.reasons)
+            continue
+        ranks = {p.output: (None if p.output in outcome.slower else p.rank) for p in plans if p.rewritten}
+        reasons = {p.output: p.reason for p in plans if not p.rewritten and p.reason}
+        reasons.update(outcome.slower)
+        decompose = replace(decompose, layer_ranks=ranks, layer_reasons=reasons)
+        break
+    else:
+        notes.append("some rewrites stayed slower than their convs after three re-allocations")
+    if measured:
+        notes.append(
+            f"latency-aware: {len(measured)} conv(s) timed alone in onnxruntime ({options.threads} thread(s)); "
+            "each kept rewrite is the fastest emission form and beats its original conv"
+        )
+    return replace(decompose, layer_forms=outcome.forms), measured
 
 
 def _load_plan(plan) -> tuple[dict, dict]:

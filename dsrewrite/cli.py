@@ -13,6 +13,7 @@ import logging
 import sys
 from dataclasses import replace
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -21,7 +22,7 @@ from rich.console import Console
 from ._version import __version__
 from .api import RewriteOptions, rewrite
 from .budget import DEFAULT_MAX_ERROR
-from .errors import DsrewriteError, UsageError
+from .errors import DsrewriteError, Interrupted, UsageError, signals_raise_interrupted
 from .model_io import atomic_write_text, check_output_path, save_model
 from .planning import default_cache_path, load_eval_script
 
@@ -79,6 +80,11 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("--eval-script", type=click.Path(path_type=Path), default=None, metavar="FILE.py",
               help="A Python file defining evaluate(model_path) -> float (higher is better): "
                    "rank decisions then follow measured task sensitivity.")
+@click.option("--latency-aware/--no-latency-aware", default=None,
+              help="Time each planned rewrite against its conv in onnxruntime, keep the fastest form and never a "
+                   "slower conv. Default: on when dsrewrite picks the ranks (--rank auto, --target-macs).")
+@click.option("--benchmark", is_flag=True, help="Measure whole-model latency before and after in onnxruntime.")
+@click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime threads for timing.")
 @click.option("--sweep", is_flag=True, help="Add the MAC/error trade-off curve to the report.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
               help="Fix an input's dims for costing and verification (repeatable).")
@@ -105,7 +111,8 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv) to stderr.")
 @click.version_option(__version__, "--version", prog_name="dsrewrite")
-def command(model, output, rank, max_error, target_macs, plan_in, plan_out, eval_script, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential,
+def command(model, output, rank, max_error, target_macs, plan_in, plan_out, eval_script, latency_aware, benchmark,
+            threads, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential,
             fold_batchnorm, verify, atol, rtol, reports, top, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
     """Rewrite the standard convolutions of MODEL into depthwise + pointwise convolutions."""
     _configure_logging(verbose, quiet)
@@ -148,6 +155,9 @@ def command(model, output, rank, max_error, target_macs, plan_in, plan_out, eval
         eval_key=eval_key,
         sensitivity_cache=default_cache_path() if evaluate is not None else None,
         sweep=sweep,
+        latency_aware=latency_aware,
+        benchmark=benchmark,
+        threads=threads,
     )
     with progress_bars(enabled=not quiet and sys.stderr.isatty()) as progress:
         result = rewrite(model, replace(options, progress=progress))
@@ -195,40 +205,54 @@ def progress_bars(enabled: bool):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the command and map every failure to one line and an exit code."""
-    try:
-        code = command.main(args=argv, prog_name="dsrewrite", standalone_mode=False)
-    except click.exceptions.Exit as exc:  # --help, --version
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        _error("interrupted")
-        sys.exit(130)
-    except click.UsageError as exc:
-        _error(exc.format_message().splitlines()[0] if exc.format_message() else str(exc))
-        sys.exit(2)
-    except click.ClickException as exc:
-        _error(exc.format_message())
-        sys.exit(2)
-    except DsrewriteError as exc:
-        _error(str(exc))
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        _error("interrupted")
-        sys.exit(130)
-    except MemoryError:
-        _error("out of memory")
-        sys.exit(2)
-    except Exception as exc:  # never a traceback for the user; -v shows it
-        log.debug("unexpected failure", exc_info=True)
-        if logging.getLogger("dsrewrite").isEnabledFor(logging.DEBUG):
-            traceback.print_exc()
-        _error(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
-        sys.exit(2)
-    sys.exit(code if isinstance(code, int) else 0)
+    """Entry point: run the command and map every failure to one line and an exit code.
+
+    While it runs, SIGINT and SIGTERM raise ``Interrupted`` (exit 130 / 143), so
+    every clean-up runs and no partial file stays behind; Python warnings go to
+    the log (``-v``) instead of onto stderr.
+    """
+    with signals_raise_interrupted(), warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, *_args, **_kwargs: log.info(
+            "%s: %s", category.__name__, " ".join(str(message).split())
+        )
+        try:
+            code = command.main(args=argv, prog_name="dsrewrite", standalone_mode=False)
+            code = code if isinstance(code, int) else 0
+        except click.exceptions.Exit as exc:  # --help, --version
+            code = exc.exit_code
+        except Interrupted as exc:
+            _error("interrupted")
+            code = exc.exit_code
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            _error("interrupted")
+            code = 130
+        except click.UsageError as exc:
+            _error(exc.format_message().splitlines()[0] if exc.format_message() else str(exc))
+            code = 2
+        except click.ClickException as exc:
+            _error(exc.format_message())
+            code = 2
+        except DsrewriteError as exc:
+            _error(str(exc))
+            code = exc.exit_code
+        except MemoryError:
+            _error("out of memory")
+            code = 2
+        except OSError as exc:  # disk full, permissions, a file vanishing mid-run
+            log.debug("I/O failure", exc_info=True)
+            _error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else (exc.strerror or str(exc)))
+            code = 2
+        except Exception as exc:  # never a traceback for the user; -vv shows it
+            if logging.getLogger("dsrewrite").isEnabledFor(logging.DEBUG):
+                traceback.print_exc()
+            _error(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+            code = 2
+    sys.exit(code)
 
 
 def _error(message: str) -> None:
-    message = " ".join(str(message).split())
+    """One ``error:`` line on stderr, whatever the message holds."""
+    message = " ".join(str(message).split()) or "failed"
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
 

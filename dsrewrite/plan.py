@@ -12,12 +12,28 @@ from dataclasses import asdict, dataclass, field
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
 
-# Emission forms. "concat": r multiplier-1 depthwise convs + Concat + pointwise
-# (rank 1: no Concat). "multiplier": one depthwise conv of depth multiplier r,
-# whose channel order (m·r + j) keeps each group's channels contiguous, as a
-# grouped pointwise conv needs.
+# Emission forms, all computing the same function:
+# "concat": r multiplier-1 depthwise convs + Concat + one pointwise conv (rank 1: no Concat);
+# "multiplier": one depthwise conv of depth multiplier r (channel m·r + j), then the pointwise conv;
+# "branches": r (depthwise -> pointwise) branches added by one Sum.
 FORM_CONCAT = "concat"
 FORM_MULTIPLIER = "multiplier"
+FORM_BRANCHES = "branches"
+
+
+def valid_forms(rank: int, group: int) -> list[str]:
+    """The forms that can express a rank-``rank`` rewrite of a conv with ``group`` groups.
+
+    The concat order (j·M + m) interleaves groups, so a grouped pointwise conv cannot read it.
+    """
+    if rank == 1:
+        return [FORM_CONCAT]
+    forms = [FORM_MULTIPLIER, FORM_BRANCHES]
+    return [FORM_CONCAT] + forms if group == 1 else forms
+
+
+def default_form(rank: int, group: int) -> str:
+    return valid_forms(rank, group)[0]
 
 
 @dataclass
@@ -48,6 +64,9 @@ class LayerPlan:
     # ("weights": kernel spectrum, i.e. white inputs; "calibration": fitted on data; "evaluation": task score drop).
     error_at_rank: list[float] | None = None
     error_source: str | None = None
+    # Measured in onnxruntime (conv alone, at its input shape, median ms), when latency-aware.
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
     full_rank: int | None = None
     eligible: bool = False
     graph: str = "main"

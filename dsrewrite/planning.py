@@ -236,3 +236,106 @@ def load_eval_script(path: str | os.PathLike) -> tuple[Evaluate, str]:
         return score
 
     return evaluate, hashlib.sha256(source).hexdigest()
+
+
+# -- latency ------------------------------------------------------------------------------------
+
+# A rewrite must beat the original conv by this factor in its microbenchmark to be kept:
+# medians of interleaved runs still carry a few percent of noise on a shared machine.
+MIN_SPEEDUP = 1.05
+
+
+@dataclass
+class LatencyOutcome:
+    forms: dict[str, str] = field(default_factory=dict)  # conv output -> fastest form at its rank
+    slower: dict[str, str] = field(default_factory=dict)  # conv output -> why it stays original
+    measured: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # (original ms, rewrite ms)
+
+
+def single_conv_model(model: onnx.ModelProto, output: str, input_shape: Sequence[int]) -> onnx.ModelProto:
+    """A model holding only the conv that writes ``output``, fed at ``input_shape``."""
+    graph = gs.import_onnx(model)
+    node = next(n for n in graph.nodes if n.op == "Conv" and n.outputs and n.outputs[0].name == output)
+    weight = constant_value(node.inputs[1])
+    x = gs.Variable("x", dtype=weight.dtype, shape=list(input_shape))
+    y = gs.Variable(output, dtype=weight.dtype)
+    inputs = [x, gs.Constant("W", weight)]
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        bias = constant_value(node.inputs[2])
+        inputs.append(gs.Constant("B", bias if bias is not None else np.zeros(weight.shape[0], weight.dtype)))
+    conv = gs.Node("Conv", node.name or "conv", dict(node.attrs), inputs, [y])
+    single = gs.Graph(nodes=[conv], inputs=[x], outputs=[y], opset=graph.opset)
+    return export_model(single, model)
+
+
+def measure_conv_candidates(
+    model: onnx.ModelProto,
+    plan: LayerPlan,
+    input_shape: Sequence[int],
+    ranks: Sequence[int],
+    cache,
+    *,
+    threads: int,
+) -> dict[str, float]:
+    """Median ms of the original conv ("original") and of each "rank:form" rewrite of it."""
+    from . import latency  # noqa: PLC0415
+    from .passes import Cleanup, DecomposeConv, DecomposeOptions  # noqa: PLC0415
+    from .pipeline import Pipeline  # noqa: PLC0415
+    from .plan import valid_forms  # noqa: PLC0415
+
+    single = single_conv_model(model, plan.output, input_shape)
+    candidates = {"original": single}
+    for rank in ranks:
+        for form in valid_forms(rank, plan.group):
+            options = DecomposeOptions(layer_ranks={plan.output: rank}, layer_forms={plan.output: form})
+            candidates[f"{rank}:{form}"] = Pipeline([DecomposeConv(options), Cleanup()]).run(single).model
+    layer_key = {
+        "kernel": plan.kernel, "in": plan.in_channels, "out": plan.out_channels, "group": plan.group,
+        "input_shape": list(input_shape), "attrs": {a.name: str(onnx.helper.get_attribute_value(a)) for a in single.graph.node[0].attribute},
+        "dtype": str(single.graph.input[0].type.tensor_type.elem_type),
+    }  # fmt: skip
+    return latency.measure_layer(candidates, input_shape, layer_key, cache, threads=threads)
+
+
+def check_latency(
+    model: onnx.ModelProto,
+    plans: Sequence[LayerPlan],
+    shapes: dict,
+    cache,
+    *,
+    threads: int,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> LatencyOutcome:
+    """Time every planned rewrite against its original conv; keep the fastest form, flag the slower ones."""
+    outcome = LatencyOutcome()
+    todo = [p for p in plans if p.rewritten and p.graph == "main"]
+    for index, plan in enumerate(todo):
+        shape = _input_shape(model, plan, shapes)
+        if shape is None:
+            log.info("%s: input shape unknown, latency not measured", plan.node)
+            continue
+        times = measure_conv_candidates(model, plan, shape, [plan.rank], cache, threads=threads)
+        original = times["original"]
+        form, best = min(((k.split(":", 1)[1], v) for k, v in times.items() if k != "original"), key=lambda kv: (kv[1], kv[0]))
+        outcome.measured[plan.output] = (original, best)
+        if best * MIN_SPEEDUP > original:
+            outcome.slower[plan.output] = (
+                f"rank {plan.rank} measured no faster than the original conv "
+                f"({best:.3f} ms vs {original:.3f} ms in onnxruntime)"
+            )
+        else:
+            outcome.forms[plan.output] = form
+        if progress:
+            progress("timing convs", index + 1, len(todo))
+    cache.save()
+    return outcome
+
+
+def _input_shape(model: onnx.ModelProto, plan: LayerPlan, shapes: dict) -> list[int] | None:
+    node = next((n for n in model.graph.node if n.op_type == "Conv" and n.output and n.output[0] == plan.output), None)
+    if node is None:
+        return None
+    shape = shapes.get(node.input[0])
+    if shape is None or any(d is None for d in shape):
+        return None
+    return [int(d) for d in shape]

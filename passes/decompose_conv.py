@@ -14,9 +14,15 @@ After, rank r > 1 and g = 1 ("concat" form)::
        ├─ ...                     ├─ Concat(axis=1) ─ Conv(P: N×rM×1, b) ─ y
        └─ Conv(D{r-1}, group=M)  ─┘
 
-After, rank r > 1 and g > 1 ("multiplier" form)::
+After, rank r > 1 ("multiplier" form; the default when g > 1)::
 
     x ─ Conv(D: rM×1×k, group=M, ...) ─ Conv(P: N×rM/g×1, b, group=g) ─ y
+
+After, rank r > 1 ("branches" form)::
+
+    x ─┬─ Conv(D0, group=M) ─ Conv(P0: N×M/g×1, b, group=g) ─┐
+       ├─ ...                                               ├─ Sum ─ y
+       └─ Conv(D{r-1}, group=M) ─ Conv(P{r-1}, group=g)   ─┘
 
 Math (``dsrewrite.lowrank``): per input channel ``m``, the ``N/g × K`` slice
 ``W[:, m]`` is factorised by SVD; depthwise filter ``j`` of channel ``m`` is
@@ -26,7 +32,8 @@ the rewrite is exact.
 The concat order is rank-major (channel ``j·M + m``), which mixes groups, so
 a grouped conv at rank > 1 uses one depthwise conv of depth multiplier ``r``
 (channel ``m·r + j``): each group's channels stay contiguous for the grouped
-pointwise conv.
+pointwise conv. Which form runs fastest is a measurement (``dsrewrite.latency``);
+``DecomposeOptions.layer_forms`` carries the choice.
 
 Every Conv-like node gets a :class:`~dsrewrite.plan.LayerPlan`; the ones left
 alone carry the reason.
@@ -46,7 +53,7 @@ from dsrewrite import lowrank
 from dsrewrite.budget import DEFAULT_MAX_ERROR, choose_auto_rank
 from dsrewrite.cost import conv_cost, separable_cost
 from dsrewrite.graph import ConvSpec, NameAllocator, consumers, is_graph_output, iter_graphs
-from dsrewrite.plan import FORM_CONCAT, FORM_MULTIPLIER, REWRITTEN, SKIPPED, LayerPlan
+from dsrewrite.plan import FORM_BRANCHES, FORM_MULTIPLIER, REWRITTEN, SKIPPED, LayerPlan, default_form, valid_forms
 from dsrewrite.pipeline import Change, PassContext, PassResult, Skip
 
 log = logging.getLogger(__name__)
@@ -67,6 +74,7 @@ class DecomposeOptions:
     # a rank, or None to leave the conv alone with the reason in `layer_reasons`. They override `rank`.
     layer_ranks: Mapping[str, int | None] | None = None
     layer_reasons: Mapping[str, str] | None = None
+    layer_forms: Mapping[str, str] | None = None  # emission form per conv (see dsrewrite.plan), e.g. the measured fastest
 
 
 class DecomposeConv:
@@ -119,7 +127,9 @@ class DecomposeConv:
         )
         plan.status = REWRITTEN
         plan.rank = rank
-        plan.form = FORM_CONCAT if rank == 1 or spec.group == 1 else FORM_MULTIPLIER
+        forms = valid_forms(rank, spec.group)
+        wanted = (self.options.layer_forms or {}).get(plan.output)
+        plan.form = wanted if wanted in forms else default_form(rank, spec.group)
         plan.macs_after = after.macs
         plan.macs_per_pixel_after = after.macs_per_pixel
         plan.params_after = after.params
@@ -249,6 +259,10 @@ def _emit(
         dw_attrs["pads"] = list(spec.pads)
 
     new_nodes: list[gs.Node] = []
+    if form == FORM_BRANCHES:
+        _emit_branches(spec, factors, names, base, x, y, dw_attrs, bias, bias_tensor, new_nodes)
+        graph.nodes[position : position + 1] = new_nodes
+        return
     if form == FORM_MULTIPLIER:
         # Channel m·r + j of one multiplier-r depthwise conv.
         dw_weight = factors.depthwise.reshape(m * r, 1, *kernel).astype(dtype)
@@ -282,6 +296,30 @@ def _emit(
 
     graph.nodes[position : position + 1] = new_nodes
     log.debug("rewrote %s at rank %d (%s)", node.name, r, form)
+
+
+def _emit_branches(spec, factors, names, base, x, y, dw_attrs, bias, bias_tensor, new_nodes) -> None:
+    """r (depthwise j -> pointwise j) branches, summed; the bias rides on the first pointwise conv."""
+    dtype = spec.weight.dtype
+    m, r, _k = factors.depthwise.shape
+    n, mg, _ = factors.pointwise.shape
+    kernel = list(spec.kernel_shape)
+    pw_attrs = {"group": spec.group, "kernel_shape": [1] * len(kernel)}
+    branch_outputs = []
+    for j in range(r):
+        dw_out = gs.Variable(names.fresh(f"{base}/dw{j}_out"))
+        dw_weight = factors.depthwise[:, j, :].reshape(m, 1, *kernel).astype(dtype)
+        new_nodes.append(_conv(names.fresh(f"{base}/dw{j}"), x, gs.Constant(names.fresh(f"{base}/dw{j}/W"), dw_weight), dw_out, dw_attrs))
+        pw_weight = factors.pointwise[:, :, j].reshape(n, mg, *([1] * len(kernel))).astype(dtype)
+        inputs = [dw_out, gs.Constant(names.fresh(f"{base}/pw{j}/W"), pw_weight)]
+        if j == 0 and bias is not None:
+            inputs.append(gs.Constant(names.fresh(f"{base}/pw/B"), np.asarray(bias).astype(dtype)))
+        elif j == 0 and bias_tensor is not None:
+            inputs.append(bias_tensor)
+        out = gs.Variable(names.fresh(f"{base}/pw{j}_out"))
+        new_nodes.append(gs.Node("Conv", names.fresh(f"{base}/pw{j}"), dict(pw_attrs), inputs, [out]))
+        branch_outputs.append(out)
+    new_nodes.append(gs.Node("Sum", names.fresh(f"{base}/sum"), {}, branch_outputs, [y]))
 
 
 def _conv(name: str, x: gs.Tensor, w: gs.Constant, y: gs.Variable, attrs: dict) -> gs.Node:

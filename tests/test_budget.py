@@ -68,7 +68,7 @@ def test_the_allocation_spends_the_budget_where_error_is_expensive():
 
 
 def test_target_macs_through_the_api_lands_within_2_percent():
-    result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_macs=0.5, verify=False)
+    result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_macs=0.5, verify=False, latency_aware=False)
     ratio = result.report.totals.eligible_macs_ratio
     assert 0.49 <= ratio <= 0.5
     assert any("--target-macs 0.5" in note for note in result.report.notes)
@@ -82,10 +82,14 @@ def smooth_feeds(n, seed):
 
 def test_calibrated_allocation_and_auto_respect_their_bounds():
     feeds = smooth_feeds(8, seed=0)
-    result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_macs=0.4, calibration=feeds, verify=False)
+    result = dsrewrite.rewrite(
+        SAMPLES / "vgg_small.onnx", target_macs=0.4, calibration=feeds, verify=False, latency_aware=False
+    )
     assert result.report.totals.eligible_macs_ratio <= 0.4
     assert all(layer.error_source == "calibration" for layer in result.report.layers)
-    auto = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", rank="auto", max_error=0.3, calibration=feeds, verify=False)
+    auto = dsrewrite.rewrite(
+        SAMPLES / "vgg_small.onnx", rank="auto", max_error=0.3, calibration=feeds, verify=False, latency_aware=False
+    )
     for layer in auto.report.layers:
         if layer.rewritten:
             assert math.sqrt(layer.error_at_rank[layer.rank - 1]) <= 0.3

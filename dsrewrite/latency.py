@@ -1,0 +1,262 @@
+"""onnxruntime timing: whole models before/after, and per-conv microbenchmarks of every emission form.
+
+MACs are not time: a depthwise conv is memory-bound, the Concat copies, and a
+depthwise conv with depth multiplier > 1 misses onnxruntime's fast kernel. So
+where dsrewrite chooses ranks itself, it also times each planned conv alone, at
+its real input shape, in every equivalent emission form, next to the original
+conv, and keeps the fastest form, or the original when no form is faster.
+
+Measurement: ``ORT_ENABLE_ALL`` sessions (as deployed), warm-up runs, then the
+candidates are run *interleaved* (A B C A B C ...) so that machine noise hits
+them alike; we keep medians. Per-conv results are cached on disk, keyed by the
+conv's attributes and shapes, the candidate, the onnxruntime version, the
+thread count and the CPU model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .model_io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+def make_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def interleaved_medians(
+    sessions: Sequence[ort.InferenceSession],
+    feed: Mapping[str, np.ndarray],
+    *,
+    warmup: int = 3,
+    min_repeats: int = 5,
+    max_repeats: int = 200,
+    budget_seconds: float = 0.3,
+) -> list[list[float]]:
+    """Run each session in turn, round after round; return every session's run times in ms.
+
+    The number of rounds adapts so the whole measurement takes about ``budget_seconds``.
+    """
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, dict(feed))
+    # One timed round to size the rest.
+    times: list[list[float]] = [[] for _ in sessions]
+    start_round = time.perf_counter()
+    _round(sessions, feed, times)
+    per_round = max(time.perf_counter() - start_round, 1e-6)
+    repeats = int(min(max_repeats, max(min_repeats, budget_seconds / per_round)))
+    for _ in range(repeats - 1):
+        _round(sessions, feed, times)
+    return times
+
+
+def _round(sessions, feed, times) -> None:
+    for i, sess in enumerate(sessions):
+        start = time.perf_counter()
+        sess.run(None, dict(feed))
+        times[i].append((time.perf_counter() - start) * 1e3)
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> "Timing":
+        ordered = sorted(samples)
+        n = len(ordered)
+        return cls(
+            median_ms=float(statistics.median(ordered)),
+            p10_ms=float(ordered[int(0.1 * (n - 1))]),
+            p90_ms=float(ordered[int(0.9 * (n - 1))]),
+            runs=n,
+        )
+
+
+def benchmark_models(
+    original: onnx.ModelProto,
+    rewritten: onnx.ModelProto,
+    feed: Mapping[str, np.ndarray],
+    *,
+    threads: int = 1,
+    budget_seconds: float = 3.0,
+) -> dict:
+    """Median latency of both models, measured interleaved in one process."""
+    sessions = [make_session(original, threads), make_session(rewritten, threads)]
+    times = interleaved_medians(sessions, feed, warmup=5, min_repeats=20, max_repeats=2000, budget_seconds=budget_seconds)
+    before, after = Timing.of(times[0]), Timing.of(times[1])
+    return {
+        "threads": threads,
+        "runs": before.runs,
+        "latency_before_ms": before.median_ms,
+        "latency_after_ms": after.median_ms,
+        "speedup": before.median_ms / after.median_ms if after.median_ms > 0 else None,
+        "spread_before_ms": [before.p10_ms, before.p90_ms],
+        "spread_after_ms": [after.p10_ms, after.p90_ms],
+        "graph_optimization": "ORT_ENABLE_ALL",
+    }
+
+
+def conv_time_share(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], *, threads: int = 1, runs: int = 20) -> float | None:
+    """Fraction of the model's run time spent in Conv nodes, from onnxruntime's profiler.
+
+    Fused nodes (e.g. Conv + activation) count as conv time, as they run the conv kernel.
+    """
+    import tempfile  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="dsrewrite-profile-") as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        options.log_severity_level = 3
+        sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            sess.run(None, dict(feed))
+        path = sess.end_profiling()
+        try:
+            events = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None
+    conv = total = 0.0
+    for event in events:
+        if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
+            continue
+        duration = float(event.get("dur", 0))
+        total += duration
+        if "Conv" in str(event.get("args", {}).get("op_name", "")):
+            conv += duration
+    return conv / total if total > 0 else None
+
+
+# -- per-conv candidates ----------------------------------------------------------------------
+
+
+@dataclass
+class LayerLatency:
+    """Median ms of the original conv and of each candidate (rank, form) for one conv."""
+
+    original_ms: float
+    candidates: dict[str, float]  # "rank:form" -> ms
+
+    def best(self, rank: int) -> tuple[str | None, float | None]:
+        """Fastest form at ``rank`` and its time."""
+        options = {k.split(":", 1)[1]: v for k, v in self.candidates.items() if int(k.split(":", 1)[0]) == rank}
+        if not options:
+            return None, None
+        form = min(options, key=lambda f: (options[f], f))
+        return form, options[form]
+
+
+class LatencyCache:
+    """Per-conv measurements on disk, keyed by everything that changes the numbers."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.data: dict = {}
+        if path is not None and path.exists():
+            try:
+                self.data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                log.warning("ignoring unreadable latency cache %s", path)
+
+    def get(self, key: str) -> float | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: float) -> None:
+        self.data[key] = value
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps(self.data))
+        except OSError as exc:
+            log.warning("could not write the latency cache %s: %s", self.path, exc)
+
+
+def default_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dsrewrite" / "latency.json"
+
+
+def machine_key(threads: int) -> str:
+    return json.dumps({"ort": ort.__version__, "threads": threads, "cpu": _cpu_model(), "machine": platform.machine()})
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def candidate_key(layer_key: dict, candidate: str, threads: int) -> str:
+    text = json.dumps({"layer": layer_key, "candidate": candidate, "machine": machine_key(threads)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def measure_layer(
+    models: Mapping[str, onnx.ModelProto],
+    input_shape: Sequence[int],
+    layer_key: dict,
+    cache: LatencyCache,
+    *,
+    threads: int = 1,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Median ms of each single-conv model in ``models`` (keys: "original" or "rank:form"), cached."""
+    result, missing = {}, []
+    for name in models:
+        value = cache.get(candidate_key(layer_key, name, threads))
+        if value is None:
+            missing.append(name)
+        else:
+            result[name] = value
+    if missing:
+        # Measure every candidate of the layer together so they share the same noise, even if some were cached.
+        names = list(models)
+        feed = {"x": np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(np.float32)}
+        sessions = [make_session(models[name], threads) for name in names]
+        times = interleaved_medians(sessions, feed)
+        for name, samples in zip(names, times):
+            result[name] = float(statistics.median(samples))
+            cache.put(candidate_key(layer_key, name, threads), result[name])
+    return result
+
+
+def to_dict(value) -> dict:
+    return asdict(value)

@@ -1,0 +1,98 @@
+"""Latency-aware rewriting: form choice, never a slower conv, the MAC target kept, whole-model benchmark."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import SAMPLES, conv_model, ops
+
+import dsrewrite
+from dsrewrite import latency, planning
+
+
+def fake_timer(times_by_candidate):
+    """A stand-in for the microbenchmark: fixed times per candidate key ("original", "rank:form")."""
+
+    def measure(model, plan, input_shape, ranks, cache, *, threads):
+        result = {"original": times_by_candidate(plan, "original")}
+        for rank in ranks:
+            for form in dsrewrite.plan.valid_forms(rank, plan.group):
+                result[f"{rank}:{form}"] = times_by_candidate(plan, f"{rank}:{form}")
+        return result
+
+    return measure
+
+
+def test_the_fastest_form_is_emitted(monkeypatch):
+    monkeypatch.setattr(planning, "measure_conv_candidates", fake_timer(lambda p, c: {"original": 1.0}.get(c, 0.5 if c.endswith("branches") else 0.8)))
+    model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
+    result = dsrewrite.rewrite(model, rank=3, latency_aware=True, verify=False, latency_cache=None)
+    (layer,) = result.report.layers
+    assert layer.form == "branches" and "Sum" in ops(result.model)
+    assert (layer.latency_before_ms, layer.latency_after_ms) == (1.0, 0.5)
+
+
+def test_a_rewrite_that_is_not_faster_is_skipped_with_the_measurement(monkeypatch):
+    monkeypatch.setattr(planning, "measure_conv_candidates", fake_timer(lambda p, c: 1.0 if c == "original" else 0.99))
+    model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
+    result = dsrewrite.rewrite(model, rank=2, latency_aware=True, verify=False, latency_cache=None)
+    (layer,) = result.report.layers
+    assert layer.status == "skipped" and "no faster" in layer.reason and "0.990 ms vs 1.000 ms" in layer.reason
+    assert ops(result.model) == ["Conv"]
+
+
+def test_under_a_mac_target_slower_ranks_are_reallocated_and_the_target_holds(monkeypatch):
+    # Rank 4 and above of every conv is "slower" than the original; lower ranks are fast.
+    monkeypatch.setattr(
+        planning, "measure_conv_candidates",
+        fake_timer(lambda p, c: 1.0 if c == "original" else (2.0 if int(c.split(":")[0]) >= 4 else 0.5)),
+    )  # fmt: skip
+    result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_macs=0.6, verify=False, latency_cache=None)
+    assert result.report.totals.eligible_macs_ratio <= 0.6
+    assert all(layer.rank < 4 for layer in result.report.layers if layer.rewritten)
+
+
+def test_explicit_ranks_are_not_timed_unless_asked():
+    options = dsrewrite.RewriteOptions(rank=2)
+    assert not options.uses_latency()
+    assert dsrewrite.RewriteOptions().uses_latency()
+    assert dsrewrite.RewriteOptions(rank=2, target_macs=0.5).uses_latency()
+
+
+def test_real_microbenchmark_and_its_cache(tmp_path):
+    cache_path = tmp_path / "latency.json"
+    model = conv_model(in_channels=16, out_channels=32, spatial=(16, 16), pads=(1, 1, 1, 1))
+    result = dsrewrite.rewrite(model, rank=1, latency_aware=True, verify=False, latency_cache=cache_path)
+    (layer,) = result.report.layers
+    assert layer.latency_before_ms > 0
+    entries = json.loads(cache_path.read_text())
+    assert len(entries) == 2  # the original conv and the rank-1 rewrite
+    calls = []
+    original = latency.make_session
+    latency.make_session = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        again = dsrewrite.rewrite(model, rank=1, latency_aware=True, verify=False, latency_cache=cache_path)
+    finally:
+        latency.make_session = original
+    assert not calls, "cached measurements are reused"
+    assert again.report.layers[0].latency_before_ms == layer.latency_before_ms
+
+
+def test_benchmark_reports_measured_and_predicted_speedup():
+    result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", rank=1, benchmark=True)
+    bench = result.report.benchmark
+    for key in ("latency_before_ms", "latency_after_ms", "speedup", "predicted_speedup", "conv_time_share", "spread_before_ms"):
+        assert bench[key] is not None, key
+    assert bench["speedup"] == pytest.approx(bench["latency_before_ms"] / bench["latency_after_ms"])
+    assert 0 < bench["conv_time_share"] <= 1
+    assert json.loads(result.report.to_json())["benchmark"]["speedup"] > 0
+
+
+def test_interleaved_timing_returns_every_run():
+    model = conv_model()
+    sessions = [latency.make_session(model, 1), latency.make_session(model, 1)]
+    feed = {"x": np.zeros((1, 4, 9, 9), np.float32)}
+    times = latency.interleaved_medians(sessions, feed, min_repeats=7, budget_seconds=0.0)
+    assert [len(t) for t in times] == [7, 7]
