@@ -682,7 +682,7 @@ h1 { font-size: 24px; margin: 0 0 4px; font-weight: 650; }
 h2 { font-size: 17px; margin: 32px 0 10px; font-weight: 650; }
 code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.92em; }
 .meta { color: var(--muted); margin: 0 0 20px; }
-.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(165px, 1fr)); gap: 12px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(205px, 1fr)); gap: 12px; }
 .card { background: var(--panel); border: 1px solid var(--line); border-radius: 10px; padding: 12px 14px; }
 .card .label { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
 .card .value { font-size: 17px; font-weight: 600; margin: 2px 0; font-variant-numeric: tabular-nums; white-space: nowrap; }
@@ -699,17 +699,18 @@ ul.notes li { margin: 2px 0; }
 .gap { height: 12px; }
 table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
 th, td { padding: 6px 8px; text-align: left; border-bottom: 1px solid var(--line); white-space: nowrap; }
-td.decision { white-space: normal; min-width: 120px; max-width: 260px; }
-th { background: var(--panel); font-weight: 600; font-size: 13px; position: sticky; top: 0; }
+td.decision { white-space: normal; min-width: 120px; max-width: 230px; }
+th { background: var(--panel); font-weight: 600; font-size: 13px; position: sticky; top: 0; white-space: normal;
+  vertical-align: bottom; }
 td.num, th.num { text-align: right; }
 tbody tr:nth-child(even) { background: #fbfcfd; }
 tbody tr:hover { background: #eef6f5; }
 tr.skipped td.decision { color: var(--muted); }
 table.sortable th { cursor: pointer; user-select: none; }
-table.sortable th::after { content: " \\2195"; color: #b0b8c1; font-size: 11px; }
-table.sortable th[aria-sort="ascending"]::after { content: " \\2191"; color: var(--fg); }
-table.sortable th[aria-sort="descending"]::after { content: " \\2193"; color: var(--fg); }
-td.node { max-width: 300px; overflow: hidden; text-overflow: ellipsis; }
+table.sortable th::after { content: "\\00a0\\2195"; color: #b0b8c1; font-size: 11px; }
+table.sortable th[aria-sort="ascending"]::after { content: "\\00a0\\2191"; color: var(--fg); }
+table.sortable th[aria-sort="descending"]::after { content: "\\00a0\\2193"; color: var(--fg); }
+td.node { max-width: 260px; overflow: hidden; text-overflow: ellipsis; }
 .chart { border: 1px solid var(--line); border-radius: 10px; padding: 10px; background: #fff; }
 .chart svg { display: block; width: 100%; height: auto; }
 .hint { color: var(--muted); font-size: 13px; margin: 4px 0 8px; }

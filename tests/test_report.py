@@ -267,16 +267,29 @@ def test_json_schema_only_grows(vgg_report):
 def test_sweep_and_benchmark_appear_in_every_format():
     sweep = [{"target": t, "eligible_macs_ratio": t * 0.95, "estimated_error": (1 - t) ** 2, "score": 1 - t,
               "ranks": {"t1": 1}} for t in (0.2, 0.4, 0.6, 1.0)]  # fmt: skip
-    report = synthetic_report(6, sweep=sweep, benchmark={"latency_ms_before": 12.5, "latency_ms_after": 5.0, "threads": 1})
+    benchmark = {"threads": 1, "runs": 40, "latency_before_ms": 12.5, "latency_after_ms": 5.0, "speedup": 2.5,
+                 "spread_before_ms": [12.0, 13.0], "predicted_speedup": 2.9}  # as latency.benchmark_models + api
+    report = synthetic_report(6, sweep=sweep, benchmark=benchmark)
     data = json.loads(report.to_json())
-    assert data["sweep"][0]["estimated_error"] == sweep[0]["estimated_error"] and data["benchmark"]["latency_ms_after"] == 5.0
+    assert data["sweep"][0]["estimated_error"] == sweep[0]["estimated_error"] and data["benchmark"] == benchmark
     markdown, page, terminal = report.to_markdown(), report.to_html(), terminal_text(report)
     for text in (markdown, page):
         assert "12.5 ms" in text and "5 ms" in text and "2.50×" in text
     assert "Latency: 12.5 ms → 5 ms (speedup 2.50×)" in terminal
+    assert "spread\\_before\\_ms=12, 13" in markdown and "predicted_speedup=2.9" in page
     assert "### Trade-off sweep" in markdown and md_rows(markdown, "target")[0][:3] == ["0.2", "0.190", "0.64"]
     assert 'id="sweep"' in page and "<polyline" in page and "estimated error" in page
     assert [row["estimated_error"][1] for row in html_rows(page, "sweep-table")] == [repr(p["estimated_error"]) for p in sweep]
+
+
+def test_per_conv_latency_columns_appear_when_measured():
+    report = synthetic_report(3)
+    assert "conv latency" not in report.to_markdown() and "conv ms before" not in report.to_html()
+    report.layers[1].latency_before_ms, report.layers[1].latency_after_ms = 0.5, 0.25
+    rows = md_rows(report.to_markdown(), "#")
+    assert rows[1][-1] == "0.5 ms→0.25 ms" and rows[0][-1] == ""
+    row = html_rows(report.to_html(), "layers-table")[1]
+    assert row["latency_before_ms"] == ("0.5", "0.5") and row["latency_after_ms"] == ("0.25", "0.25")
 
 
 # -- escaping -------------------------------------------------------------------------------------
@@ -338,6 +351,31 @@ def test_sweep_chart_handles_missing_values_and_marks_this_report():
     svg = sweep_chart_svg([{"eligible_macs_ratio": 0.2, "estimated_error": 0.5, "rank": 1},
                            {"eligible_macs_ratio": 0.6, "estimated_error": 0.1, "rank": 4}], current=0.3)  # fmt: skip
     assert svg.count("<circle") == 2 and "rank 1" in svg and "this report: 0.300" in svg
+
+
+def test_png_decoder_reads_every_filter_type(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(5, 4, 3), dtype=np.uint8)
+    raw, previous = b"", np.zeros(12, dtype=np.int64)
+    for y, kind in enumerate([0, 1, 2, 3, 4]):
+        row = image[y].reshape(-1).astype(np.int64)
+        left = np.concatenate([[0, 0, 0], row[:-3]])
+        up_left = np.concatenate([[0, 0, 0], previous[:-3]])
+        if kind == 4:
+            pa, pb, pc = np.abs(previous - up_left), np.abs(left - up_left), np.abs(left + previous - 2 * up_left)
+            predictor = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, previous, up_left))
+        else:
+            predictor = [0 * row, left, previous, (left + previous) // 2][kind]
+        raw += bytes([kind]) + ((row - predictor) % 256).astype(np.uint8).tobytes()
+        previous = row
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    png = tmp_path / "t.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 5, 8, 2, 0, 0, 0))
+                    + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))  # fmt: skip
+    assert np.array_equal(read_png_rgb(png), image)
 
 
 def test_nice_ticks():
@@ -479,7 +517,44 @@ def test_html_renders_in_headless_chromium(vgg_report, tmp_path):
         subprocess.run(command, check=True, capture_output=True, timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("chromium did not finish within 60 s")
-    pixels = read_png_rgb(shot)
+    _assert_screenshot_shows_a_page(shot)
+
+    # Clicking a header sorts numerically: "MACs before" twice (descending), then "ratio" (ascending, blanks last).
+    probe = tmp_path / "probe.html"
+    probe.write_text(text.replace("</body>", _SORT_PROBE + "</body>"), encoding="utf-8")
+    command[-1] = probe.as_uri()
+    command = [c for c in command if not c.startswith(("--screenshot", "--window-size"))]
+    try:
+        dom = subprocess.run(command + ["--dump-dom"], check=True, capture_output=True, text=True, timeout=60).stdout
+    except subprocess.TimeoutExpired:
+        pytest.fail("chromium did not finish within 60 s")
+    by_macs, by_ratio = re.search(r'<pre id="probe">(.*?)</pre>', dom).group(1).split(" | ")
+    layers = report.data()["layers"]
+    expected = sorted(layers, key=lambda layer: -layer["macs_before"])
+    assert by_macs.split(",") == [layer["node"] for layer in expected]
+    expected = sorted(layers, key=lambda layer: layer["macs_ratio"])
+    assert by_ratio.split(",") == [layer["node"] for layer in expected]
+
+
+_SORT_PROBE = """<pre id="probe"></pre><script>
+(function () {
+  var table = document.getElementById("layers-table"), heads = table.tHead.rows[0].cells;
+  function names() { return Array.prototype.map.call(table.tBodies[0].rows, function (r) { return r.cells[1].textContent; }).join(","); }
+  heads[6].click(); heads[6].click();
+  var first = names();
+  heads[8].click();
+  document.getElementById("probe").textContent = first + " | " + names();
+})();
+</script>"""
+
+
+def _assert_screenshot_shows_a_page(shot):
+    try:  # Pillow is faster where installed; the fallback decoder needs only numpy
+        from PIL import Image  # noqa: PLC0415
+
+        pixels = np.asarray(Image.open(shot).convert("RGB"))
+    except ImportError:
+        pixels = read_png_rgb(shot)
     assert pixels.shape[:2] == (2000, 1280)
     rgb = pixels.astype(np.int64)
     colours = np.unique((rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2])
