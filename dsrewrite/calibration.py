@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -111,6 +112,8 @@ class CalibrationSet:
     # -- parsing and validation -------------------------------------------------------------
 
     def _load_npz(self, path: Path) -> dict[str, np.ndarray]:
+        if path.is_file() and not zipfile.is_zipfile(path):
+            raise InputError(f"cannot read calibration file {path}: not an .npz archive")
         try:
             with np.load(path, allow_pickle=False) as data:
                 return {k: data[k] for k in data.files}
@@ -176,6 +179,8 @@ class CalibrationSet:
                         f"calibration input '{spec.name}' ({where}) has shape {list(arr.shape)}; "
                         f"the model fixes dim {axis} to {want}"
                     )
+            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                raise InputError(f"calibration input '{spec.name}' ({where}) holds NaN or Inf values")
             out[spec.name] = arr
         return out
 

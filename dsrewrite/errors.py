@@ -1,10 +1,15 @@
 """Error hierarchy. Each error class maps to a CLI exit code.
 
 The CLI prints ``error: <message>`` on one line and exits with ``exit_code``;
-library callers catch :class:`DsrewriteError`.
+library callers catch :class:`DsrewriteError`. :class:`Interrupted` is what
+SIGINT/SIGTERM raise during a CLI run (exit ``128 + signal``).
 """
 
 from __future__ import annotations
+
+import contextlib
+import signal
+import threading
 
 
 class DsrewriteError(Exception):
@@ -42,3 +47,44 @@ class PassError(DsrewriteError):
         self.pass_name = pass_name
         self.ran_before = list(ran_before)
         self.__cause__ = cause
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived while the CLI ran.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``), so no ``except Exception``
+    swallows it on the way out, while ``finally`` blocks and ``except BaseException``
+    clean-ups still run. The CLI exits with ``128 + signal number``.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def signals_raise_interrupted():
+    """While the block runs, SIGINT and SIGTERM raise :class:`Interrupted` (main thread only).
+
+    Signals the process ignores stay ignored; the previous handlers come back afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, handler)
+        except (ValueError, OSError):  # pragma: no cover - not the main interpreter
+            pass
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

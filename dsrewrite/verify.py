@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputError, UsageError
+from .model_io import onnxruntime_source
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,11 @@ def session(model: onnx.ModelProto, *, threads: int = 1, optimize: bool = True) 
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    # Over 2 GB or with tensors left on disk: a path or the bytes plus the data folder (model_io).
+    with onnxruntime_source(model) as (source, config):
+        for key, value in config.items():
+            options.add_session_config_entry(key, value)
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def feed_shapes(model: onnx.ModelProto, overrides: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
