@@ -124,6 +124,8 @@ def command(model, output, rank, max_error, target_macs, plan_in, plan_out, eval
         if path.suffix.lower() not in REPORT_FORMATS:
             raise UsageError(f"--report {path}: unknown format; use one of {', '.join(REPORT_FORMATS)}")
         check_output_path(path, input_path=model, overwrite=False)
+        if output is not None and path.resolve() == output.resolve():
+            raise UsageError(f"--report {path} is also the output model path")
     if plan_out is not None:
         check_output_path(plan_out, input_path=model, overwrite=False)
     evaluate, eval_key = (None, "")
