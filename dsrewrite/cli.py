@@ -218,7 +218,11 @@ def main(argv: list[str] | None = None) -> None:
             "%s: %s", category.__name__, " ".join(str(message).split())
         )
         try:
-            code = command.main(args=argv, prog_name="dsrewrite", standalone_mode=False)
+            # make_context + invoke rather than command.main: click's main catches
+            # KeyboardInterrupt and prints a blank line to stderr before we see it.
+            args = list(sys.argv[1:] if argv is None else argv)
+            with command.make_context("dsrewrite", args) as ctx:
+                code = command.invoke(ctx)
             code = code if isinstance(code, int) else 0
         except click.exceptions.Exit as exc:  # --help, --version
             code = exc.exit_code
