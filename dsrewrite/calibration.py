@@ -366,4 +366,4 @@ class RegressionAccumulator:
 
     def finish(self) -> RegressionStats:
         centred = self.energy - float((self.y_sum**2).sum()) / max(self.count, 1)
-        return RegressionStats(s=self.s, t=self.t, energy=self.energy, centred_energy=max(centred, 1e-30))
+        return RegressionStats(s=self.s, t=self.t, energy=self.energy, centred_energy=max(centred, 1e-30), count=self.count)
