@@ -103,7 +103,7 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("--atol", type=float, default=None, help="Absolute tolerance; makes verification pass/fail.")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance; makes verification pass/fail.")
 @click.option("--report", "reports", multiple=True, type=click.Path(path_type=Path), metavar="PATH",
-              help="Write the report; format by extension: .json (repeatable).")
+              help="Write the report; format by extension: .json, .md or .html (repeatable).")
 @click.option("--top", type=click.IntRange(min=1), default=None, metavar="N", help="Terminal table: only the N convs with the most MACs (report files list all).")
 @click.option("--dry-run", is_flag=True, help="Plan and report; write no model.")
 @click.option("--overwrite", is_flag=True, help="Allow the output path to be the input model.")

@@ -466,9 +466,16 @@ def render_terminal(report: Report, console: Console, *, top: int | None = None)
         )
     bench = benchmark_figures(report.benchmark)
     if bench is not None and (bench["before_ms"] is not None or bench["after_ms"] is not None):
+        predicted = (report.benchmark or {}).get("predicted_speedup")
+        share = (report.benchmark or {}).get("conv_time_share")
+        expected = (
+            f"; MAC-predicted {fmt_speedup(predicted)} (Amdahl, convs {share:.0%} of run time)"
+            if predicted is not None and share is not None
+            else ""
+        )
         console.print(
-            f"Latency: {fmt_ms(bench['before_ms'])} → {fmt_ms(bench['after_ms'])} "
-            f"(speedup {fmt_speedup(bench['speedup'])})."
+            f"Latency in onnxruntime: {fmt_ms(bench['before_ms'])} → {fmt_ms(bench['after_ms'])} "
+            f"(measured speedup {fmt_speedup(bench['speedup'])}{expected})."
         )
     if report.passes:
         steps = ", ".join(f"{p['name']} ({p['changes']} changes, {p['seconds']:.2f}s)" for p in report.passes)
