@@ -54,6 +54,7 @@ class RewriteOptions:
     distill: DistillOptions | None = None  # fine control of the fit; overrides `sequential` and `seed`
     # Decisions across layers (see planning.py).
     target_macs: float | None = None  # eligible convs keep at most this fraction of their MACs
+    target_latency: float | None = None  # the model should run in at most this fraction of its time
     plan: Any = None  # a saved plan (path or dict) to reapply
     evaluate: Callable[[onnx.ModelProto], float] | None = None  # task score, higher is better
     eval_key: str = ""  # identifies `evaluate` in the sensitivity cache
@@ -85,6 +86,12 @@ class RewriteOptions:
             raise UsageError(f"--target-macs must be in (0, 1], not {self.target_macs!r}")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
             raise UsageError(f"--threads must be a positive integer, not {self.threads!r}")
+        if self.target_latency is not None and not (
+            isinstance(self.target_latency, (int, float)) and not isinstance(self.target_latency, bool) and 0 < self.target_latency <= 1
+        ):
+            raise UsageError(f"--target-latency must be in (0, 1], not {self.target_latency!r}")
+        if self.target_latency is not None and (self.target_macs is not None or self.plan is not None):
+            raise UsageError("--target-latency cannot be combined with --target-macs or --plan")
         if self.target_macs is not None and self.plan is not None:
             raise UsageError("--target-macs and --plan cannot be combined: a plan already fixes every rank")
         for name, dims in self.input_shapes.items():
@@ -94,7 +101,7 @@ class RewriteOptions:
     def uses_latency(self) -> bool:
         if self.latency_aware is not None:
             return self.latency_aware
-        return self.plan is None and (self.rank == "auto" or self.target_macs is not None)
+        return self.plan is None and (self.rank == "auto" or self.target_macs is not None or self.target_latency is not None)
 
     def tolerances(self) -> tuple[float | None, float | None]:
         """The tolerances verification applies: the given ones, else the full-rank defaults."""
@@ -189,7 +196,9 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
     if decisions is not None:
         decompose = replace(decompose, layer_ranks=decisions.ranks, layer_reasons=decisions.reasons)
     measured: dict[str, tuple[float, float | None]] = {}
-    if options.uses_latency():
+    if options.target_latency is not None:
+        decompose, measured = _latency_budget(original, working, shapes, decompose, curve_plans, calibration, options, notes)
+    elif options.uses_latency():
         decompose, measured = _apply_latency(working, shapes, decompose, curve_plans, options, notes)
     fitted = {}
     if calibration is not None and not options.dry_run:
@@ -266,7 +275,7 @@ def _decide(working, shapes, decompose, calibration, options: RewriteOptions, no
     Returns (decisions or None, sweep points or None, {output: (error curve, source)}, the plans with
     their error curves or None).
     """
-    needs_errors = options.target_macs is not None or options.sweep or options.evaluate is not None or (
+    needs_errors = options.target_macs is not None or options.target_latency is not None or options.sweep or options.evaluate is not None or (
         options.rank == "auto" and calibration is not None
     )
     if options.plan is None and not needs_errors:
@@ -326,6 +335,24 @@ def _benchmark(original, rewritten, layers, calibration, options: RewriteOptions
     if options.progress:
         options.progress("benchmarking", 1, 1)
     return result
+
+
+def _latency_budget(original, working, shapes, decompose, curve_plans, calibration, options, notes):
+    """--target-latency: time the whole model once, every eligible conv at a ladder of ranks, then allocate."""
+    cache = latency.LatencyCache(Path(options.latency_cache) if options.latency_cache else None)
+    if calibration is not None:
+        feed = next(iter(calibration))
+    else:
+        feed = random_feeds(original, feed_shapes(original, options.input_shapes), options.seed)
+    session = latency.make_session(working, options.threads)
+    (times,) = latency.interleaved_medians([session], feed, budget_seconds=1.0)
+    model_ms = latency.Timing.of(times).median_ms
+    decisions, forms, measured = planning.latency_budget_decisions(
+        working, curve_plans or [], shapes, cache, target=options.target_latency, model_ms=model_ms,
+        threads=options.threads, progress=options.progress,
+    )  # fmt: skip
+    notes.extend(decisions.notes)
+    return replace(decompose, layer_ranks=decisions.ranks, layer_reasons=decisions.reasons, layer_forms=forms), measured
 
 
 def _apply_latency(working, shapes, decompose, curve_plans, options: RewriteOptions, notes: list[str]):

@@ -73,6 +73,9 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
               help="Per-layer bound on the estimated relative output error (--rank auto).")
 @click.option("--target-macs", type=float, default=None, metavar="F",
               help="Allocate ranks so the eligible convs keep at most F (0 < F <= 1) of their MACs.")
+@click.option("--target-latency", type=float, default=None, metavar="F",
+              help="Allocate ranks from measured per-conv latencies so the model runs in about F (0 < F <= 1) "
+                   "of its time.")
 @click.option("--plan", "plan_in", type=click.Path(path_type=Path), default=None, metavar="PATH",
               help="Reapply the per-conv decisions saved by --plan-out.")
 @click.option("--plan-out", type=click.Path(path_type=Path), default=None, metavar="PATH",
@@ -111,7 +114,7 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv) to stderr.")
 @click.version_option(__version__, "--version", prog_name="dsrewrite")
-def command(model, output, rank, max_error, target_macs, plan_in, plan_out, eval_script, latency_aware, benchmark,
+def command(model, output, rank, max_error, target_macs, target_latency, plan_in, plan_out, eval_script, latency_aware, benchmark,
             threads, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential,
             fold_batchnorm, verify, atol, rtol, reports, top, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
     """Rewrite the standard convolutions of MODEL into depthwise + pointwise convolutions."""
@@ -152,6 +155,7 @@ def command(model, output, rank, max_error, target_macs, plan_in, plan_out, eval
         calibration_samples=calibration_samples,
         sequential=sequential,
         target_macs=target_macs,
+        target_latency=target_latency,
         plan=plan_in,
         evaluate=evaluate,
         eval_key=eval_key,

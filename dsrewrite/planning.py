@@ -339,3 +339,69 @@ def _input_shape(model: onnx.ModelProto, plan: LayerPlan, shapes: dict) -> list[
     if shape is None or any(d is None for d in shape):
         return None
     return [int(d) for d in shape]
+
+
+def latency_budget_decisions(
+    model: onnx.ModelProto,
+    plans: Sequence[LayerPlan],
+    shapes: dict,
+    cache,
+    *,
+    target: float,
+    model_ms: float,
+    threads: int,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[Decisions, dict[str, str], dict[str, tuple[float, float | None]]]:
+    """``--target-latency``: ranks and forms so the model runs in about ``target`` of its time.
+
+    Each eligible conv is timed alone at a ladder of ranks (every form; the
+    fastest counts). With ``T`` the model's time and ``E`` its eligible convs'
+    time, the convs must come down to ``E − (1 − target)·T`` (Amdahl), and
+    :func:`~dsrewrite.budget.allocate` spends that time budget as it spends a
+    MAC budget: least estimated error per millisecond saved. Ranks no faster
+    than the original conv are never candidates.
+    """
+    from .budget import ErrorCurve  # noqa: PLC0415
+
+    curves, forms_at, measured = [], {}, {}
+    todo = [p for p in plans if p.eligible and p.graph == "main" and p.error_at_rank]
+    for index, plan in enumerate(todo):
+        shape = _input_shape(model, plan, shapes)
+        ranks = candidate_ranks(plan)
+        if shape is None or not ranks:
+            continue
+        times = measure_conv_candidates(model, plan, shape, ranks, cache, threads=threads)
+        original = times["original"]
+        full = len(plan.error_at_rank)
+        cost = [0] * (full + 1)
+        errors = [0.0] + [float("inf")] * full
+        for rank in ranks:
+            form, best = min(((k.split(":", 1)[1], v) for k, v in times.items() if k.startswith(f"{rank}:")), key=lambda kv: (kv[1], kv[0]))
+            if best * MIN_SPEEDUP <= original:
+                cost[rank] = int(best * 1e6)  # ns, integral like MACs
+                errors[rank] = plan.error_at_rank[rank - 1]
+                forms_at[(plan.output, rank)] = form
+                measured[(plan.output, rank)] = (original, best)
+        top = max([r for r in ranks if math.isfinite(errors[r])], default=0)
+        curves.append(ErrorCurve(plan.output, int(original * 1e6), tuple(cost[: top + 1]), tuple(errors[: top + 1])))
+        if progress:
+            progress("timing candidate ranks", index + 1, len(todo))
+    cache.save()
+    eligible_ms = sum(c.macs_before for c in curves) / 1e6
+    wanted_ms = eligible_ms - (1.0 - target) * model_ms
+    notes = []
+    if eligible_ms <= 0:
+        return Decisions({}, {}, ["--target-latency: no conv could be timed"]), {}, {}
+    fraction = max(wanted_ms / eligible_ms, 0.0)
+    allocation = allocate(curves, fraction)
+    predicted_ms = model_ms - eligible_ms + allocation.macs_after / 1e6
+    notes.append(
+        f"--target-latency {target:g}: model {model_ms:.3f} ms, eligible convs {eligible_ms:.3f} ms alone; "
+        f"predicted {predicted_ms:.3f} ms ({predicted_ms / model_ms:.2f} of the original)"
+    )
+    if predicted_ms > target * model_ms * 1.02:
+        notes.append("the latency target is out of reach with the measured ranks; this is the fastest allocation found")
+    reasons = {k: "left unrewritten by the latency budget" for k, r in allocation.ranks.items() if r is None}
+    forms = {k: forms_at[(k, r)] for k, r in allocation.ranks.items() if r is not None}
+    kept = {k: measured[(k, r)] for k, r in allocation.ranks.items() if r is not None}
+    return Decisions(allocation.ranks, reasons, notes), forms, kept

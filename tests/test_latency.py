@@ -96,3 +96,21 @@ def test_interleaved_timing_returns_every_run():
     feed = {"x": np.zeros((1, 4, 9, 9), np.float32)}
     times = latency.interleaved_medians(sessions, feed, min_repeats=7, budget_seconds=0.0)
     assert [len(t) for t in times] == [7, 7]
+
+
+def test_target_latency_allocates_measured_time(monkeypatch):
+    # Every rank r costs r/10 of the original conv's time; the model itself takes as long as its convs.
+    monkeypatch.setattr(
+        planning, "measure_conv_candidates",
+        fake_timer(lambda p, c: 1.0 if c == "original" else 0.1 * int(c.split(":")[0])),
+    )  # fmt: skip
+    monkeypatch.setattr(latency, "interleaved_medians", lambda sessions, feed, **kw: [[6.0]] * len(sessions))
+    result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_latency=0.5, verify=False, latency_cache=None)
+    layers = [layer for layer in result.report.layers if layer.rewritten]
+    predicted = 6.0 - 6 * 1.0 + sum(0.1 * layer.rank for layer in layers) + sum(
+        1.0 for layer in result.report.layers if not layer.rewritten
+    )
+    assert predicted <= 0.5 * 6.0 + 1e-9
+    assert any("--target-latency 0.5" in note for note in result.report.notes)
+    with pytest.raises(dsrewrite.UsageError):
+        dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_latency=0.5, target_macs=0.5)
