@@ -233,8 +233,7 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
         if calibration is not None:
             feeds, label = calibration, calibration.label
         else:
-            feeds = [random_feeds(original, feed_shapes(original, options.input_shapes), options.seed)]
-            label = f"random (seed {options.seed})"
+            feeds, label = [_one_feed(original, None, options)], f"random (seed {options.seed})"
         verification = verify(original, rewritten, feeds, atol=atol, rtol=rtol, inputs_label=label)
 
     benchmark = None
@@ -311,12 +310,16 @@ def _decide(working, shapes, decompose, calibration, options: RewriteOptions, no
     return decisions, sweep_points, estimates, plans
 
 
+def _one_feed(original, calibration, options: RewriteOptions) -> dict:
+    """The first calibration feed, else seeded random inputs at the analysed shapes."""
+    if calibration is not None:
+        return next(iter(calibration))
+    return random_feeds(original, feed_shapes(original, options.input_shapes), options.seed)
+
+
 def _benchmark(original, rewritten, layers, calibration, options: RewriteOptions) -> dict:
     """Whole-model latency before and after, next to the speedup Amdahl's law predicts from MACs."""
-    if calibration is not None:
-        feed = next(iter(calibration))
-    else:
-        feed = random_feeds(original, feed_shapes(original, options.input_shapes), options.seed)
+    feed = _one_feed(original, calibration, options)
     if options.progress:
         options.progress("benchmarking", 0, 1)
     result = latency.benchmark_models(original, rewritten, feed, threads=options.threads)
@@ -340,10 +343,7 @@ def _benchmark(original, rewritten, layers, calibration, options: RewriteOptions
 def _latency_budget(original, working, shapes, decompose, curve_plans, calibration, options, notes):
     """--target-latency: time the whole model once, every eligible conv at a ladder of ranks, then allocate."""
     cache = latency.LatencyCache(Path(options.latency_cache) if options.latency_cache else None)
-    if calibration is not None:
-        feed = next(iter(calibration))
-    else:
-        feed = random_feeds(original, feed_shapes(original, options.input_shapes), options.seed)
+    feed = _one_feed(original, calibration, options)
     session = latency.make_session(working, options.threads)
     (times,) = latency.interleaved_medians([session], feed, budget_seconds=1.0)
     model_ms = latency.Timing.of(times).median_ms
