@@ -222,6 +222,14 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
         if layer.output in measured:
             layer.latency_before_ms, after = measured[layer.output]
             layer.latency_after_ms = after if layer.rewritten else None
+    if options.rank == "auto" and options.target_macs is None and options.plan is None and any(
+        layer.eligible for layer in layers
+    ) and not any(layer.rewritten for layer in layers):
+        source = "calibration data" if calibration is not None else "the weights alone (white-input estimate)"
+        notes.append(
+            f"--rank auto found no conv that saves MACs within --max-error {options.max_error:g}, judged from {source}; "
+            "pretrained kernels have flat spectra: give --calibration data, a larger --max-error, --target-macs or --rank"
+        )
     if not layers:
         notes.append("nothing to rewrite: the model has no Conv nodes")
     elif any(layer.macs_before is None for layer in layers):

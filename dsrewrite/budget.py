@@ -42,8 +42,7 @@ def choose_auto_rank(
             ratio = macs_per_pixel_at_rank[r] / original_macs_per_pixel
             return RankChoice(
                 None,
-                f"rank {r} is needed for error <= {max_error:g} (error {errors[r]:.3g}) "
-                f"but costs {ratio:.2f}x the original MACs",
+                f"error <= {max_error:g} needs rank {r} of {full}, which costs {ratio:.2f}x the original MACs",
             )
     return RankChoice(None, f"no rank reaches error <= {max_error:g}")
 
