@@ -275,7 +275,7 @@ def test_sweep_and_benchmark_appear_in_every_format():
     markdown, page, terminal = report.to_markdown(), report.to_html(), terminal_text(report)
     for text in (markdown, page):
         assert "12.5 ms" in text and "5 ms" in text and "2.50×" in text
-    assert "Latency: 12.5 ms → 5 ms (speedup 2.50×)" in terminal
+    assert "Latency in onnxruntime: 12.5 ms → 5 ms (measured speedup 2.50×)" in terminal
     assert "spread\\_before\\_ms=12, 13" in markdown and "predicted_speedup=2.9" in page
     assert "### Trade-off sweep" in markdown and md_rows(markdown, "target")[0][:3] == ["0.2", "0.190", "0.64"]
     assert 'id="sweep"' in page and "<polyline" in page and "estimated error" in page
