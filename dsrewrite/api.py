@@ -349,57 +349,56 @@ def _benchmark(original, rewritten, layers, calibration, options: RewriteOptions
 
 
 def _latency_budget(original, working, shapes, decompose, curve_plans, calibration, options, notes):
-    """--target-latency: time the whole model once, every eligible conv at a ladder of ranks, then allocate."""
+    """--target-latency: time the whole model once and every eligible conv at a ladder of ranks, then allocate."""
     cache = latency.LatencyCache(Path(options.latency_cache) if options.latency_cache else None)
     feed = _one_feed(original, calibration, options)
-    session = latency.make_session(working, options.threads)
-    (times,) = latency.interleaved_medians([session], feed, budget_seconds=1.0)
-    model_ms = latency.Timing.of(times).median_ms
-    decisions, forms, measured = planning.latency_budget_decisions(
-        working, curve_plans or [], shapes, cache, target=options.target_latency, model_ms=model_ms,
-        threads=options.threads, progress=options.progress,
-    )  # fmt: skip
+    (times,) = latency.interleaved_medians([latency.make_session(working, options.threads)], feed, budget_seconds=1.0)
+    timings = planning.time_rank_ladders(working, curve_plans or [], shapes, cache, threads=options.threads, progress=options.progress)
+    decisions = planning.latency_budget_decisions(
+        curve_plans or [], timings, target=options.target_latency, model_ms=latency.Timing.of(times).median_ms
+    )
     notes.extend(decisions.notes)
+    forms, measured = planning.forms_and_times(decisions, timings)
     return replace(decompose, layer_ranks=decisions.ranks, layer_reasons=decisions.reasons, layer_forms=forms), measured
 
 
 def _apply_latency(working, shapes, decompose, curve_plans, options: RewriteOptions, notes: list[str]):
-    """Time each planned rewrite against its original conv; keep the fastest form, never a slower conv.
+    """Time the planned rewrites against their convs; keep the fastest form, never a slower conv.
 
-    Under --target-macs a slower rank is taken out of that conv's choices and the
-    budget is allocated again (at most three times), so the target still holds.
+    Under --target-macs every eligible conv is timed at its candidate ranks first,
+    ranks that do not pay in time are taken out (``planning.MIN_EFFICIENCY``), and
+    the MAC budget is allocated among the rest, so the target still holds.
+    Otherwise only the planned rank is timed and a slower rewrite is dropped.
     """
     cache = latency.LatencyCache(Path(options.latency_cache) if options.latency_cache else None)
-    measured: dict[str, tuple[float, float | None]] = {}
-    outcome = planning.LatencyOutcome()
-    for _attempt in range(3):
-        planned = Pipeline([DecomposeConv(replace(decompose, apply=False))]).run(working, shapes=shapes)
-        plans = planned.results[0].facts
-        outcome = planning.check_latency(working, plans, shapes, cache, threads=options.threads, progress=options.progress)
-        measured.update(outcome.measured)
-        if not outcome.slower:
-            break
-        if options.target_macs is not None and curve_plans is not None:
-            by_output = {p.output: p for p in plans}
-            for p in curve_plans:
-                if p.output in outcome.slower and p.error_at_rank:
-                    p.error_at_rank[by_output[p.output].rank - 1] = float("inf")
-            decisions = planning.budget_decisions(curve_plans, options.target_macs)
-            decompose = replace(decompose, layer_ranks=decisions.ranks, layer_reasons=decisions.reasons)
-            continue
+    if options.target_macs is not None and curve_plans is not None:
+        timings = planning.time_rank_ladders(working, curve_plans, shapes, cache, threads=options.threads, progress=options.progress)
+        removed = planning.restrict_to_efficient_ranks(curve_plans, timings, planning.MIN_EFFICIENCY)
+        decisions = planning.budget_decisions(curve_plans, options.target_macs)
+        # The note from the first allocation is stale now.
+        notes[:] = [n for n in notes if not n.startswith("--target-macs")] + decisions.notes
+        forms, measured = planning.forms_and_times(decisions, timings)
+        notes.append(
+            f"latency-aware: {len(timings)} conv(s) timed alone in onnxruntime at their candidate ranks "
+            f"({options.threads} thread(s)); {removed} rank(s) that save under "
+            f"{planning.MIN_EFFICIENCY:.0%} of their MAC-predicted time were not used"
+        )
+        return replace(decompose, layer_ranks=decisions.ranks, layer_reasons=decisions.reasons, layer_forms=forms), measured
+
+    planned = Pipeline([DecomposeConv(replace(decompose, apply=False))]).run(working, shapes=shapes)
+    plans = planned.results[0].facts
+    outcome = planning.check_latency(working, plans, shapes, cache, threads=options.threads, progress=options.progress)
+    if outcome.slower:
         ranks = {p.output: (None if p.output in outcome.slower else p.rank) for p in plans if p.rewritten}
         reasons = {p.output: p.reason for p in plans if not p.rewritten and p.reason}
         reasons.update(outcome.slower)
         decompose = replace(decompose, layer_ranks=ranks, layer_reasons=reasons)
-        break
-    else:
-        notes.append("some rewrites stayed slower than their convs after three re-allocations")
-    if measured:
+    if outcome.measured:
         notes.append(
-            f"latency-aware: {len(measured)} conv(s) timed alone in onnxruntime ({options.threads} thread(s)); "
+            f"latency-aware: {len(outcome.measured)} conv(s) timed alone in onnxruntime ({options.threads} thread(s)); "
             "each kept rewrite is the fastest emission form and beats its original conv"
         )
-    return replace(decompose, layer_forms=outcome.forms), measured
+    return replace(decompose, layer_forms=outcome.forms), outcome.measured
 
 
 def _load_plan(plan) -> tuple[dict, dict]:

@@ -103,18 +103,14 @@ def _sources(plans: Sequence[LayerPlan]) -> str:
 
 
 def candidate_ranks(plan: LayerPlan, limit: int = 6) -> list[int]:
-    """Up to ``limit`` ranks that save MACs, spread geometrically (1, 2, 3, 4, 6, 8, 12, ...)."""
-    saving = [r for r, e in enumerate(plan.error_at_rank or [], start=1) if math.isfinite(e)]
-    if plan.error_source == "weights":
-        saving = [r for r in saving if _saves(plan, r)]
-    ladder = sorted({r for r in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if r in saving})
+    """Up to ``limit`` ranks that save MACs: every rank up to ``limit``, then 12, 16, 24, 32, 48, 64."""
+    saving = [
+        r
+        for r, e in enumerate(plan.error_at_rank or [], start=1)
+        if math.isfinite(e) and _separable_macs(plan, r) < plan.macs_per_pixel_before
+    ]
+    ladder = [r for r in saving if r <= limit or r in (12, 16, 24, 32, 48, 64)]
     return ladder[:limit]
-
-
-def _saves(plan: LayerPlan, rank: int) -> bool:
-    k = math.prod(plan.kernel)
-    cost = rank * plan.in_channels * k + rank * (plan.in_channels // plan.group) * plan.out_channels
-    return cost < plan.macs_per_pixel_before
 
 
 def measure_sensitivity(
@@ -243,6 +239,10 @@ def load_eval_script(path: str | os.PathLike) -> tuple[Evaluate, str]:
 # A rewrite must beat the original conv by this factor in its microbenchmark to be kept:
 # medians of interleaved runs still carry a few percent of noise on a shared machine.
 MIN_SPEEDUP = 1.05
+# Under a MAC budget, a rank is used only if, timed alone, it saves at least this share of the time its MACs
+# predict: depthwise convs are memory-bound, and a rank that saves MACs but little time spends the accuracy
+# budget for nothing.
+MIN_EFFICIENCY = 0.75
 
 
 @dataclass
@@ -341,67 +341,131 @@ def _input_shape(model: onnx.ModelProto, plan: LayerPlan, shapes: dict) -> list[
     return [int(d) for d in shape]
 
 
-def latency_budget_decisions(
+@dataclass
+class RankTimings:
+    """One conv timed alone: the original, and the fastest form at each measured rank (median ms)."""
+
+    original_ms: float
+    best: dict[int, tuple[str, float]]  # rank -> (form, ms)
+
+    def realised(self, rank: int) -> float:
+        """Fraction of the conv's time the rewrite at ``rank`` saves (negative: slower)."""
+        return 1.0 - self.best[rank][1] / self.original_ms
+
+
+def time_rank_ladders(
     model: onnx.ModelProto,
     plans: Sequence[LayerPlan],
     shapes: dict,
     cache,
     *,
-    target: float,
-    model_ms: float,
     threads: int,
     progress: Callable[[str, int, int], None] | None = None,
-) -> tuple[Decisions, dict[str, str], dict[str, tuple[float, float | None]]]:
-    """``--target-latency``: ranks and forms so the model runs in about ``target`` of its time.
+) -> dict[str, RankTimings]:
+    """Time every eligible main-graph conv alone at every candidate rank, in every form."""
+    timings = {}
+    todo = [p for p in plans if p.eligible and p.graph == "main" and p.error_at_rank]
+    for index, plan in enumerate(todo):
+        shape = _input_shape(model, plan, shapes)
+        ranks = candidate_ranks(plan, limit=10)
+        if shape is not None and ranks:
+            times = measure_conv_candidates(model, plan, shape, ranks, cache, threads=threads)
+            best = {}
+            for rank in ranks:
+                options = [(k.split(":", 1)[1], v) for k, v in times.items() if k.startswith(f"{rank}:")]
+                best[rank] = min(options, key=lambda kv: (kv[1], kv[0]))
+            timings[plan.output] = RankTimings(times["original"], best)
+        if progress:
+            progress("timing candidate ranks", index + 1, len(todo))
+    cache.save()
+    return timings
 
-    Each eligible conv is timed alone at a ladder of ranks (every form; the
-    fastest counts). With ``T`` the model's time and ``E`` its eligible convs'
-    time, the convs must come down to ``E − (1 − target)·T`` (Amdahl), and
+
+def restrict_to_efficient_ranks(plans: Sequence[LayerPlan], timings: dict[str, RankTimings], efficiency: float) -> int:
+    """Take out of each conv's error curve the ranks that do not pay in time; return how many.
+
+    A rank stays only if, timed alone, it is faster than the conv by ``MIN_SPEEDUP`` and
+    saves at least ``efficiency`` of the time its MAC count says it should save.
+    """
+    removed = 0
+    for plan in plans:
+        timing = timings.get(plan.output)
+        if timing is None or not plan.error_at_rank:
+            continue
+        errors = list(plan.error_at_rank)
+        for r in range(1, len(errors) + 1):
+            if not math.isfinite(errors[r - 1]):
+                continue
+            predicted = 1.0 - _separable_macs(plan, r) / plan.macs_per_pixel_before
+            keep = (
+                r in timing.best
+                and timing.best[r][1] * MIN_SPEEDUP <= timing.original_ms
+                and timing.realised(r) >= efficiency * predicted
+            )
+            if not keep:
+                errors[r - 1] = float("inf")
+                removed += 1
+        plan.error_at_rank = errors
+    return removed
+
+
+def _separable_macs(plan: LayerPlan, rank: int) -> int:
+    k = math.prod(plan.kernel)
+    return rank * plan.in_channels * k + rank * (plan.in_channels // plan.group) * plan.out_channels
+
+
+def latency_budget_decisions(
+    plans: Sequence[LayerPlan], timings: dict[str, RankTimings], *, target: float, model_ms: float
+) -> Decisions:
+    """``--target-latency``: ranks so the model runs in about ``target`` of its time.
+
+    With ``T`` the model's time and ``E`` its eligible convs' time (each timed
+    alone), the convs must come down to ``E − (1 − target)·T`` (Amdahl), and
     :func:`~dsrewrite.budget.allocate` spends that time budget as it spends a
     MAC budget: least estimated error per millisecond saved. Ranks no faster
     than the original conv are never candidates.
     """
     from .budget import ErrorCurve  # noqa: PLC0415
 
-    curves, forms_at, measured = [], {}, {}
-    todo = [p for p in plans if p.eligible and p.graph == "main" and p.error_at_rank]
-    for index, plan in enumerate(todo):
-        shape = _input_shape(model, plan, shapes)
-        ranks = candidate_ranks(plan)
-        if shape is None or not ranks:
+    curves = []
+    for plan in plans:
+        timing = timings.get(plan.output)
+        if timing is None:
             continue
-        times = measure_conv_candidates(model, plan, shape, ranks, cache, threads=threads)
-        original = times["original"]
         full = len(plan.error_at_rank)
         cost = [0] * (full + 1)
         errors = [0.0] + [float("inf")] * full
-        for rank in ranks:
-            form, best = min(((k.split(":", 1)[1], v) for k, v in times.items() if k.startswith(f"{rank}:")), key=lambda kv: (kv[1], kv[0]))
-            if best * MIN_SPEEDUP <= original:
-                cost[rank] = int(best * 1e6)  # ns, integral like MACs
+        for rank, (_form, ms) in timing.best.items():
+            if ms * MIN_SPEEDUP <= timing.original_ms and math.isfinite(plan.error_at_rank[rank - 1]):
+                cost[rank] = int(ms * 1e6)  # ns, integral like MACs
                 errors[rank] = plan.error_at_rank[rank - 1]
-                forms_at[(plan.output, rank)] = form
-                measured[(plan.output, rank)] = (original, best)
-        top = max([r for r in ranks if math.isfinite(errors[r])], default=0)
-        curves.append(ErrorCurve(plan.output, int(original * 1e6), tuple(cost[: top + 1]), tuple(errors[: top + 1])))
-        if progress:
-            progress("timing candidate ranks", index + 1, len(todo))
-    cache.save()
+        top = max([r for r in range(1, full + 1) if math.isfinite(errors[r])], default=0)
+        curves.append(ErrorCurve(plan.output, int(timing.original_ms * 1e6), tuple(cost[: top + 1]), tuple(errors[: top + 1])))
     eligible_ms = sum(c.macs_before for c in curves) / 1e6
-    wanted_ms = eligible_ms - (1.0 - target) * model_ms
-    notes = []
     if eligible_ms <= 0:
-        return Decisions({}, {}, ["--target-latency: no conv could be timed"]), {}, {}
-    fraction = max(wanted_ms / eligible_ms, 0.0)
-    allocation = allocate(curves, fraction)
+        return Decisions({}, {}, ["--target-latency: no conv could be timed"])
+    allocation = allocate(curves, max(eligible_ms - (1.0 - target) * model_ms, 0.0) / eligible_ms)
     predicted_ms = model_ms - eligible_ms + allocation.macs_after / 1e6
-    notes.append(
+    notes = [
         f"--target-latency {target:g}: model {model_ms:.3f} ms, eligible convs {eligible_ms:.3f} ms alone; "
         f"predicted {predicted_ms:.3f} ms ({predicted_ms / model_ms:.2f} of the original)"
-    )
+    ]
     if predicted_ms > target * model_ms * 1.02:
         notes.append("the latency target is out of reach with the measured ranks; this is the fastest allocation found")
     reasons = {k: "left unrewritten by the latency budget" for k, r in allocation.ranks.items() if r is None}
-    forms = {k: forms_at[(k, r)] for k, r in allocation.ranks.items() if r is not None}
-    kept = {k: measured[(k, r)] for k, r in allocation.ranks.items() if r is not None}
-    return Decisions(allocation.ranks, reasons, notes), forms, kept
+    return Decisions(allocation.ranks, reasons, notes)
+
+
+def forms_and_times(decisions: Decisions, timings: dict[str, RankTimings]):
+    """The fastest form and the (original, rewrite) times of each decided conv."""
+    forms, measured = {}, {}
+    for key, rank in decisions.ranks.items():
+        timing = timings.get(key)
+        if timing is None:
+            continue
+        if rank is not None and rank in timing.best:
+            forms[key] = timing.best[rank][0]
+            measured[key] = (timing.original_ms, timing.best[rank][1])
+        else:
+            measured[key] = (timing.original_ms, None)
+    return forms, measured
