@@ -114,6 +114,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     except Exception as exc:  # DecodeError, RuntimeError, ValueError, ...: whatever protobuf says
         raise InputError(f"not a valid ONNX model: {path} ({_first_line(exc) or 'protobuf parse failed'})") from None
     _check_is_model(model, path)
+    _check_fields(model, path)
     _check_versions(model, str(path))
 
     main = [(i, t) for i, t in enumerate(model.graph.initializer) if t.data_location == onnx.TensorProto.EXTERNAL]
@@ -191,6 +192,36 @@ def run_checker(model: onnx.ModelProto, *, full_check: bool = False) -> None:
         log.warning("ONNX checker skipped: the model's structure alone is over 2 GB")
         return
     onnx.checker.check_model(skeleton, full_check=full_check)
+
+
+def check_value_types(model: onnx.ModelProto) -> None:
+    """InputError for values onnx-graphsurgeon (which the passes edit graphs with) cannot export.
+
+    It handles tensors, sparse tensors and sequences of tensors; maps and
+    optionals (e.g. a classifier's ZipMap output) make its export fail.
+    """
+
+    def supported(value_type: onnx.TypeProto) -> bool:
+        kind = value_type.WhichOneof("value")
+        if kind == "sequence_type":
+            inner = value_type.sequence_type.elem_type
+            return inner.WhichOneof("value") in (None, "tensor_type")
+        return kind in (None, "tensor_type", "sparse_tensor_type")
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            if value.HasField("type") and not supported(value.type):
+                kind = value.type.WhichOneof("value").replace("_type", "")
+                raise InputError(
+                    f"value '{value.name}' is a {kind}; dsrewrite handles models whose values are tensors "
+                    "or sequences of tensors"
+                )
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    visit(sub)
+
+    visit(model.graph)
 
 
 # -- disk-backed tensors ----------------------------------------------------------------------
@@ -406,6 +437,46 @@ def _check_is_model(model: onnx.ModelProto, path: Path) -> None:
         raise InputError(f"not an ONNX model (no graph or IR version): {path}")
     if not model.opset_import:
         raise InputError(f"not an ONNX model (no opset_import): {path}")
+
+
+_DATA_TYPES = frozenset(onnx.TensorProto.DataType.values())
+_TYPED = {"onnx.TensorProto": "data_type", "onnx.TypeProto.Tensor": "elem_type", "onnx.TypeProto.SparseTensor": "elem_type"}
+
+
+def _check_fields(model: onnx.ModelProto, path: Path) -> None:
+    """What protobuf and the checker let through but crashes tools later.
+
+    Invalid UTF-8 in string fields (Python then sees bytes), tensor element
+    types that are not ONNX types, raw data longer than the tensor's shape.
+    """
+
+    def walk(message) -> None:
+        descriptor = message.DESCRIPTOR
+        typed = _TYPED.get(descriptor.full_name)
+        if typed is not None and getattr(message, typed) not in _DATA_TYPES:
+            name = getattr(message, "name", "") or "a value"
+            raise InputError(f"not a valid ONNX model: {path} ({name} has unknown element type {getattr(message, typed)})")
+        if typed == "data_type" and message.HasField("raw_data"):
+            # The checker rejects raw_data that is too short for the shape, not too long.
+            expected, stored = _expected_bytes(message), len(message.raw_data)
+            if expected is not None and expected != stored:
+                raise InputError(
+                    f"not a valid ONNX model: {path} (tensor '{message.name}' holds {stored} bytes; "
+                    f"its shape {list(message.dims)} needs {expected})"
+                )
+        for field in descriptor.fields:
+            if field.type == field.TYPE_STRING:
+                value = getattr(message, field.name)
+                if any(isinstance(v, bytes) for v in (value if _is_repeated(field) else [value])):
+                    raise InputError(f"not a valid ONNX model: {path} (a name or text field is not UTF-8)")
+            elif field.type == field.TYPE_MESSAGE:
+                if _is_repeated(field):
+                    for item in getattr(message, field.name):
+                        walk(item)
+                elif message.HasField(field.name):
+                    walk(getattr(message, field.name))
+
+    walk(model)
 
 
 def _check_versions(model: onnx.ModelProto, source: str) -> None:

@@ -18,8 +18,9 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import onnx
 import onnx_graphsurgeon as gs
 
-from .errors import DsrewriteError, PassError
+from .errors import DsrewriteError, InputError, PassError
 from .graph import Shape, collect_shapes
+from .model_io import check_value_types, run_checker
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Pipeline:
     def run(self, model: onnx.ModelProto, *, shapes: dict[str, Shape] | None = None) -> PipelineResult:
         if shapes is None:
             shapes = collect_shapes(infer_shapes(model))
+        check_value_types(model)  # what onnx-graphsurgeon cannot export is an input error, not a crash
         graph = gs.import_onnx(model)
         context = PassContext(shapes=shapes, opset=default_opset(model))
         results: list[PassResult] = []
@@ -95,11 +97,24 @@ class Pipeline:
             except DsrewriteError:
                 raise
             except Exception as exc:
+                problem = _inconsistency(model)  # a model ONNX itself rejects is bad input, not a pass bug
+                if problem:
+                    raise InputError(f"the model is inconsistent ({problem}); pass '{p.name}' cannot process it") from exc
                 raise PassError(p.name, [r.pass_name for r in results], exc) from exc
             result.seconds = time.perf_counter() - start
             log.info("%s: %d changes, %d skips (%.2fs)", p.name, len(result.changes), len(result.skips), result.seconds)
             results.append(result)
         return PipelineResult(model=export_model(graph, model), results=results)
+
+
+def _inconsistency(model: onnx.ModelProto) -> str | None:
+    """Why the ONNX checker with strict shape inference rejects ``model``, or None."""
+    try:
+        run_checker(model, full_check=True)
+    except Exception as exc:  # noqa: BLE001 - ValidationError, InferenceError
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return (lines[-1] if lines else type(exc).__name__)[:300]
+    return None
 
 
 def default_opset(model: onnx.ModelProto) -> int:

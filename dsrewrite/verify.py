@@ -66,7 +66,7 @@ def session(model: onnx.ModelProto, *, threads: int = 1, optimize: bool = True) 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures surface as exceptions; ORT's own log lines would add stderr noise
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
