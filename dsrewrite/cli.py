@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from dataclasses import replace
 import traceback
@@ -215,8 +216,19 @@ def main(argv: list[str] | None = None) -> None:
 
     While it runs, SIGINT and SIGTERM raise ``Interrupted`` (exit 130 / 143), so
     every clean-up runs and no partial file stays behind; Python warnings go to
-    the log (``-v``) instead of onto stderr.
+    the log (``-v``) instead of onto stderr. A closed stdout (``dsrewrite … | head``)
+    only silences the table: the model is still written.
     """
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _PipeSafe(sys.stdout), _PipeSafe(sys.stderr)
+    try:
+        code = _main(argv)
+    finally:
+        sys.stdout, sys.stderr = streams
+    sys.exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     with signals_raise_interrupted(), warnings.catch_warnings():
         warnings.showwarning = lambda message, category, *_args, **_kwargs: log.info(
             "%s: %s", category.__name__, " ".join(str(message).split())
@@ -257,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                 traceback.print_exc()
             _error(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
             code = 2
-    sys.exit(code)
+    return code
 
 
 def _error(message: str) -> None:
@@ -265,6 +277,39 @@ def _error(message: str) -> None:
     message = " ".join(str(message).split()) or "failed"
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
+
+
+class _PipeSafe:
+    """A text stream that turns into a sink once its reader goes away (EPIPE), instead of raising."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._broken = False
+
+    def write(self, text):
+        if not self._broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._sink()
+        return len(text)
+
+    def flush(self):
+        if not self._broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._sink()
+
+    def _sink(self):
+        self._broken = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # the final flush at exit must not fail
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:

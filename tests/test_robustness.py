@@ -545,3 +545,35 @@ def test_calibrated_runs_in_two_processes_give_the_same_bytes(tmp_path):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
     assert (tmp_path / "1.onnx").read_bytes() == (tmp_path / "2.onnx").read_bytes()
+
+
+# -- the environment fails ------------------------------------------------------------------------
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_no_temp_files(ws, monkeypatch):
+    import errno
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model_io.os, "fsync", no_space)
+    code, out, err = dsrewrite_cli(ws.model, "-o", ws.outputs / "slim.onnx", "--rank", "1", "--report", ws.outputs / "r.json")
+    assert_clean_failure(code, out, err, message="No space left on device")
+    assert _leftovers(ws.outputs) == []
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 100)  # the same with model + external data
+    monkeypatch.setattr(model_io, "atomic_write_bytes", lambda *a: None)  # let the report "succeed"
+    code, out, err = dsrewrite_cli(ws.model, "-o", ws.outputs / "slim.onnx", "--rank", "1")
+    assert_clean_failure(code, out, err, message="No space left on device")
+    assert _leftovers(ws.outputs) == []
+
+
+def test_a_closed_stdout_still_writes_the_model(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_model(in_channels=4, out_channels=8), str(model))
+    command = [sys.executable, "-m", "dsrewrite", str(model), "-o", str(tmp_path / "slim.onnx"), "--rank", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `dsrewrite … | head -0`: the table hits EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert err == ""
+    onnx.checker.check_model(str(tmp_path / "slim.onnx"), full_check=True)
