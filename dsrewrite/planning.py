@@ -242,7 +242,7 @@ MIN_SPEEDUP = 1.05
 # Under a MAC budget, a rank is used only if, timed alone, it saves at least this share of the time its MACs
 # predict: depthwise convs are memory-bound, and a rank that saves MACs but little time spends the accuracy
 # budget for nothing.
-MIN_EFFICIENCY = 0.75
+MIN_EFFICIENCY = 0.5
 
 
 @dataclass
