@@ -202,17 +202,22 @@ def capture(
     outputs = [n for n in dict.fromkeys(tensor_names) if n not in graph_inputs]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
+    # Only the wanted tensors are outputs: onnxruntime then drops every node they do not need,
+    # so capturing early convs does not pay for the rest of the model.
+    existing = {o.name: o for o in probe.graph.output}
     elem_types = {vi.name: vi.type.tensor_type.elem_type for vi in probe.graph.value_info}
+    del probe.graph.output[:]
     for name in outputs:
-        if name not in existing:
-            probe.graph.output.append(
-                onnx.helper.make_tensor_value_info(name, elem_types.get(name, onnx.TensorProto.FLOAT), None)
-            )
-    try:
-        sess = session(probe, threads=os.cpu_count() or 1)
-    except Exception as exc:
-        raise InputError(f"the model does not load in onnxruntime: {' '.join(str(exc).split())[:300]}") from None
+        probe.graph.output.append(
+            existing.get(name)
+            or onnx.helper.make_tensor_value_info(name, elem_types.get(name, onnx.TensorProto.FLOAT), None)
+        )
+    sess = None
+    if outputs:
+        try:
+            sess = session(probe, threads=os.cpu_count() or 1)
+        except Exception as exc:
+            raise InputError(f"the model does not load in onnxruntime: {' '.join(str(exc).split())[:300]}") from None
     can_batch = batch_size > 1 and all(spec.dims and spec.dims[0] is None for spec in model_inputs(model))
 
     def run(feed: Feed) -> dict[str, np.ndarray]:
@@ -288,19 +293,38 @@ def explicit_pads(geometry: ConvGeometry, spatial: Sequence[int]) -> list[int]:
     return list(geometry.pads) if geometry.pads else [0] * (2 * d)
 
 
-def extract_patches(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
-    """im2col: ``x (B, M, *spatial)`` -> ``(M, K, P)`` with ``P = B·output positions``."""
+def output_spatial(x_shape: Sequence[int], geometry: ConvGeometry) -> list[int]:
     d = len(geometry.kernel_shape)
-    b, m = x.shape[:2]
-    spatial = x.shape[2:]
+    spatial = x_shape[2:]
     pads = explicit_pads(geometry, spatial)
-    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
-    out = [
+    return [
         (spatial[i] + pads[i] + pads[i + d] - geometry.dilations[i] * (geometry.kernel_shape[i] - 1) - 1)
         // geometry.strides[i]
         + 1
         for i in range(d)
     ]
+
+
+def extract_patches(x: np.ndarray, geometry: ConvGeometry, positions: np.ndarray | slice | None = None) -> np.ndarray:
+    """im2col: ``x (B, M, *spatial)`` -> ``(M, K, P)`` with ``P = B·output positions``.
+
+    With ``positions`` (flat indices into those ``P``, as :func:`sample_positions`
+    gives), only those columns are built: the cost follows the sample, not the image.
+    """
+    d = len(geometry.kernel_shape)
+    b, m = x.shape[:2]
+    spatial = x.shape[2:]
+    pads = explicit_pads(geometry, spatial)
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
+    out = output_spatial(x.shape, geometry)
+    if positions is not None and not isinstance(positions, slice):
+        batch, flat = np.divmod(np.asarray(positions), int(np.prod(out)))
+        coords = np.unravel_index(flat, out)
+        taps = []
+        for offset in np.ndindex(*geometry.kernel_shape):
+            index = tuple(coords[i] * geometry.strides[i] + offset[i] * geometry.dilations[i] for i in range(d))
+            taps.append(padded[(batch, slice(None)) + index])  # (P, M)
+        return np.stack(taps, axis=2).transpose(1, 2, 0)  # (M, K, P)
     taps = []
     for offset in np.ndindex(*geometry.kernel_shape):
         index = tuple(

@@ -44,6 +44,7 @@ from .calibration import (
     capture,
     extract_patches,
     flatten_output,
+    output_spatial,
     positions_per_feed,
     sample_positions,
 )
@@ -261,10 +262,11 @@ def _accumulate(
     """Add one batch: ``x`` from the partly rewritten model (None: use the original's input)."""
     if x is None:
         x = y_values[t.x_name]
-    patches = extract_patches(x, t.geometry)  # (M, K, P)
+    count = x.shape[0] * int(np.prod(output_spatial(x.shape, t.geometry)))
     limit = positions_per_feed(accumulator.features, accumulator.groups) * feeds
-    positions = sample_positions(patches.shape[2], rng, limit)
-    accumulator.add(patches[:, :, positions].astype(np.float64), flatten_output(y_values[t.y_name])[:, positions])
+    positions = sample_positions(count, rng, limit)
+    patches = extract_patches(x, t.geometry, positions)  # (M, K, sampled P)
+    accumulator.add(patches.astype(np.float64), flatten_output(y_values[t.y_name])[:, positions])
 
 
 def _fit(t: _Target, stats: lowrank.RegressionStats, options: DistillOptions, wave: int, method: str) -> FittedLayer:

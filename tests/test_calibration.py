@@ -137,3 +137,13 @@ def test_capture_batches_and_falls_back_to_single_feeds():
         (expected,) = run(model, feeds[4])
         np.testing.assert_allclose(groups[-1][0]["y"][-1:], expected, rtol=1e-5, atol=1e-5)
     assert [count for _, count in capture(dynamic, ["y"], feeds, batch_size=4)] == [4, 1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(geometries(), st.integers(1, 2), st.integers(0, 2**16))
+def test_sampled_patches_are_the_same_columns(geometry_and_spatial, batch, seed):
+    geometry, spatial = geometry_and_spatial
+    x = np.random.default_rng(seed).standard_normal((batch, 3, *spatial))
+    full = extract_patches(x, geometry)
+    positions = np.sort(np.random.default_rng(seed).choice(full.shape[2], size=max(1, full.shape[2] // 2), replace=False))
+    np.testing.assert_array_equal(extract_patches(x, geometry, positions), full[:, :, positions])
