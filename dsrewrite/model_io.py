@@ -114,14 +114,14 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     except Exception as exc:  # DecodeError, RuntimeError, ValueError, ...: whatever protobuf says
         raise InputError(f"not a valid ONNX model: {path} ({_first_line(exc) or 'protobuf parse failed'})") from None
     _check_is_model(model, path)
-    _check_fields(model, path)
+    _check_fields(model, str(path))
     _check_versions(model, str(path))
 
     main = [(i, t) for i, t in enumerate(model.graph.initializer) if t.data_location == onnx.TensorProto.EXTERNAL]
     nested = [t for t in _nested_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
     if not main and not nested:
         if check:
-            check_model(model, source=str(path))
+            _checked(lambda: run_checker(model), str(path))
         return model
 
     base = str(path.parent)
@@ -154,27 +154,46 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
             path, total / 1e9, disk_backed,
         )  # fmt: skip
     if check and not large:
-        check_model(model, source=str(path))
+        _checked(lambda: run_checker(model), str(path))
     return model
 
 
 def check_model(model: onnx.ModelProto, *, source: str = "model") -> None:
-    """Run the ONNX checker plus the version checks dsrewrite relies on; InputError on failure."""
+    """Validate an in-memory model as :func:`load_model` validates a file; InputError on failure.
+
+    The ONNX checker, the IR/opset versions dsrewrite understands, and what the
+    checker lets through but breaks tools later (see ``_check_fields``).
+    """
     _check_versions(model, source)
+    _check_fields(model, source)
     _checked(lambda: run_checker(model), source)
 
 
 def run_checker(model: onnx.ModelProto, *, full_check: bool = False) -> None:
     """``onnx.checker.check_model``, also for models with disk-backed tensors or over 2 GB.
 
-    Such models are checked without the data of their large main-graph
-    initializers, which become typed graph inputs for the check (their sizes
-    were checked against their shapes when they were loaded). Raises what the
-    checker raises.
+    Such models are checked as :func:`without_large_tensors` (their large
+    tensors' sizes were checked against their shapes when they were loaded).
+    Raises what the checker raises.
     """
     if not has_disk_backed_tensors(model) and _serialized_size(model) < PROTOBUF_LIMIT:
         onnx.checker.check_model(model, full_check=full_check)
         return
+    skeleton = without_large_tensors(model)
+    if _serialized_size(skeleton) >= PROTOBUF_LIMIT:
+        log.warning("ONNX checker skipped: the model's structure alone is over 2 GB")
+        return
+    onnx.checker.check_model(skeleton, full_check=full_check)
+
+
+def without_large_tensors(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large main-graph initializers are typed graph inputs instead.
+
+    Large: disk-backed, or at least :data:`DISK_BACKED_MIN_BYTES`. The copy has
+    the model's structure and every shape, without the bulk of its data: cheap
+    to hand to the checker or to shape inference, which would otherwise
+    serialise (and, past 2 GB, fail on) the whole model.
+    """
     skeleton = onnx.ModelProto()
     declared = {vi.name for vi in model.graph.input}
 
@@ -188,10 +207,7 @@ def run_checker(model: onnx.ModelProto, *, full_check: bool = False) -> None:
             graph.initializer.add().CopyFrom(tensor)
 
     _copy_model(model, skeleton, initializer)
-    if _serialized_size(skeleton) >= PROTOBUF_LIMIT:
-        log.warning("ONNX checker skipped: the model's structure alone is over 2 GB")
-        return
-    onnx.checker.check_model(skeleton, full_check=full_check)
+    return skeleton
 
 
 def check_value_types(model: onnx.ModelProto) -> None:
@@ -443,7 +459,7 @@ _DATA_TYPES = frozenset(onnx.TensorProto.DataType.values())
 _TYPED = {"onnx.TensorProto": "data_type", "onnx.TypeProto.Tensor": "elem_type", "onnx.TypeProto.SparseTensor": "elem_type"}
 
 
-def _check_fields(model: onnx.ModelProto, path: Path) -> None:
+def _check_fields(model: onnx.ModelProto, source: str) -> None:
     """What protobuf and the checker let through but crashes tools later.
 
     Invalid UTF-8 in string fields (Python then sees bytes), tensor element
@@ -455,20 +471,20 @@ def _check_fields(model: onnx.ModelProto, path: Path) -> None:
         typed = _TYPED.get(descriptor.full_name)
         if typed is not None and getattr(message, typed) not in _DATA_TYPES:
             name = getattr(message, "name", "") or "a value"
-            raise InputError(f"not a valid ONNX model: {path} ({name} has unknown element type {getattr(message, typed)})")
+            raise InputError(f"not a valid ONNX model: {source} ({name} has unknown element type {getattr(message, typed)})")
         if typed == "data_type" and message.HasField("raw_data"):
             # The checker rejects raw_data that is too short for the shape, not too long.
             expected, stored = _expected_bytes(message), len(message.raw_data)
             if expected is not None and expected != stored:
                 raise InputError(
-                    f"not a valid ONNX model: {path} (tensor '{message.name}' holds {stored} bytes; "
+                    f"not a valid ONNX model: {source} (tensor '{message.name}' holds {stored} bytes; "
                     f"its shape {list(message.dims)} needs {expected})"
                 )
         for field in descriptor.fields:
             if field.type == field.TYPE_STRING:
                 value = getattr(message, field.name)
                 if any(isinstance(v, bytes) for v in (value if _is_repeated(field) else [value])):
-                    raise InputError(f"not a valid ONNX model: {path} (a name or text field is not UTF-8)")
+                    raise InputError(f"not a valid ONNX model: {source} (a name or text field is not UTF-8)")
             elif field.type == field.TYPE_MESSAGE:
                 if _is_repeated(field):
                     for item in getattr(message, field.name):

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import DsrewriteError, InputError, PassError
 from .graph import Shape, collect_shapes
-from .model_io import check_value_types, run_checker
+from .model_io import check_value_types, run_checker, without_large_tensors
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ def default_opset(model: onnx.ModelProto) -> int:
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference that never fails the rewrite: unknown stays unknown."""
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        # Large initializers as typed inputs: the same shapes, without serialising their data (or failing past 2 GB).
+        return onnx.shape_inference.infer_shapes(without_large_tensors(model), strict_mode=False, data_prop=True)
     except Exception as exc:  # inference is best effort; costs fall back to "unknown"
         log.warning("shape inference failed: %s", exc)
         return model

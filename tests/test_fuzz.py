@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from click.testing import CliRunner
 from conftest import run
 from hypothesis import HealthCheck, given, settings

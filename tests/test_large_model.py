@@ -226,3 +226,18 @@ def test_a_model_over_2_gib_is_rewritten_verified_and_saved_within_2_5x_its_size
     np.testing.assert_allclose(actual[0], expected[0], atol=1e-4 * np.abs(expected[0]).max(), rtol=1e-3)
     os.unlink(tmp_path / "in" / "big.onnx.data")  # do not leave 4 GB in pytest's temp dirs
     os.unlink(out_dir / "slim.onnx.data")
+
+
+def test_shape_inference_and_the_checker_see_large_tensors_as_typed_inputs(tmp_path):
+    from dsrewrite.graph import collect_shapes
+    from dsrewrite.model_io import without_large_tensors
+    from dsrewrite.pipeline import infer_shapes
+
+    model = load_model(big_model(tmp_path, rows=300))  # everything in memory; the table is 1.2 MB
+    skeleton = without_large_tensors(model)
+    assert [t.name for t in skeleton.graph.initializer] == ["B1", "W1", "W2"]
+    assert "table" in {vi.name for vi in skeleton.graph.input}
+    assert skeleton.ByteSize() < 100_000 < model.ByteSize()
+    shapes = collect_shapes(infer_shapes(model))
+    assert shapes["table"] == (300, 1024) and shapes["h"] == (1, 32, 12, 12) and shapes["z"] == (3, 1024)
+    run_checker(skeleton, full_check=True)
