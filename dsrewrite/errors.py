@@ -79,7 +79,7 @@ def signals_raise_interrupted():
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
-            if signal.getsignal(signum) is not signal.SIG_IGN:
+            if signal.getsignal(signum) not in (signal.SIG_IGN, None):  # None: set outside Python
                 previous[signum] = signal.signal(signum, handler)
         except (ValueError, OSError):  # pragma: no cover - not the main interpreter
             pass

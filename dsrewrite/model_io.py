@@ -753,7 +753,8 @@ def _deferred_interrupts():
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
-            previous[signum] = signal.signal(signum, lambda s, frame: received.append((s, frame)))
+            if signal.getsignal(signum) is not None:  # None: set outside Python, could not be restored
+                previous[signum] = signal.signal(signum, lambda s, frame: received.append((s, frame)))
         except (ValueError, OSError):  # pragma: no cover - not the main interpreter
             pass
     try:
