@@ -346,10 +346,13 @@ def positions_per_feed(features: int, groups: int) -> int:
     """How many patch positions per feed to sample for a conv with ``features`` (= (M/g)·K) per group.
 
     Accumulating ``Σ x̄ x̄ᵀ`` costs ``g·(F+1)²`` per position, so wide layers get
-    fewer positions per feed (never fewer than 512) and narrow layers more (up to 4096).
+    fewer positions per feed (never fewer than 256) and narrow layers more (up to 4096).
+    With 64 feeds even the widest layers see ``16·F`` positions or more for
+    ``F ≤ 1024``; where positions are still scarce the kernel prior of the fit
+    (``RegressionStats.with_kernel_prior``) takes over.
     """
-    budget = 1e9 / (groups * (features + 1) ** 2)
-    return int(min(MAX_POSITIONS_PER_FEED, max(512, budget)))
+    budget = 2.5e8 / (groups * (features + 1) ** 2)
+    return int(min(MAX_POSITIONS_PER_FEED, max(256, budget)))
 
 
 def sample_positions(count: int, rng: np.random.Generator, limit: int) -> np.ndarray | slice:

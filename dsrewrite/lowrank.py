@@ -338,21 +338,38 @@ def _solve_depthwise(
     """One sweep of exact per-channel updates of the depthwise filters, pointwise fixed.
 
     With ``W̄ = [P_1 D_1 … P_M D_M, b]`` and ``Q = P_m``, channel ``m``'s filters
-    solve ``QᵀQ D_m S_mm = Qᵀ (T_m − W̄_{−m} S_{·m})``.
+    solve ``QᵀQ D_m S_mm = Qᵀ (T_m − W̄_{−m} S_{·m})``, in turn (Gauss-Seidel), so
+    each update sees the ones before it. Everything that does not change within
+    the sweep (the regularised inverses of ``QᵀQ`` and ``S_mm``, the column blocks
+    of ``S``) is computed once, batched over channels.
     """
     mg, r, k = d.shape
+    n = p.shape[0]
     d = d.copy()
-    dense = np.concatenate([np.einsum("naj,ajk->nak", p, d).reshape(p.shape[0], mg * k), b[:, None]], axis=1)
+    dense = np.concatenate([np.einsum("naj,ajk->nak", p, d).reshape(n, mg * k), b[:, None]], axis=1)
+    s_mm = _diagonal_blocks(s, mg, k)
+    s_inv = np.linalg.inv(s_mm + _ridge_batched(s_mm, ridge)[:, None, None] * np.eye(k))
+    q = np.ascontiguousarray(p.transpose(1, 0, 2))  # (Mg, Ng, r)
+    qtq = q.transpose(0, 2, 1) @ q
+    qtq_inv_qt = np.linalg.inv(qtq + _ridge_batched(qtq, ridge)[:, None, None] * np.eye(r)) @ q.transpose(0, 2, 1)
+    t_blocks = t[:, :-1].reshape(n, mg, k)
+    # W̄ S over the patch columns, kept current with a rank-K update per channel instead of
+    # one skinny product per channel (those are slow in multi-threaded BLAS).
+    ws = dense @ s[:, :-1]  # (Ng, F)
     for m in range(mg):
         block = slice(m * k, (m + 1) * k)
-        q = p[:, m, :]  # (Ng, r)
-        s_mm = s[block, block]
-        rhs = t[:, block] - dense @ s[:, block] + dense[:, block] @ s_mm
-        qtq = q.T @ q
-        left = _solve_symmetric(qtq + _ridge(np.diag(qtq), ridge) * np.eye(r), q.T @ rhs)  # (r, K)
-        d[m] = _solve_symmetric(s_mm + _ridge(np.diag(s_mm), ridge) * np.eye(k), left.T).T
-        dense[:, block] = q @ d[m]
+        rhs = t_blocks[:, m, :] - ws[:, block] + dense[:, block] @ s_mm[m]
+        d[m] = qtq_inv_qt[m] @ rhs @ s_inv[m]
+        updated = q[m] @ d[m]
+        ws += (updated - dense[:, block]) @ s[block, :-1]
+        dense[:, block] = updated
     return d
+
+
+def _ridge_batched(matrices: np.ndarray, ridge: float) -> np.ndarray:
+    """``ridge · mean(diag)`` per matrix (``ridge`` where the diagonal is all zero)."""
+    means = np.diagonal(matrices, axis1=-2, axis2=-1).mean(axis=-1)
+    return np.where(means > 0, ridge * means, ridge)
 
 
 def _solve_symmetric(a: np.ndarray, b: np.ndarray) -> np.ndarray:
