@@ -65,6 +65,8 @@ LARGE_TENSOR_ALIGNMENT = 64 * 1024
 # Ops whose constant inputs the passes read: their tensors are always loaded.
 VALUE_READING_OPS = frozenset({"Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "BatchNormalization"})
 ORT_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+# Models at least this large in memory reach onnxruntime through a temporary file (see onnxruntime_source).
+ORT_VIA_FILE_BYTES = 256 * 2**20
 
 _COPY_CHUNK = 16 * 2**20
 _SUB_BYTE_TYPES = frozenset(
@@ -176,9 +178,10 @@ def run_checker(model: onnx.ModelProto, *, full_check: bool = False) -> None:
     tensors' sizes were checked against their shapes when they were loaded).
     Raises what the checker raises.
     """
-    if not has_disk_backed_tensors(model) and _serialized_size(model) < PROTOBUF_LIMIT:
+    if not _has_large_initializers(model):
         onnx.checker.check_model(model, full_check=full_check)
         return
+    # The in-memory checker serialises the model and parses it again: two more copies of every weight.
     skeleton = without_large_tensors(model)
     if _serialized_size(skeleton) >= PROTOBUF_LIMIT:
         log.warning("ONNX checker skipped: the model's structure alone is over 2 GB")
@@ -208,6 +211,10 @@ def without_large_tensors(model: onnx.ModelProto) -> onnx.ModelProto:
 
     _copy_model(model, skeleton, initializer)
     return skeleton
+
+
+def _has_large_initializers(model: onnx.ModelProto) -> bool:
+    return any(is_disk_backed(t) or _data_bytes(t) >= DISK_BACKED_MIN_BYTES for t in model.graph.initializer)
 
 
 def check_value_types(model: onnx.ModelProto) -> None:
@@ -258,14 +265,17 @@ def has_disk_backed_tensors(model: onnx.ModelProto) -> bool:
 def onnxruntime_source(model: onnx.ModelProto) -> Iterator[tuple[bytes | str, dict[str, str]]]:
     """What to hand ``onnxruntime.InferenceSession``: ``(model bytes or path, session config entries)``.
 
-    A model under the protobuf limit is its bytes. One with disk-backed tensors
-    is its bytes with their locations relative to their folder, which the config
-    entry names: onnxruntime maps the data file, nothing is copied. A model
-    still over the limit is written to a temporary directory (removed when the
-    context exits; create the session inside it).
+    A small model is its bytes. One with disk-backed tensors is its bytes with
+    their locations relative to their folder, which the config entry names:
+    onnxruntime maps the data file, nothing is copied. A model of at least
+    :data:`ORT_VIA_FILE_BYTES` in memory is written to a temporary directory
+    with external data (removed when the context exits; create the session
+    inside it): from bytes, onnxruntime would briefly hold the serialised model,
+    its own parse of it and its tensors, about 3.4x the model; from a file it
+    maps the data, about 1x.
     """
     folders = {os.path.dirname(_location(t)) for t in _all_tensors(model) if is_disk_backed(t)}
-    if not folders and _serialized_size(model) < PROTOBUF_LIMIT:
+    if not folders and _serialized_size(model) < min(ORT_VIA_FILE_BYTES, PROTOBUF_LIMIT):
         yield model.SerializeToString(), {}
         return
     if folders:
@@ -281,7 +291,7 @@ def onnxruntime_source(model: onnx.ModelProto) -> Iterator[tuple[bytes | str, di
                         entry.value = os.path.relpath(entry.value, folder)
 
         _copy_model(model, relative, initializer)
-        if _serialized_size(relative) < PROTOBUF_LIMIT:
+        if _serialized_size(relative) < min(ORT_VIA_FILE_BYTES, PROTOBUF_LIMIT):
             yield relative.SerializeToString(), {ORT_EXTERNAL_FOLDER_KEY: folder}
             return
         del relative
