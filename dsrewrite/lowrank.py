@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,8 @@ def fit_separable(
             continue
         p, b = _solve_pointwise(d, s, t, ridge)
         for _ in range(rounds):
-            d = _solve_depthwise(d, p, b, s, t, ridge)
+            with threadpool_limits(limits=1, user_api="blas"):
+                d = _solve_depthwise(d, p, b, s, t, ridge)
             p, b = _solve_pointwise(d, s, t, ridge)
         depthwise.append(d)
         pointwise.append(p)
