@@ -194,7 +194,9 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
 
     decisions, sweep_points, estimates, curve_plans = _decide(working, shapes, decompose, calibration, options, notes)
     if decisions is not None:
-        decompose = replace(decompose, layer_ranks=decisions.ranks, layer_reasons=decisions.reasons)
+        decompose = replace(
+            decompose, layer_ranks=decisions.ranks, layer_reasons=decisions.reasons, layer_forms=decisions.forms or None
+        )
     measured: dict[str, tuple[float, float | None]] = {}
     if options.target_latency is not None:
         decompose, measured = _latency_budget(original, working, shapes, decompose, curve_plans, calibration, options, notes)
@@ -290,7 +292,7 @@ def _decide(working, shapes, decompose, calibration, options: RewriteOptions, no
     planned = Pipeline([DecomposeConv(replace(decompose, apply=False))]).run(working, shapes=shapes)
     plans = planned.results[0].facts
     if options.plan is not None:
-        ranks, reasons = _load_plan(options.plan)
+        ranks, reasons, forms = _load_plan(options.plan)
         known = {p.output for p in plans}
         unknown = sorted(set(ranks) - known)
         if unknown:
@@ -298,7 +300,7 @@ def _decide(working, shapes, decompose, calibration, options: RewriteOptions, no
         for p in plans:
             if p.output not in ranks:
                 reasons[p.output] = "not in the plan"
-        return planning.Decisions(ranks, reasons), None, {}, None
+        return planning.Decisions(ranks, reasons, forms=forms), None, {}, None
     if calibration is not None:
         calibrated_error_curves(working, plans, calibration, options.distill or DistillOptions(seed=options.seed), options.progress)
     if options.evaluate is not None:
@@ -401,7 +403,7 @@ def _apply_latency(working, shapes, decompose, curve_plans, options: RewriteOpti
     return replace(decompose, layer_forms=outcome.forms), outcome.measured
 
 
-def _load_plan(plan) -> tuple[dict, dict]:
+def _load_plan(plan) -> tuple[dict, dict, dict]:
     if isinstance(plan, (str, os.PathLike)):
         try:
             document = json.loads(Path(plan).read_text())

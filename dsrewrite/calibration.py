@@ -34,6 +34,8 @@ Feed = dict[str, np.ndarray]
 # Patch positions sampled per feed and conv: beyond a few thousand per feed the
 # second moments change little while their cost keeps growing.
 MAX_POSITIONS_PER_FEED = 4096
+# Input bytes per batched capture run (activations scale with it).
+BATCH_BYTES = 32 * 2**20
 
 
 # -- feeds ------------------------------------------------------------------------------------
@@ -228,6 +230,12 @@ def capture(
         return values
 
     batching = [can_batch]
+    if can_batch:
+        # Keep one batch of inputs near BATCH_BYTES: large images batch fewer at a time.
+        first = next(iter(feeds), None)
+        if first is not None:
+            feed_bytes = max(1, sum(np.asarray(v).nbytes for v in first.values()))
+            batch_size = int(max(1, min(batch_size, BATCH_BYTES // feed_bytes)))
     for group in _group_feeds(feeds, batch_size if can_batch else 1):
         if len(group) == 1:
             yield run(group[0]), 1

@@ -16,9 +16,13 @@ over the calibration data serves every conv of a wave.
 
 **Independent mode** fits every conv on the original model's inputs in one pass.
 
-Cost: two model runs per batch of feeds per wave. Memory: one batch of captured
+Cost: one pass over the calibration data through the original model (it
+captures the first wave's inputs and every wave's targets at their sampled
+positions, which are spilled to a temporary directory), then one pass through
+the partly rewritten model per later wave. Memory: one batch of captured
 activations, plus per conv ``g·(F+1)² + N·(F+1)`` float64 numbers
-(``F = (M/g)·K``), independent of the number of samples.
+(``F = (M/g)·K``), independent of the number of samples; disk: the sampled
+targets, ``N`` float32 numbers per sampled position.
 
 Convs inside subgraphs cannot be captured as graph outputs; they keep the
 data-free factorisation, and their plan says so.
@@ -26,7 +30,10 @@ data-free factorisation, and their plan says so.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -120,41 +127,77 @@ def distill(
 
     fitted: dict[str, FittedLayer] = {}
     waves = sorted({t.wave for t in targets})
-    current = model
-    for w in waves:
-        wave = [t for t in targets if t.wave == w]
-        accumulators = {
-            t.y_name: RegressionAccumulator(t.spec.in_channels, t.spec.out_channels, t.spec.kernel_size, t.spec.group)
-            for t in wave
-        }
-        # Targets from the original model; inputs from the partly rewritten one (the same model in wave 0).
-        shared = current is model
-        wanted = [t.y_name for t in wave] + ([t.x_name for t in wave] if shared else [])
-        originals = capture(model, wanted, calibration)
-        inputs = None if shared else capture(current, [t.x_name for t in wave], calibration)
-        done = 0
-        for y_values, count in originals:
-            x_values = next(inputs)[0] if inputs is not None else None
+    with tempfile.TemporaryDirectory(prefix="dsrewrite-targets-") as spill:
+        current = model
+        for w in waves:
+            wave = [t for t in targets if t.wave == w]
+            later = [t for t in targets if t.wave > w] if w == waves[0] else []
+            accumulators = {
+                t.y_name: RegressionAccumulator(t.spec.in_channels, t.spec.out_channels, t.spec.kernel_size, t.spec.group)
+                for t in wave
+            }
+            if w == waves[0]:
+                # One pass over the original model: wave 0's inputs and targets, and the targets of every
+                # later wave at their sampled positions, spilled to disk so no later wave reruns the original.
+                wanted = [t.y_name for t in wave + later] + [t.x_name for t in wave]
+                batches = capture(model, wanted, calibration)
+            else:
+                batches = capture(current, [t.x_name for t in wave], calibration)
+            done = 0
+            for index, (values, count) in enumerate(batches):
+                for t in wave:
+                    start = time.perf_counter()
+                    if w == waves[0]:
+                        positions, y = _sample_targets(t, values, accumulators[t.y_name], rng, count)
+                    else:
+                        positions, y = _load_targets(spill, t, index)
+                    accumulators[t.y_name].add(extract_patches(values[t.x_name], t.geometry, positions).astype(np.float64), y)
+                    t.seconds += time.perf_counter() - start
+                for t in later:
+                    start = time.perf_counter()
+                    acc = RegressionAccumulator(t.spec.in_channels, t.spec.out_channels, t.spec.kernel_size, t.spec.group)
+                    positions, y = _sample_targets(t, values, acc, rng, count)
+                    _save_targets(spill, t, index, positions, y)
+                    t.seconds += time.perf_counter() - start
+                done += count
+                if progress:
+                    progress(f"fitting wave {w + 1}/{len(waves)}", done, len(calibration))
             for t in wave:
                 start = time.perf_counter()
-                x = (x_values or {}).get(t.x_name)
-                _accumulate(t, x, y_values, accumulators[t.y_name], rng, count)
+                fitted[t.y_name] = _fit(t, accumulators.pop(t.y_name).finish(), options, w, method)
                 t.seconds += time.perf_counter() - start
-            done += count
-            if progress:
-                progress(f"fitting wave {w + 1}/{len(waves)}", done, len(calibration))
-        for t in wave:
-            start = time.perf_counter()
-            fitted[t.y_name] = _fit(t, accumulators.pop(t.y_name).finish(), options, w, method)
-            t.seconds += time.perf_counter() - start
-            fitted[t.y_name].seconds = t.seconds
-            log.info(
-                "%s: output NMSE %.4g fitted vs %.4g data-free (%.2fs)",
-                t.plan.node, fitted[t.y_name].output_error, fitted[t.y_name].output_error_data_free, t.seconds,
-            )  # fmt: skip
-        if options.sequential and w != waves[-1]:
-            current = _with_fitted_weights(model, targets, fitted)
+                fitted[t.y_name].seconds = t.seconds
+                log.info(
+                    "%s: output NMSE %.4g fitted vs %.4g data-free (%.2fs)",
+                    t.plan.node, fitted[t.y_name].output_error, fitted[t.y_name].output_error_data_free, t.seconds,
+                )  # fmt: skip
+            if w != waves[-1]:
+                current = _with_fitted_weights(model, targets, fitted)
     return fitted
+
+
+def _sample_targets(t: _Target, values: dict, accumulator: RegressionAccumulator, rng, feeds: int):
+    """Positions to sample for one batch, and the original conv's outputs there ``(N, P)``."""
+    y = values[t.y_name]
+    count = y.shape[0] * int(np.prod(y.shape[2:]))
+    limit = positions_per_feed(accumulator.features, accumulator.groups) * feeds
+    positions = sample_positions(count, rng, limit)
+    if isinstance(positions, slice):
+        positions = np.arange(count)
+    return positions, flatten_output(y)[:, positions]
+
+
+def _spill_path(spill: str, t: _Target, index: int) -> str:
+    return os.path.join(spill, f"{hashlib.sha1(t.y_name.encode()).hexdigest()}_{index}.npz")
+
+
+def _save_targets(spill: str, t: _Target, index: int, positions: np.ndarray, y: np.ndarray) -> None:
+    np.savez(_spill_path(spill, t, index), positions=positions, y=y)
+
+
+def _load_targets(spill: str, t: _Target, index: int) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(_spill_path(spill, t, index)) as data:
+        return data["positions"], data["y"]
 
 
 # Statistics of all convs in one independent pass may not exceed this many bytes; more convs take more passes.

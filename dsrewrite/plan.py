@@ -104,8 +104,8 @@ def plan_document(layers: list[LayerPlan], model: dict) -> dict:
     }
 
 
-def decisions_from_document(document) -> tuple[dict[str, int | None], dict[str, str]]:
-    """Per-conv ranks (None: skip) and skip reasons from a saved plan; ValueError if malformed."""
+def decisions_from_document(document) -> tuple[dict[str, int | None], dict[str, str], dict[str, str]]:
+    """Per-conv ranks (None: skip), skip reasons and emission forms from a saved plan; ValueError if malformed."""
     if not isinstance(document, dict) or document.get("schema") != PLAN_SCHEMA:
         raise ValueError(f"not a dsrewrite plan (expected schema {PLAN_SCHEMA!r})")
     layers = document.get("layers")
@@ -113,6 +113,7 @@ def decisions_from_document(document) -> tuple[dict[str, int | None], dict[str, 
         raise ValueError("plan has no 'layers' list")
     ranks: dict[str, int | None] = {}
     reasons: dict[str, str] = {}
+    forms: dict[str, str] = {}
     for entry in layers:
         if not isinstance(entry, dict) or not isinstance(entry.get("output"), str):
             raise ValueError("every plan layer needs an 'output' tensor name")
@@ -121,7 +122,12 @@ def decisions_from_document(document) -> tuple[dict[str, int | None], dict[str, 
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"plan layer {key!r}: rank must be a positive integer, not {rank!r}")
             ranks[key] = rank
+            form = entry.get("form")
+            if form is not None:
+                if form not in (FORM_CONCAT, FORM_MULTIPLIER, FORM_BRANCHES):
+                    raise ValueError(f"plan layer {key!r}: unknown form {form!r}")
+                forms[key] = form
         else:
             ranks[key] = None
             reasons[key] = f"skipped by the plan: {entry.get('reason') or 'no reason given'}"
-    return ranks, reasons
+    return ranks, reasons, forms

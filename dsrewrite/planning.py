@@ -46,6 +46,7 @@ class Decisions:
     ranks: dict[str, int | None]
     reasons: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    forms: dict[str, str] = field(default_factory=dict)  # emission form per conv, when already decided
 
 
 def budget_decisions(plans: Sequence[LayerPlan], target: float) -> Decisions:
