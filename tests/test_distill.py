@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SAMPLES, random_input, run
+from conftest import SAMPLES, run
 
 import dsrewrite
 from dsrewrite import lowrank
