@@ -71,8 +71,8 @@ class RewriteOptions:
         rank = self.rank
         if isinstance(rank, bool) or not (rank in ("auto", "full") or (isinstance(rank, int) and rank >= 1)):
             raise UsageError(f"--rank must be a positive integer, 'full' or 'auto', not {rank!r}")
-        if not (isinstance(self.max_error, (int, float)) and self.max_error > 0 and self.max_error == self.max_error):
-            raise UsageError(f"--max-error must be a positive number, not {self.max_error!r}")
+        if not (isinstance(self.max_error, (int, float)) and 0 < self.max_error < float("inf")):
+            raise UsageError(f"--max-error must be a positive finite number, not {self.max_error!r}")
         for flag, value in (("--atol", self.atol), ("--rtol", self.rtol)):
             if value is not None and not (value >= 0 and value != float("inf")):
                 raise UsageError(f"{flag} must be a finite number >= 0, not {value!r}")

@@ -132,6 +132,9 @@ def command(model, output, rank, max_error, target_macs, target_latency, plan_in
             raise UsageError(f"--report {path} is also the output model path")
     if plan_out is not None:
         check_output_path(plan_out, input_path=model, overwrite=False)
+        taken = [p.resolve() for p in (*reports, *([output] if output is not None else []))]
+        if plan_out.resolve() in taken:
+            raise UsageError(f"--plan-out {plan_out} is also the output model or a report path")
     evaluate, eval_key = (None, "")
     if eval_script is not None:
         evaluate, eval_key = load_eval_script(eval_script)

@@ -196,3 +196,12 @@ def test_version_and_help():
     assert code == 0 and "dsrewrite" in out
     code, out, _ = dsrewrite_cli("--help")
     assert code == 0 and "--rank" in out
+
+
+def test_plan_out_may_not_clobber_the_model_or_a_report(vgg, tmp_path):
+    for clash in (["-o", tmp_path / "x.onnx", "--plan-out", tmp_path / "x.onnx"],
+                  ["-o", tmp_path / "y.onnx", "--report", tmp_path / "r.json", "--plan-out", tmp_path / "r.json"]):
+        code, _, err = dsrewrite_cli(vgg, *clash)
+        assert code == 2 and "--plan-out" in err, err
+    code, _, err = dsrewrite_cli(vgg, "-o", tmp_path / "z.onnx", "--max-error", "inf")
+    assert code == 2 and "max-error" in err
