@@ -375,15 +375,18 @@ def _apply_latency(working, shapes, decompose, curve_plans, options: RewriteOpti
     cache = latency.LatencyCache(Path(options.latency_cache) if options.latency_cache else None)
     if options.target_macs is not None and curve_plans is not None:
         timings = planning.time_rank_ladders(working, curve_plans, shapes, cache, threads=options.threads, progress=options.progress)
+        # Allocate among the efficient ranks first, then spend what is left of the MAC budget on any faster rank.
+        faster = [replace(p, error_at_rank=list(p.error_at_rank or [])) for p in curve_plans]
+        planning.restrict_to_efficient_ranks(faster, timings, 0.0)
         removed = planning.restrict_to_efficient_ranks(curve_plans, timings, planning.MIN_EFFICIENCY)
-        decisions = planning.budget_decisions(curve_plans, options.target_macs)
+        decisions = planning.budget_decisions(curve_plans, options.target_macs, fill_plans=faster)
         # The note from the first allocation is stale now.
         notes[:] = [n for n in notes if not n.startswith("--target-macs")] + decisions.notes
         forms, measured = planning.forms_and_times(decisions, timings)
         notes.append(
             f"latency-aware: {len(timings)} conv(s) timed alone in onnxruntime at their candidate ranks "
             f"({options.threads} thread(s)); {removed} rank(s) that save under "
-            f"{planning.MIN_EFFICIENCY:.0%} of their MAC-predicted time were not used"
+            f"{planning.MIN_EFFICIENCY:.0%} of their MAC-predicted time were only used to fill the budget's remainder"
         )
         return replace(decompose, layer_ranks=decisions.ranks, layer_reasons=decisions.reasons, layer_forms=forms), measured
 

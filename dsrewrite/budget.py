@@ -87,7 +87,7 @@ class Allocation:
         return self.macs_after / self.macs_before if self.macs_before else 1.0
 
 
-def allocate(curves: Sequence[ErrorCurve], target: float) -> Allocation:
+def allocate(curves: Sequence[ErrorCurve], target: float, fill_curves: Sequence[ErrorCurve] | None = None) -> Allocation:
     """Ranks that keep total MACs ≤ ``target``·(MACs before), adding as little estimated error as possible.
 
     1. Greedy descent on each conv's lower convex hull of (MACs, error): always
@@ -96,7 +96,9 @@ def allocate(curves: Sequence[ErrorCurve], target: float) -> Allocation:
        allocation of the relaxed problem (the classic rate-distortion argument).
     2. Fill-up: the last step usually overshoots; while some conv can move to a
        costlier, more accurate state without breaking the budget, take the move
-       that removes the most error per MAC spent.
+       that removes the most error per MAC spent. ``fill_curves`` (same convs, same
+       order) may offer more states for this step than ``curves`` did for the first,
+       e.g. ranks that save time less efficiently but still fit the budget.
     Deterministic: ties go to the earlier conv.
     """
     total_before = sum(c.macs_before for c in curves)
@@ -123,7 +125,7 @@ def allocate(curves: Sequence[ErrorCurve], target: float) -> Allocation:
     while improved:
         improved = False
         best = None
-        for i, curve in enumerate(curves):
+        for i, curve in enumerate(fill_curves or curves):
             macs_now, err_now, _ = chosen[i]
             for state in curve.states():
                 extra = state[0] - macs_now

@@ -49,10 +49,17 @@ class Decisions:
     forms: dict[str, str] = field(default_factory=dict)  # emission form per conv, when already decided
 
 
-def budget_decisions(plans: Sequence[LayerPlan], target: float) -> Decisions:
-    """``--target-macs``: allocate ranks so the eligible convs keep at most ``target`` of their MACs."""
+def budget_decisions(plans: Sequence[LayerPlan], target: float, fill_plans: Sequence[LayerPlan] | None = None) -> Decisions:
+    """``--target-macs``: allocate ranks so the eligible convs keep at most ``target`` of their MACs.
+
+    ``fill_plans`` (copies of ``plans`` with more ranks allowed) are used to spend what the
+    first allocation left of the budget (see :func:`~dsrewrite.budget.allocate`).
+    """
     curves, absolute = curves_from_plans(plans)
-    allocation = allocate(curves, target)
+    fill = curves_from_plans(fill_plans)[0] if fill_plans is not None else None
+    if fill is not None and [c.key for c in fill] != [c.key for c in curves]:
+        fill = None
+    allocation = allocate(curves, target, fill)
     reasons = {key: "left unrewritten by the MAC budget: cheaper error elsewhere" for key, r in allocation.ranks.items() if r is None}
     notes = [
         f"--target-macs {target:g}: eligible MACs {allocation.ratio:.3f} of the original "
@@ -386,7 +393,8 @@ def restrict_to_efficient_ranks(plans: Sequence[LayerPlan], timings: dict[str, R
     """Take out of each conv's error curve the ranks that do not pay in time; return how many.
 
     A rank stays only if, timed alone, it is faster than the conv by ``MIN_SPEEDUP`` and
-    saves at least ``efficiency`` of the time its MAC count says it should save.
+    saves at least ``efficiency`` of the time its MAC count says it should save
+    (``efficiency=0``: only "faster" is required).
     """
     removed = 0
     for plan in plans:
