@@ -114,3 +114,15 @@ def test_target_latency_allocates_measured_time(monkeypatch):
     assert any("--target-latency 0.5" in note for note in result.report.notes)
     with pytest.raises(dsrewrite.UsageError):
         dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_latency=0.5, target_macs=0.5)
+
+
+def test_inefficient_but_faster_ranks_fill_the_mac_budget(monkeypatch):
+    # Rank 1 pays in time; higher ranks are faster than the conv but save far less time than their MACs say.
+    monkeypatch.setattr(
+        planning, "measure_conv_candidates",
+        fake_timer(lambda p, c: 1.0 if c == "original" else (0.2 if c.startswith("1:") else 0.9)),
+    )  # fmt: skip
+    result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_macs=0.5, verify=False, latency_cache=None)
+    ratio = result.report.totals.eligible_macs_ratio
+    assert 0.49 <= ratio <= 0.5
+    assert any(layer.rank == 1 for layer in result.report.layers if layer.rewritten)
