@@ -51,10 +51,10 @@ from .calibration import (
     capture,
     extract_patches,
     flatten_output,
-    output_spatial,
     positions_per_feed,
     sample_positions,
 )
+from .cost import separable_cost
 from .graph import ConvSpec, NameAllocator
 from .pipeline import export_model
 from .plan import LayerPlan
@@ -241,7 +241,7 @@ def calibrated_error_curves(
         names = [t.y_name for t in group] + [t.x_name for t in group]
         for values, count in capture(model, names, calibration):
             for t in group:
-                _accumulate(t, None, values, accumulators[t.y_name], rng, count)
+                _accumulate(t, values, accumulators[t.y_name], rng, count)
             done += count
             if progress:
                 progress(f"measuring error curves {index + 1}/{len(chunks)}", done, len(calibration))
@@ -250,7 +250,8 @@ def calibrated_error_curves(
             full = len(t.plan.error_at_rank or [])
             errors = [float("inf")] * full
             for r in range(1, full + 1):
-                if _separable_per_pixel(t, r) >= t.plan.macs_per_pixel_before:
+                cost = separable_cost(t.spec.in_channels, t.spec.out_channels, t.spec.kernel_size, t.spec.group, r, None, False)
+                if cost.macs_per_pixel >= t.plan.macs_per_pixel_before:
                     break
                 fit = lowrank.fit_separable(
                     t.spec.weight, t.spec.group, t.spec.bias, stats, r, rounds=1, ridge=options.ridge, whiten=options.whiten
@@ -258,11 +259,6 @@ def calibrated_error_curves(
                 errors[r - 1] = fit.squared_error / stats.centred_energy
             t.plan.error_at_rank = errors
             t.plan.error_source = "calibration"
-
-
-def _separable_per_pixel(t: _Target, rank: int) -> int:
-    m, n, g, k = t.spec.in_channels, t.spec.out_channels, t.spec.group, t.spec.kernel_size
-    return rank * m * k + rank * (m // g) * n
 
 
 def _targets(graph: gs.Graph, plans: Sequence[LayerPlan], eligible: bool = False) -> list[_Target]:
@@ -295,21 +291,11 @@ def _assign_waves(graph: gs.Graph, targets: list[_Target]) -> None:
 
 
 def _accumulate(
-    t: _Target,
-    x: np.ndarray | None,
-    y_values: dict[str, np.ndarray],
-    accumulator: RegressionAccumulator,
-    rng: np.random.Generator,
-    feeds: int,
+    t: _Target, values: dict[str, np.ndarray], accumulator: RegressionAccumulator, rng: np.random.Generator, feeds: int
 ) -> None:
-    """Add one batch: ``x`` from the partly rewritten model (None: use the original's input)."""
-    if x is None:
-        x = y_values[t.x_name]
-    count = x.shape[0] * int(np.prod(output_spatial(x.shape, t.geometry)))
-    limit = positions_per_feed(accumulator.features, accumulator.groups) * feeds
-    positions = sample_positions(count, rng, limit)
-    patches = extract_patches(x, t.geometry, positions)  # (M, K, sampled P)
-    accumulator.add(patches.astype(np.float64), flatten_output(y_values[t.y_name])[:, positions])
+    """Add one batch of the original model's inputs and outputs of ``t``, at sampled positions."""
+    positions, y = _sample_targets(t, values, accumulator, rng, feeds)
+    accumulator.add(extract_patches(values[t.x_name], t.geometry, positions).astype(np.float64), y)
 
 
 def _fit(t: _Target, stats: lowrank.RegressionStats, options: DistillOptions, wave: int, method: str) -> FittedLayer:

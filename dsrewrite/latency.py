@@ -22,7 +22,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -161,22 +161,6 @@ def conv_time_share(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], *, t
 # -- per-conv candidates ----------------------------------------------------------------------
 
 
-@dataclass
-class LayerLatency:
-    """Median ms of the original conv and of each candidate (rank, form) for one conv."""
-
-    original_ms: float
-    candidates: dict[str, float]  # "rank:form" -> ms
-
-    def best(self, rank: int) -> tuple[str | None, float | None]:
-        """Fastest form at ``rank`` and its time."""
-        options = {k.split(":", 1)[1]: v for k, v in self.candidates.items() if int(k.split(":", 1)[0]) == rank}
-        if not options:
-            return None, None
-        form = min(options, key=lambda f: (options[f], f))
-        return form, options[form]
-
-
 class LatencyCache:
     """Per-conv measurements on disk, keyed by everything that changes the numbers."""
 
@@ -256,7 +240,3 @@ def measure_layer(
             result[name] = float(statistics.median(samples))
             cache.put(candidate_key(layer_key, name, threads), result[name])
     return result
-
-
-def to_dict(value) -> dict:
-    return asdict(value)
