@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 
 from . import lowrank
 from .budget import allocate, curves_from_plans, smallest_rank_within
+from .cost import separable_cost
 from .graph import NameAllocator, constant_value
 from .model_io import atomic_write_text
 from .pipeline import export_model
@@ -419,8 +420,9 @@ def restrict_to_efficient_ranks(plans: Sequence[LayerPlan], timings: dict[str, R
 
 
 def _separable_macs(plan: LayerPlan, rank: int) -> int:
+    """MACs per output pixel of the conv's rank-``rank`` rewrite."""
     k = math.prod(plan.kernel)
-    return rank * plan.in_channels * k + rank * (plan.in_channels // plan.group) * plan.out_channels
+    return separable_cost(plan.in_channels, plan.out_channels, k, plan.group, rank, None, False).macs_per_pixel
 
 
 def latency_budget_decisions(
