@@ -91,6 +91,21 @@ def assert_same_outputs(original, rewritten, feeds, atol=1e-4, rtol=1e-4):
         np.testing.assert_allclose(a, e, atol=atol, rtol=rtol)
 
 
+def dsrewrite_cli(*args):
+    """Run the CLI in-process under click's CliRunner; return (exit code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from dsrewrite.cli import main
+
+    with CliRunner().isolation() as (out, err, *_):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        return code, out.getvalue().decode(), err.getvalue().decode()
+
+
 @pytest.fixture
 def tmp_model(tmp_path):
     """Save a model into tmp_path and return its path."""

@@ -139,7 +139,7 @@ def test_sensitivity_drives_the_allocation_and_is_cached(tmp_path):
 
 
 def test_sweep_and_eval_script_through_the_cli(tmp_path):
-    from test_cli import dsrewrite_cli
+    from conftest import dsrewrite_cli
 
     script = tmp_path / "score.py"
     script.write_text("import onnx\ndef evaluate(model_path):\n    return float(len(onnx.load(model_path).graph.node))\n")

@@ -8,23 +8,9 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
-from conftest import SAMPLES, conv_model, random_input, run
+from conftest import SAMPLES, conv_model, dsrewrite_cli, random_input, run
 from onnx import helper, numpy_helper
 
-from dsrewrite.cli import main
-
-
-def dsrewrite_cli(*args):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    runner = CliRunner()
-    with runner.isolation() as (out, err, *_):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 @pytest.fixture

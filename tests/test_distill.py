@@ -93,7 +93,7 @@ def test_distillation_brings_the_model_closer_to_the_original(sequential):
 
 
 def test_calibration_through_the_cli(tmp_path):
-    from test_cli import dsrewrite_cli
+    from conftest import dsrewrite_cli
 
     np.savez(tmp_path / "calib.npz", input=smooth_images(6, seed=3))
     code, out, err = dsrewrite_cli(

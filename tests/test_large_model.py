@@ -19,12 +19,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import dsrewrite_cli
 from onnx import TensorProto, helper, numpy_helper
 
 import dsrewrite
 from dsrewrite import model_io
-from dsrewrite.cli import main
-from dsrewrite.model_io import is_disk_backed, load_model, onnxruntime_source, run_checker, save_model
+from dsrewrite.model_io import (
+    is_disk_backed,
+    load_model,
+    onnxruntime_source,
+    run_checker,
+    save_model,
+)
 
 
 def big_model(directory: Path, *, rows: int, dim: int = 1024, name: str = "big.onnx") -> Path:
@@ -104,15 +110,8 @@ def tiny_limits(monkeypatch):
 
 
 def cli(*args) -> tuple[int, str]:
-    from click.testing import CliRunner
-
-    with CliRunner().isolation() as (out, err, *_):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        return code, err.getvalue().decode()
+    code, _out, err = dsrewrite_cli(*args)
+    return code, err
 
 
 def test_over_the_limit_the_table_stays_on_disk_and_the_cli_streams_it(tmp_path, tiny_limits):

@@ -21,25 +21,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
-from conftest import SAMPLES, conv_model, random_input, run
+from conftest import SAMPLES, conv_model, dsrewrite_cli, random_input, run
 from onnx import TensorProto, helper, numpy_helper
 
 from dsrewrite import model_io
-from dsrewrite.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def dsrewrite_cli(*args):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    with CliRunner().isolation() as (out, err, *_):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        return code, out.getvalue().decode(), err.getvalue().decode()
 
 
 def tree(directory: Path) -> dict:
