@@ -180,6 +180,10 @@ def command(model, output, rank, max_error, target_macs, target_latency, plan_in
     from .report import render_terminal  # noqa: PLC0415 (formatting only when needed)
 
     render_terminal(report, console, top=top)
+    # The model first: a report never names an output that an interrupt kept from being written.
+    written = []
+    if result.ok and output is not None and not dry_run:
+        written = save_model(result.model, output)
     for path in reports:
         report.write(path)
     if plan_out is not None:
@@ -187,10 +191,8 @@ def command(model, output, rank, max_error, target_macs, target_latency, plan_in
     if not result.ok:
         Console(stderr=True).print("[red]error:[/red] verification failed; no model written")
         return 1
-    if output is not None and not dry_run:
-        written = save_model(result.model, output)
-        if not quiet:
-            console.print(f"Wrote {', '.join(str(p) for p in written)}")
+    if written and not quiet:
+        console.print(f"Wrote {', '.join(str(p) for p in written)}")
     return 0
 
 

@@ -37,13 +37,16 @@ def test_params_move_the_bias_to_the_pointwise_conv():
     assert separable_cost(4, 6, 9, 1, 1, None, has_bias=True).params == 4 * 9 + 6 * 4 + 6
 
 
-@pytest.mark.parametrize(
-    "size,kernel,stride,pad,dilation,auto_pad",
-    list(itertools.product([7, 10], [1, 3], [1, 2, 3], [(0, 0), (1, 2)], [1, 2], ["NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"])),
-)
+# SAME padding with dilation is not well defined (onnxruntime rejects it), so those combinations are left out.
+OUTPUT_CASES = [
+    case
+    for case in itertools.product([7, 10], [1, 3], [1, 2, 3], [(0, 0), (1, 2)], [1, 2], ["NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"])
+    if not (case[5].startswith("SAME") and case[4] > 1)
+]
+
+
+@pytest.mark.parametrize("size,kernel,stride,pad,dilation,auto_pad", OUTPUT_CASES)
 def test_output_spatial_matches_onnx_shape_inference(size, kernel, stride, pad, dilation, auto_pad):
-    if auto_pad.startswith("SAME") and dilation > 1:
-        pytest.skip("SAME padding with dilation is not well defined")
     model = conv_model(
         kernel=(kernel,), spatial=(size,), strides=(stride,), dilations=(dilation,),
         pads=pad if auto_pad == "NOTSET" else None, auto_pad=None if auto_pad == "NOTSET" else auto_pad,
