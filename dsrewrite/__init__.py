@@ -7,29 +7,49 @@
 """
 
 from ._version import __version__
-from .api import RewriteOptions, RewriteResult, rewrite
-from .errors import DsrewriteError, InputError, PassError, UsageError, VerificationError
-from .model_io import load_model, save_model
-from .pipeline import Pass, PassContext, PassResult, Pipeline
-from .plan import LayerPlan
-from .report import Report
 
-__all__ = [
-    "DsrewriteError",
-    "InputError",
-    "LayerPlan",
-    "Pass",
-    "PassContext",
-    "PassError",
-    "PassResult",
-    "Pipeline",
-    "Report",
-    "RewriteOptions",
-    "RewriteResult",
-    "UsageError",
-    "VerificationError",
-    "__version__",
-    "load_model",
-    "rewrite",
-    "save_model",
-]
+# The public API loads lazily (PEP 562): `import dsrewrite` stays cheap, so the
+# command line can put the heavy imports (onnx, onnxruntime) under its own
+# interrupt handling.
+_EXPORTS = {
+    "RewriteOptions": "api",
+    "RewriteResult": "api",
+    "rewrite": "api",
+    "DsrewriteError": "errors",
+    "InputError": "errors",
+    "PassError": "errors",
+    "UsageError": "errors",
+    "VerificationError": "errors",
+    "load_model": "model_io",
+    "save_model": "model_io",
+    "Pass": "pipeline",
+    "PassContext": "pipeline",
+    "PassResult": "pipeline",
+    "Pipeline": "pipeline",
+    "LayerPlan": "plan",
+    "Report": "report",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str):
+    import importlib  # noqa: PLC0415
+
+    module = _EXPORTS.get(name)
+    if module is None:
+        if name.startswith("_"):
+            raise AttributeError(f"module 'dsrewrite' has no attribute {name!r}")
+        try:  # a submodule, e.g. dsrewrite.passes or dsrewrite.lowrank
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise  # the submodule exists but something it needs is missing
+            raise AttributeError(f"module 'dsrewrite' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -191,3 +191,33 @@ def test_plan_out_may_not_clobber_the_model_or_a_report(vgg, tmp_path):
         assert code == 2 and "--plan-out" in err, err
     code, _, err = dsrewrite_cli(vgg, "-o", tmp_path / "z.onnx", "--max-error", "inf")
     assert code == 2 and "max-error" in err
+
+
+def test_an_interrupt_while_the_libraries_load_is_one_error_line(monkeypatch, capsys):
+    import builtins
+    import sys
+
+    from dsrewrite import entry
+
+    real_import = builtins.__import__
+
+    def interrupted(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 1 and name == "cli":
+            raise KeyboardInterrupt
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.delitem(sys.modules, "dsrewrite.cli", raising=False)
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as info:
+        entry.main(["--version"])
+    assert info.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_the_package_imports_lazily():
+    import subprocess
+    import sys
+
+    code = "import sys, dsrewrite; print('onnxruntime' in sys.modules); print(callable(dsrewrite.rewrite))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]
