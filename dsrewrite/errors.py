@@ -64,27 +64,38 @@ class Interrupted(BaseException):
 
 
 @contextlib.contextmanager
+def swapped_signal_handlers(handler, *, keep_ignored: bool):
+    """Install ``handler`` for SIGINT and SIGTERM while the block runs; yield the previous handlers.
+
+    Main thread only (elsewhere a no-op yielding ``{}``). Handlers set outside Python
+    (``getsignal()`` is None) cannot be restored, so they are left alone; with
+    ``keep_ignored`` so are signals the process ignores.
+    """
+    previous: dict = {}
+    if threading.current_thread() is threading.main_thread():
+        skip = (signal.SIG_IGN, None) if keep_ignored else (None,)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                if signal.getsignal(signum) not in skip:
+                    previous[signum] = signal.signal(signum, handler)
+            except (ValueError, OSError):  # pragma: no cover - not the main interpreter
+                pass
+    try:
+        yield previous
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@contextlib.contextmanager
 def signals_raise_interrupted():
     """While the block runs, SIGINT and SIGTERM raise :class:`Interrupted` (main thread only).
 
     Signals the process ignores stay ignored; the previous handlers come back afterwards.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def handler(signum, frame):
         raise Interrupted(signum)
 
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            if signal.getsignal(signum) not in (signal.SIG_IGN, None):  # None: set outside Python
-                previous[signum] = signal.signal(signum, handler)
-        except (ValueError, OSError):  # pragma: no cover - not the main interpreter
-            pass
-    try:
+    with swapped_signal_handlers(handler, keep_ignored=True):
         yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)

@@ -38,7 +38,6 @@ import os
 import signal
 import stat
 import tempfile
-import threading
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -47,7 +46,7 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 from onnx.onnx_cpp2py_export import checker as _c_checker
 
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, swapped_signal_handlers
 
 log = logging.getLogger(__name__)
 
@@ -755,23 +754,13 @@ def _referenced_files(input_path: Path, mtime_ns: int, size: int) -> frozenset[P
 
 @contextlib.contextmanager
 def _deferred_interrupts():
-    """Hold SIGINT/SIGTERM until the block ends (main thread only; elsewhere a no-op)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    """Hold SIGINT/SIGTERM until the block ends, then deliver them (main thread only; elsewhere a no-op)."""
     received: list[tuple[int, object]] = []
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            if signal.getsignal(signum) is not None:  # None: set outside Python, could not be restored
-                previous[signum] = signal.signal(signum, lambda s, frame: received.append((s, frame)))
-        except (ValueError, OSError):  # pragma: no cover - not the main interpreter
-            pass
+    previous: dict = {}
     try:
-        yield
+        with swapped_signal_handlers(lambda s, frame: received.append((s, frame)), keep_ignored=False) as previous:
+            yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         for signum, frame in received:
             handler = previous.get(signum)
             if callable(handler):
