@@ -323,9 +323,9 @@ def check_latency(
         if shape is None:
             log.info("%s: input shape unknown, latency not measured", plan.node)
             continue
-        times = measure_conv_candidates(model, plan, shape, [plan.rank], cache, threads=threads)
-        original = times["original"]
-        form, best = min(((k.split(":", 1)[1], v) for k, v in times.items() if k != "original"), key=lambda kv: (kv[1], kv[0]))
+        timing = RankTimings.of(measure_conv_candidates(model, plan, shape, [plan.rank], cache, threads=threads), [plan.rank])
+        original = timing.original_ms
+        form, best = timing.best[plan.rank]
         outcome.measured[plan.output] = (original, best)
         if best * MIN_SPEEDUP > original:
             outcome.slower[plan.output] = (
@@ -357,6 +357,15 @@ class RankTimings:
     original_ms: float
     best: dict[int, tuple[str, float]]  # rank -> (form, ms)
 
+    @classmethod
+    def of(cls, times: dict[str, float], ranks: Sequence[int]) -> "RankTimings":
+        """From ``measure_conv_candidates`` times: the fastest form at each rank (ties: form name)."""
+        best = {}
+        for rank in ranks:
+            options = [(k.split(":", 1)[1], v) for k, v in times.items() if k.startswith(f"{rank}:")]
+            best[rank] = min(options, key=lambda kv: (kv[1], kv[0]))
+        return cls(times["original"], best)
+
     def realised(self, rank: int) -> float:
         """Fraction of the conv's time the rewrite at ``rank`` saves (negative: slower)."""
         return 1.0 - self.best[rank][1] / self.original_ms
@@ -379,11 +388,7 @@ def time_rank_ladders(
         ranks = candidate_ranks(plan, limit=10)
         if shape is not None and ranks:
             times = measure_conv_candidates(model, plan, shape, ranks, cache, threads=threads)
-            best = {}
-            for rank in ranks:
-                options = [(k.split(":", 1)[1], v) for k, v in times.items() if k.startswith(f"{rank}:")]
-                best[rank] = min(options, key=lambda kv: (kv[1], kv[0]))
-            timings[plan.output] = RankTimings(times["original"], best)
+            timings[plan.output] = RankTimings.of(times, ranks)
         if progress:
             progress("timing candidate ranks", index + 1, len(todo))
     cache.save()
