@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .model_io import atomic_write_text
+from .cache import cache_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +166,7 @@ class LatencyCache:
 
     def __init__(self, path: Path | None):
         self.path = path
-        self.data: dict = {}
-        if path is not None and path.exists():
-            try:
-                self.data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                log.warning("ignoring unreadable latency cache %s", path)
+        self.data: dict = read_json(path)
 
     def get(self, key: str) -> float | None:
         return self.data.get(key)
@@ -180,18 +175,11 @@ class LatencyCache:
         self.data[key] = value
 
     def save(self) -> None:
-        if self.path is None:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path, json.dumps(self.data))
-        except OSError as exc:
-            log.warning("could not write the latency cache %s: %s", self.path, exc)
+        write_json(self.path, self.data)
 
 
 def default_cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dsrewrite" / "latency.json"
+    return cache_path("latency.json")
 
 
 def machine_key(threads: int) -> str:

@@ -16,7 +16,6 @@ from, in increasing order of cost and faithfulness:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -32,7 +31,8 @@ from . import lowrank
 from .budget import allocate, curves_from_plans, smallest_rank_within
 from .cost import separable_cost
 from .graph import NameAllocator, constant_value
-from .model_io import atomic_write_text
+from .cache import cache_path as user_cache_path
+from .cache import read_json, write_json
 from .pipeline import export_model
 from .plan import LayerPlan
 
@@ -139,7 +139,7 @@ def measure_sensitivity(
     cached on disk at ``cache_path`` under a key of the model bytes and ``cache_key``.
     """
     fingerprint = hashlib.sha256(model.SerializeToString(deterministic=True) + cache_key.encode()).hexdigest()
-    cache = _read_cache(cache_path)
+    cache = read_json(cache_path)
     table = cache.get(fingerprint) or {"baseline": None, "layers": {}}
     if table["baseline"] is None:
         table["baseline"] = float(evaluate(model))
@@ -150,7 +150,7 @@ def measure_sensitivity(
         scores = table["layers"].setdefault(plan.output, {})
         if str(rank) not in scores:
             scores[str(rank)] = float(evaluate(_with_one_conv_factorised(model, plan.output, rank)))
-            _write_cache(cache_path, {**cache, fingerprint: table})
+            write_json(cache_path, {**cache, fingerprint: table})
         if progress:
             progress("measuring sensitivity", index + 1, len(jobs))
     baseline = table["baseline"]
@@ -182,29 +182,8 @@ def _with_one_conv_factorised(model: onnx.ModelProto, output: str, rank: int) ->
     return export_model(graph, model)
 
 
-def _read_cache(path: Path | None) -> dict:
-    if path is None or not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        log.warning("ignoring unreadable sensitivity cache %s", path)
-        return {}
-
-
-def _write_cache(path: Path | None, cache: dict) -> None:
-    if path is None:
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(cache))
-    except OSError as exc:
-        log.warning("could not write the sensitivity cache %s: %s", path, exc)
-
-
 def default_cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dsrewrite" / "sensitivity.json"
+    return user_cache_path("sensitivity.json")
 
 
 def load_eval_script(path: str | os.PathLike) -> tuple[Evaluate, str]:
