@@ -31,6 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from .cache import cache_path, read_json, write_json
+from .verify import session
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,8 @@ Progress = Callable[[str, int, int], None]
 
 
 def make_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 4  # errors reach the user through dsrewrite's own message
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    """A session as deployed (``ORT_ENABLE_ALL``); models over 2 GB load as in verification."""
+    return session(model, threads=threads, optimize=True)
 
 
 def interleaved_medians(
