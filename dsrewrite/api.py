@@ -204,9 +204,8 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
         decompose, measured = _apply_latency(working, shapes, decompose, curve_plans, options, notes)
     fitted = {}
     if calibration is not None and not options.dry_run:
-        planned = Pipeline([DecomposeConv(replace(decompose, apply=False))]).run(working, shapes=shapes)
         fit_options = options.distill or DistillOptions(sequential=options.sequential, seed=options.seed)
-        fitted = distill(working, planned.results[0].facts, calibration, fit_options, options.progress)
+        fitted = distill(working, _plan(working, shapes, decompose), calibration, fit_options, options.progress)
     elif calibration is not None:
         notes.append("dry run: no fitting ran; errors are estimates")
     outcome = Pipeline([DecomposeConv(decompose, fitted=fitted), Cleanup()]).run(working, shapes=shapes)
@@ -278,6 +277,12 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
     return RewriteResult(model=original if options.dry_run else rewritten, report=report)
 
 
+def _plan(working, shapes, decompose: DecomposeOptions) -> list:
+    """The per-conv plan ``decompose`` would produce, without touching the model."""
+    planned = Pipeline([DecomposeConv(replace(decompose, apply=False))]).run(working, shapes=shapes)
+    return planned.results[0].facts
+
+
 def _decide(working, shapes, decompose, calibration, options: RewriteOptions, notes: list[str]):
     """Decisions that need the whole plan first: saved plan, MAC budget, calibrated auto, sweep.
 
@@ -289,8 +294,7 @@ def _decide(working, shapes, decompose, calibration, options: RewriteOptions, no
     )
     if options.plan is None and not needs_errors:
         return None, None, {}, None
-    planned = Pipeline([DecomposeConv(replace(decompose, apply=False))]).run(working, shapes=shapes)
-    plans = planned.results[0].facts
+    plans = _plan(working, shapes, decompose)
     if options.plan is not None:
         ranks, reasons, forms = _load_plan(options.plan)
         known = {p.output for p in plans}
@@ -390,8 +394,7 @@ def _apply_latency(working, shapes, decompose, curve_plans, options: RewriteOpti
         )
         return replace(decompose, layer_ranks=decisions.ranks, layer_reasons=decisions.reasons, layer_forms=forms), measured
 
-    planned = Pipeline([DecomposeConv(replace(decompose, apply=False))]).run(working, shapes=shapes)
-    plans = planned.results[0].facts
+    plans = _plan(working, shapes, decompose)
     outcome = planning.check_latency(working, plans, shapes, cache, threads=options.threads, progress=options.progress)
     if outcome.slower:
         ranks = {p.output: (None if p.output in outcome.slower else p.rank) for p in plans if p.rewritten}
