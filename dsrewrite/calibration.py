@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError, UsageError
+from .geometry import ConvGeometry
 from .lowrank import RegressionStats
 from .verify import session
 
@@ -271,48 +272,6 @@ def _shapes(feed: Feed) -> dict[str, tuple]:
 # -- patches and statistics -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ConvGeometry:
-    """What patch extraction needs to know about a conv."""
-
-    kernel_shape: tuple[int, ...]
-    strides: tuple[int, ...]
-    pads: tuple[int, ...]
-    dilations: tuple[int, ...]
-    auto_pad: str = "NOTSET"
-
-
-def explicit_pads(geometry: ConvGeometry, spatial: Sequence[int]) -> list[int]:
-    """Begin/end pads after resolving auto_pad for these input dims."""
-    d = len(geometry.kernel_shape)
-    if geometry.auto_pad == "VALID":
-        return [0] * (2 * d)
-    if geometry.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for i in range(d):
-            out = -(-spatial[i] // geometry.strides[i])
-            span = geometry.dilations[i] * (geometry.kernel_shape[i] - 1) + 1
-            total = max(0, (out - 1) * geometry.strides[i] + span - spatial[i])
-            small, big = total // 2, total - total // 2
-            begin, end = (small, big) if geometry.auto_pad == "SAME_UPPER" else (big, small)
-            begins.append(begin)
-            ends.append(end)
-        return begins + ends
-    return list(geometry.pads) if geometry.pads else [0] * (2 * d)
-
-
-def output_spatial(x_shape: Sequence[int], geometry: ConvGeometry) -> list[int]:
-    d = len(geometry.kernel_shape)
-    spatial = x_shape[2:]
-    pads = explicit_pads(geometry, spatial)
-    return [
-        (spatial[i] + pads[i] + pads[i + d] - geometry.dilations[i] * (geometry.kernel_shape[i] - 1) - 1)
-        // geometry.strides[i]
-        + 1
-        for i in range(d)
-    ]
-
-
 def extract_patches(x: np.ndarray, geometry: ConvGeometry, positions: np.ndarray | slice | None = None) -> np.ndarray:
     """im2col: ``x (B, M, *spatial)`` -> ``(M, K, P)`` with ``P = B·output positions``.
 
@@ -322,9 +281,9 @@ def extract_patches(x: np.ndarray, geometry: ConvGeometry, positions: np.ndarray
     d = len(geometry.kernel_shape)
     b, m = x.shape[:2]
     spatial = x.shape[2:]
-    pads = explicit_pads(geometry, spatial)
+    pads = geometry.explicit_pads(spatial)
     padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
-    out = output_spatial(x.shape, geometry)
+    out = geometry.output_spatial(spatial)
     if positions is not None and not isinstance(positions, slice):
         batch, flat = np.divmod(np.asarray(positions), int(np.prod(out)))
         coords = np.unravel_index(flat, out)

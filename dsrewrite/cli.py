@@ -1,4 +1,4 @@
-"""Command line: parse options into RewriteOptions, call api.rewrite, render, write files.
+"""Command line: assemble the option groups into RewriteOptions, call api.rewrite, render, write files.
 
 No rewriting logic lives here. Exit codes: 0 ok (including "nothing to
 rewrite"), 1 verification failed (no model written), 2 usage or input error
@@ -12,24 +12,31 @@ import json
 import logging
 import os
 import sys
-from dataclasses import replace
 import traceback
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import click
 from rich.console import Console
 
 from ._version import __version__
-from .api import RewriteOptions, rewrite
+from .api import rewrite
 from .budget import DEFAULT_MAX_ERROR
 from .errors import DsrewriteError, Interrupted, UsageError, signals_raise_interrupted
 from .model_io import atomic_write_text, check_output_path, save_model
-from .planning import default_cache_path, load_eval_script
+from .options import (
+    CalibrationSettings,
+    DecomposeSettings,
+    LatencySettings,
+    ReportSettings,
+    RewriteOptions,
+    VerifySettings,
+)
+from .report import FORMATS as REPORT_FORMATS
+from .sensitivity import default_cache_path, load_eval_script
 
 log = logging.getLogger("dsrewrite")
-
-REPORT_FORMATS = (".json", ".md", ".html")
 
 
 class RankType(click.ParamType):
@@ -102,6 +109,10 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
                    "or on the original model's inputs (independent).")
 @click.option("--fold-batchnorm/--no-fold-batchnorm", default=True, show_default=True,
               help="Fold inference BatchNormalization into the preceding conv first.")
+@click.option("--passes", "pass_list", default=None, metavar="NAME,...",
+              help="The pass list, comma-separated: registry names (fold_batchnorm, decompose_conv, cleanup) or "
+                   "package.module:ClassName for your own pass. decompose_conv marks where the rewrite happens. "
+                   "Default: fold_batchnorm,decompose_conv,cleanup.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Run both models in onnxruntime and compare outputs.")
 @click.option("--atol", type=float, default=None, help="Absolute tolerance; makes verification pass/fail.")
@@ -117,7 +128,7 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.version_option(__version__, "--version", prog_name="dsrewrite")
 def command(model, output, rank, max_error, target_macs, target_latency, plan_in, plan_out, eval_script, latency_aware, benchmark,
             threads, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential,
-            fold_batchnorm, verify, atol, rtol, reports, top, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
+            fold_batchnorm, pass_list, verify, atol, rtol, reports, top, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
     """Rewrite the standard convolutions of MODEL into depthwise + pointwise convolutions."""
     _configure_logging(verbose, quiet)
     if output is None and not dry_run:
@@ -144,31 +155,20 @@ def command(model, output, rank, max_error, target_macs, target_latency, plan_in
         name, dims = parse_input_shape(value)
         shapes[name] = dims
     options = RewriteOptions(
-        rank=rank,
-        max_error=max_error,
-        include=tuple(include),
-        exclude=tuple(exclude),
+        decompose=DecomposeSettings(
+            rank=rank, max_error=max_error, include=tuple(include), exclude=tuple(exclude), fold_batchnorm=fold_batchnorm,
+            target_macs=target_macs, target_latency=target_latency, plan=plan_in, evaluate=evaluate, eval_key=eval_key,
+            sensitivity_cache=default_cache_path() if evaluate is not None else None,
+        ),
+        calibration=CalibrationSettings(data=calibration, samples=calibration_samples, sequential=sequential),
+        latency=LatencySettings(aware=latency_aware, benchmark=benchmark, threads=threads),
+        verify=VerifySettings(enabled=verify, atol=atol, rtol=rtol),
+        report=ReportSettings(sweep=sweep),
         input_shapes=shapes,
-        fold_batchnorm=fold_batchnorm,
-        verify=verify,
-        atol=atol,
-        rtol=rtol,
         seed=seed,
         dry_run=dry_run,
-        calibration=calibration,
-        calibration_samples=calibration_samples,
-        sequential=sequential,
-        target_macs=target_macs,
-        target_latency=target_latency,
-        plan=plan_in,
-        evaluate=evaluate,
-        eval_key=eval_key,
-        sensitivity_cache=default_cache_path() if evaluate is not None else None,
-        sweep=sweep,
-        latency_aware=latency_aware,
-        benchmark=benchmark,
-        threads=threads,
-    )
+        passes=tuple(name.strip() for name in pass_list.split(",") if name.strip()) if pass_list is not None else (),
+    )  # fmt: skip
     with progress_bars(enabled=not quiet and sys.stderr.isatty()) as progress:
         result = rewrite(model, replace(options, progress=progress))
     report = result.report

@@ -9,9 +9,7 @@ costs ``N·(M/g)·K``. Its rank-``r`` rewrite costs ``r·M·K`` (depthwise) plus
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -21,38 +19,6 @@ class Cost:
     macs: int | None
     params: int
     macs_per_pixel: int
-
-
-def conv_output_spatial(
-    input_spatial: Sequence[int | None],
-    kernel_shape: Sequence[int],
-    strides: Sequence[int],
-    pads: Sequence[int],
-    dilations: Sequence[int],
-    auto_pad: str = "NOTSET",
-) -> list[int | None]:
-    """Spatial output dims of an ONNX Conv; None where the input dim is unknown."""
-    d = len(kernel_shape)
-    out: list[int | None] = []
-    for i in range(d):
-        size = input_spatial[i]
-        if size is None:
-            out.append(None)
-            continue
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            out.append(-(-size // strides[i]))
-        else:
-            begin, end = (0, 0) if auto_pad == "VALID" else (pads[i], pads[i + d])
-            span = dilations[i] * (kernel_shape[i] - 1) + 1
-            out.append((size + begin + end - span) // strides[i] + 1)
-    return out
-
-
-def output_elements(batch: int | None, output_spatial: Sequence[int | None]) -> int | None:
-    """Output pixels over the batch, or None if any dim is unknown."""
-    if batch is None or any(s is None for s in output_spatial):
-        return None
-    return batch * math.prod(output_spatial)
 
 
 def conv_cost(

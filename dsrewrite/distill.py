@@ -46,7 +46,6 @@ import onnx_graphsurgeon as gs
 from . import lowrank
 from .calibration import (
     CalibrationSet,
-    ConvGeometry,
     RegressionAccumulator,
     capture,
     extract_patches,
@@ -55,8 +54,8 @@ from .calibration import (
     sample_positions,
 )
 from .cost import separable_cost
-from .graph import ConvSpec, NameAllocator
-from .pipeline import export_model
+from .geometry import ConvGeometry
+from .graph import ConvSpec, with_dense_kernels
 from .plan import LayerPlan
 
 log = logging.getLogger(__name__)
@@ -271,8 +270,7 @@ def _targets(graph: gs.Graph, plans: Sequence[LayerPlan], eligible: bool = False
     for node in graph.nodes:
         if node.op == "Conv" and node.outputs and node.outputs[0].name in wanted:
             spec = ConvSpec.from_node(node, graph, {})
-            geometry = ConvGeometry(spec.kernel_shape, spec.strides, spec.pads, spec.dilations, spec.auto_pad)
-            targets.append(_Target(wanted[node.outputs[0].name], spec, geometry, node.inputs[0].name, node.outputs[0].name))
+            targets.append(_Target(wanted[node.outputs[0].name], spec, spec.geometry, node.inputs[0].name, node.outputs[0].name))
     return targets
 
 
@@ -331,17 +329,7 @@ def _with_fitted_weights(model: onnx.ModelProto, targets: list[_Target], fitted:
     separable rewrite, so later waves see the inputs the rewritten model will
     produce, without any graph surgery here.
     """
-    graph = gs.import_onnx(model)
-    names = NameAllocator(graph)
-    nodes = {n.outputs[0].name: n for n in graph.nodes if n.op == "Conv" and n.outputs}
-    for t in targets:
-        layer = fitted.get(t.y_name)
-        if layer is None:
-            continue
-        node = nodes[t.y_name]
-        dtype = t.spec.weight.dtype
-        kernel = gs.Constant(names.fresh(f"{t.y_name}/fitted_W"), lowrank.reconstruct(layer.factors).astype(dtype))
-        bias = gs.Constant(names.fresh(f"{t.y_name}/fitted_B"), layer.bias.astype(dtype))
-        node.inputs = [node.inputs[0], kernel, bias]
-    graph.cleanup(remove_unused_graph_inputs=False)
-    return export_model(graph, model)
+    kernels = {
+        t.y_name: (lowrank.reconstruct(fitted[t.y_name].factors), fitted[t.y_name].bias) for t in targets if t.y_name in fitted
+    }
+    return with_dense_kernels(model, kernels, label="fitted")

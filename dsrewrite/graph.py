@@ -3,21 +3,26 @@
 * ``producer(t)`` / ``consumers(t)``: graphsurgeon's ``tensor.inputs`` and
   ``tensor.outputs`` read backwards; these names say what they mean.
 * ``iter_graphs``: the main graph and every If/Loop/Scan body, recursively.
-* ``ConvSpec``: a Conv node with its attributes normalised (defaults filled in,
-  pads expanded) and its constant weights, if any.
+* ``ConvSpec``: a Conv node with its attributes normalised into a
+  :class:`~dsrewrite.geometry.ConvGeometry` and its constant weights, if any.
+* ``convs_by_output`` / ``find_conv``: Conv nodes keyed by their output tensor,
+  the stable key of every per-conv record (nodes may be unnamed).
+* ``with_dense_kernels``: a copy of the model with some convs' kernels (and
+  biases) swapped, e.g. for the dense reconstruction of their factors.
 * ``NameAllocator``: fresh node/tensor names that collide with nothing in the model.
+* ``export_model``: graphsurgeon export that keeps the model-level fields.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .cost import conv_output_spatial, output_elements
+from .geometry import ConvGeometry, output_elements
 
 Shape = tuple  # of int | None
 
@@ -126,10 +131,7 @@ class ConvSpec:
     bias_is_constant: bool
     weight_shape: tuple[int, ...] | None
     group: int
-    strides: tuple[int, ...]
-    pads: tuple[int, ...]
-    dilations: tuple[int, ...]
-    auto_pad: str
+    geometry: ConvGeometry | None  # None when the kernel shape is unknown
     input_shape: Shape | None
 
     @property
@@ -155,11 +157,9 @@ class ConvSpec:
 
     @property
     def output_spatial(self) -> list[int | None] | None:
-        if self.input_shape is None or self.kernel_shape is None:
+        if self.input_shape is None or self.geometry is None:
             return None
-        return conv_output_spatial(
-            self.input_shape[2:], self.kernel_shape, self.strides, self.pads, self.dilations, self.auto_pad
-        )
+        return self.geometry.output_spatial(self.input_shape[2:])
 
     def output_pixels(self) -> int | None:
         """Output positions times batch for one inference; None if any dim is unknown."""
@@ -189,6 +189,15 @@ class ConvSpec:
         input_shape = shapes.get(x.name)
         if input_shape is None and x.shape is not None:
             input_shape = tuple(s if isinstance(s, int) and s > 0 else None for s in x.shape)
+        geometry = None
+        if weight_shape is not None:
+            geometry = ConvGeometry(
+                kernel_shape=tuple(weight_shape[2:]),
+                strides=tuple(int(s) for s in attrs.get("strides", [1] * d)),
+                pads=pads,
+                dilations=tuple(int(s) for s in attrs.get("dilations", [1] * d)),
+                auto_pad=auto_pad,
+            )
         return cls(
             node=node,
             graph=graph,
@@ -198,12 +207,71 @@ class ConvSpec:
             bias_is_constant=b is None or bias is not None,
             weight_shape=weight_shape,
             group=int(attrs.get("group", 1)),
-            strides=tuple(int(s) for s in attrs.get("strides", [1] * d)),
-            pads=pads,
-            dilations=tuple(int(s) for s in attrs.get("dilations", [1] * d)),
-            auto_pad=auto_pad,
+            geometry=geometry,
             input_shape=input_shape,
         )
+
+
+def convs_by_output(graph: gs.Graph) -> dict[str, gs.Node]:
+    """The graph's Conv nodes keyed by their output tensor name (this graph only, not subgraphs)."""
+    return {n.outputs[0].name: n for n in graph.nodes if n.op == "Conv" and n.outputs}
+
+
+def find_conv(graph: gs.Graph, output: str) -> gs.Node | None:
+    """The Conv node of ``graph`` that writes ``output``, or None."""
+    return convs_by_output(graph).get(output)
+
+
+def with_dense_kernels(
+    model: onnx.ModelProto, kernels: Mapping[str, tuple[np.ndarray, np.ndarray | None]], *, label: str = "dense"
+) -> onnx.ModelProto:
+    """A copy of ``model`` whose convs (keyed by output) compute with new dense kernels.
+
+    ``kernels[output] = (W, b)``: ``W`` replaces the kernel, cast to its dtype; ``b``
+    replaces the bias, or ``None`` keeps the conv's own bias input. A dense conv with the
+    reconstruction of separable factors computes what their rewrite would, with no surgery.
+    """
+    graph = gs.import_onnx(model)
+    names = NameAllocator(graph)
+    nodes = convs_by_output(graph)
+    for output, (kernel, bias) in kernels.items():
+        node = nodes[output]
+        dtype = constant_value(node.inputs[1]).dtype
+        weight = gs.Constant(names.fresh(f"{output}/{label}_W"), np.asarray(kernel).astype(dtype))
+        if bias is None:
+            node.inputs = [node.inputs[0], weight, *node.inputs[2:]]
+        else:
+            node.inputs = [node.inputs[0], weight, gs.Constant(names.fresh(f"{output}/{label}_B"), np.asarray(bias).astype(dtype))]
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return export_model(graph, model)
+
+
+def export_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` and restore the model-level fields of ``original``."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = original.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(original.opset_import)
+    model.producer_name = original.producer_name
+    model.producer_version = original.producer_version
+    model.domain = original.domain
+    model.model_version = original.model_version
+    model.doc_string = original.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    if not model.functions and original.functions:
+        model.functions.extend(original.functions)
+    if model.ir_version < 4:
+        _list_initializers_as_inputs(model.graph)
+    return model
+
+
+def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
+    """IR < 4 requires every initializer to be a graph input too."""
+    listed = {vi.name for vi in graph.input}
+    for init in graph.initializer:
+        if init.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
 
 
 def _known(shape: Shape | None) -> tuple[int, ...] | None:

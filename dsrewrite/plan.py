@@ -1,12 +1,16 @@
 """The plan: one plain record per convolution, saying what happens to it and why.
 
-``decompose_conv`` fills one :class:`LayerPlan` per Conv-like node of the
-original model (subgraphs included). The report, the dry run and the savings
-table all read these records; nothing else carries per-layer decisions.
+``analyse_convs`` fills one :class:`LayerPlan` per Conv-like node (subgraphs
+included): its shape, costs, eligibility and error curve. A decision strategy
+(``dsrewrite.decide``) answers with one :class:`Decision` per eligible conv;
+:func:`dsrewrite.decide.apply_decisions` writes them into the plans, the fit
+adds its figures, and ``decompose_conv`` emits exactly what the plans say. The
+report, the dry run and ``--plan-out`` all read these records.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 REWRITTEN = "rewritten"
@@ -34,6 +38,16 @@ def valid_forms(rank: int, group: int) -> list[str]:
 
 def default_form(rank: int, group: int) -> str:
     return valid_forms(rank, group)[0]
+
+
+@dataclass
+class ConvAnalysis:
+    """What the analysis knows of an eligible conv beyond the reported fields (never reported itself)."""
+
+    kernel_errors: list[float]  # relative Frobenius error of the data-free factorisation at ranks 0..full
+    kernel_size: int
+    output_pixels: int | None  # output positions times batch; None when a dim is unknown
+    has_bias: bool
 
 
 @dataclass
@@ -71,13 +85,59 @@ class LayerPlan:
     eligible: bool = False
     graph: str = "main"
     notes: list[str] = field(default_factory=list)
+    analysis: ConvAnalysis | None = field(default=None, repr=False)  # eligible convs only; not reported
 
     @property
     def rewritten(self) -> bool:
         return self.status == REWRITTEN
 
+    def macs_per_pixel_at(self, rank: int) -> int:
+        """MACs per output pixel of this conv's rank-``rank`` rewrite."""
+        from .cost import separable_cost  # noqa: PLC0415 (plan stays importable alone)
+
+        k = math.prod(self.kernel)
+        return separable_cost(self.in_channels, self.out_channels, k, self.group, rank, None, False).macs_per_pixel
+
+    def candidate_ranks(self, limit: int = 6) -> list[int]:
+        """Up to ``limit`` estimated ranks that save MACs: every rank up to ``limit``, then 12, 16, 24, 32, 48, 64."""
+        saving = [
+            r
+            for r, e in enumerate(self.error_at_rank or [], start=1)
+            if math.isfinite(e) and self.macs_per_pixel_at(r) < self.macs_per_pixel_before
+        ]
+        ladder = [r for r in saving if r <= limit or r in (12, 16, 24, 32, 48, 64)]
+        return ladder[:limit]
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        del data["analysis"]
+        return data
+
+
+@dataclass
+class Decision:
+    """What to do with one eligible conv: a rank (None: leave it alone, with a reason) and an emission form.
+
+    ``latency_ms``: (original conv, chosen rewrite or None) as measured in onnxruntime, when timed.
+    """
+
+    rank: int | None
+    reason: str | None = None
+    form: str | None = None
+    latency_ms: tuple[float, float | None] | None = None
+
+
+@dataclass
+class Decisions:
+    """One :class:`Decision` per conv output; convs not named keep ``default_reason``."""
+
+    layers: dict[str, Decision] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    default_reason: str = "no rank decided for this conv"
+
+    @property
+    def ranks(self) -> dict[str, int | None]:
+        return {key: d.rank for key, d in self.layers.items()}
 
 
 # -- saved plans ------------------------------------------------------------------------------
@@ -104,16 +164,14 @@ def plan_document(layers: list[LayerPlan], model: dict) -> dict:
     }
 
 
-def decisions_from_document(document) -> tuple[dict[str, int | None], dict[str, str], dict[str, str]]:
-    """Per-conv ranks (None: skip), skip reasons and emission forms from a saved plan; ValueError if malformed."""
+def decisions_from_document(document) -> Decisions:
+    """The decisions of a saved plan: ranks, emission forms and skip reasons; ValueError if malformed."""
     if not isinstance(document, dict) or document.get("schema") != PLAN_SCHEMA:
         raise ValueError(f"not a dsrewrite plan (expected schema {PLAN_SCHEMA!r})")
     layers = document.get("layers")
     if not isinstance(layers, list):
         raise ValueError("plan has no 'layers' list")
-    ranks: dict[str, int | None] = {}
-    reasons: dict[str, str] = {}
-    forms: dict[str, str] = {}
+    decisions = Decisions(default_reason="not in the plan")
     for entry in layers:
         if not isinstance(entry, dict) or not isinstance(entry.get("output"), str):
             raise ValueError("every plan layer needs an 'output' tensor name")
@@ -121,13 +179,10 @@ def decisions_from_document(document) -> tuple[dict[str, int | None], dict[str, 
         if entry.get("status") == REWRITTEN:
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"plan layer {key!r}: rank must be a positive integer, not {rank!r}")
-            ranks[key] = rank
             form = entry.get("form")
-            if form is not None:
-                if form not in (FORM_CONCAT, FORM_MULTIPLIER, FORM_BRANCHES):
-                    raise ValueError(f"plan layer {key!r}: unknown form {form!r}")
-                forms[key] = form
+            if form is not None and form not in (FORM_CONCAT, FORM_MULTIPLIER, FORM_BRANCHES):
+                raise ValueError(f"plan layer {key!r}: unknown form {form!r}")
+            decisions.layers[key] = Decision(rank, form=form)
         else:
-            ranks[key] = None
-            reasons[key] = f"skipped by the plan: {entry.get('reason') or 'no reason given'}"
-    return ranks, reasons, forms
+            decisions.layers[key] = Decision(None, f"skipped by the plan: {entry.get('reason') or 'no reason given'}")
+    return decisions

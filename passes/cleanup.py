@@ -16,11 +16,12 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from dsrewrite.graph import iter_nodes
-from dsrewrite.pipeline import Change, PassContext, PassResult
+from dsrewrite.pipeline import TOPOLOGICALLY_SORTED, Change, PassBase, PassContext, PassResult
 
 
-class Cleanup:
+class Cleanup(PassBase):
     name = "cleanup"
+    ensures = (TOPOLOGICALLY_SORTED,)
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         before = sum(1 for _ in iter_nodes(graph))

@@ -32,33 +32,42 @@ the rewrite is exact.
 The concat order is rank-major (channel ``j·M + m``), which mixes groups, so
 a grouped conv at rank > 1 uses one depthwise conv of depth multiplier ``r``
 (channel ``m·r + j``): each group's channels stay contiguous for the grouped
-pointwise conv. Which form runs fastest is a measurement (``dsrewrite.latency``);
-``DecomposeOptions.layer_forms`` carries the choice.
+pointwise conv. Which form runs fastest is a measurement (``dsrewrite.measure``);
+the plan carries the choice.
 
-Every Conv-like node gets a :class:`~dsrewrite.plan.LayerPlan`; the ones left
-alone carry the reason.
+This pass only emits. What it emits comes from, in order of precedence:
+
+* ``plans``: analysed and decided plans (``analyse_convs`` + ``dsrewrite.decide``),
+  with ``fitted`` factors for the convs fitted to calibration data. This is how
+  ``dsrewrite.rewrite`` runs it, after its own stages decided;
+* ``decisions``: a rank and form per conv output, applied to a fresh analysis;
+* ``options``: one uniform rank, ``full``, or the data-free ``auto`` rule.
+
+Every Conv-like node gets a :class:`~dsrewrite.plan.LayerPlan` (its facts); the
+ones left alone carry the reason. The result passes the ONNX checker (``ensures``).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from dsrewrite import lowrank
-from dsrewrite.budget import DEFAULT_MAX_ERROR, choose_auto_rank
-from dsrewrite.cost import conv_cost, separable_cost
-from dsrewrite.graph import ConvSpec, NameAllocator, consumers, is_graph_output, iter_graphs
-from dsrewrite.plan import FORM_BRANCHES, FORM_MULTIPLIER, REWRITTEN, SKIPPED, LayerPlan, default_form, valid_forms
-from dsrewrite.pipeline import Change, PassContext, PassResult, Skip
+from dsrewrite.budget import DEFAULT_MAX_ERROR
+from dsrewrite.decide import DataFreeAuto, UniformRank, apply_decisions
+from dsrewrite.graph import ConvSpec, NameAllocator, iter_graphs
+from dsrewrite.pipeline import ONNX_CHECKER, Change, PassBase, PassContext, PassResult, Skip
+from dsrewrite.plan import FORM_BRANCHES, FORM_MULTIPLIER, Decisions, LayerPlan
+
+from .analyse_convs import CONV_OPS, AnalyseConvs
 
 log = logging.getLogger(__name__)
 
-CONV_OPS = ("Conv", "ConvInteger", "QLinearConv")
+__all__ = ["CONV_OPS", "DecomposeConv", "DecomposeOptions"]
 
 
 @dataclass(frozen=True)
@@ -69,163 +78,62 @@ class DecomposeOptions:
     max_error: float = DEFAULT_MAX_ERROR
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    apply: bool = True  # False: plan only (dry run), leave the graph untouched
-    # Per-conv decisions made elsewhere (a MAC budget, a saved plan), keyed by conv output tensor:
-    # a rank, or None to leave the conv alone with the reason in `layer_reasons`. They override `rank`.
-    layer_ranks: Mapping[str, int | None] | None = None
-    layer_reasons: Mapping[str, str] | None = None
-    layer_forms: Mapping[str, str] | None = None  # emission form per conv (see dsrewrite.plan), e.g. the measured fastest
 
 
-class DecomposeConv:
+class DecomposeConv(PassBase):
     name = "decompose_conv"
+    ensures = (ONNX_CHECKER,)
 
-    def __init__(self, options: DecomposeOptions | None = None, *, fitted: Mapping | None = None, **kwargs):
+    def __init__(
+        self,
+        options: DecomposeOptions | None = None,
+        *,
+        plans: Sequence[LayerPlan] | None = None,
+        decisions: Decisions | None = None,
+        fitted: Mapping | None = None,
+        **kwargs,
+    ):
         self.options = options or DecomposeOptions(**kwargs)
+        self.plans = None if plans is None else list(plans)
+        self.decisions = decisions
         # Factors fitted to calibration data (dsrewrite.distill), keyed by conv output tensor.
         self.fitted = dict(fitted or {})
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
-        result = PassResult(self.name)
+        plans = self.plans if self.plans is not None else self._decide(graph, context)
+        result = PassResult(self.name, facts=list(plans))
+        by_output = {p.output: p for p in plans}
         names = NameAllocator(graph)
-        for index, g in enumerate(list(iter_graphs(graph))):
-            graph_label = "main" if index == 0 else (g.name or f"subgraph{index}")
-            for node in [n for n in g.nodes if n.op in CONV_OPS]:
-                spec = ConvSpec.from_node(node, g, context.shapes) if node.op == "Conv" else None
-                plan, factors = self._plan(node, spec, graph)
-                plan.graph = graph_label
-                result.facts.append(plan)
-                if plan.status == SKIPPED:
+        for g in list(iter_graphs(graph)):
+            for node in [n for n in g.nodes if n.op in CONV_OPS and n.outputs]:
+                output = node.outputs[0].name
+                plan = by_output.get(output)
+                if plan is None:
+                    continue
+                if not plan.rewritten:
                     result.skips.append(Skip(node.name, plan.reason or ""))
                     continue
-                if self.options.apply:
-                    fitted = self.fitted.get(plan.output)
-                    _emit(spec, factors, plan.form, names, bias=None if fitted is None else fitted.bias)
-                    result.changes.append(Change(node.name, f"rank {plan.rank} ({plan.form})"))
+                fitted = self.fitted.get(output)
+                spec = ConvSpec.from_node(node, g, context.shapes)
+                if fitted is not None and fitted.factors.rank == plan.rank:
+                    factors, bias = fitted.factors, fitted.bias
+                else:
+                    factors, bias = lowrank.factorize(lowrank.channel_spectra(spec.weight, spec.group), plan.rank), None
+                _emit(spec, factors, plan.form, names, bias=bias)
+                result.changes.append(Change(node.name, f"rank {plan.rank} ({plan.form})"))
         return result
 
-    # -- planning ---------------------------------------------------------------------------
-
-    def _plan(self, node: gs.Node, spec: ConvSpec | None, root: gs.Graph):
-        plan = _base_plan(node, spec)
-        reason = self._ineligible_reason(node, spec, root)
-        if reason is not None:
-            plan.reason = reason
-            return plan, None
-        plan.eligible = True
-        spectra = lowrank.channel_spectra(spec.weight, spec.group)
-        plan.full_rank = spectra.full_rank
-        errors = lowrank.relative_errors(spectra)
-        plan.error_at_rank = [float(e) ** 2 for e in errors[1:]]
-        plan.error_source = "weights"
-        rank, reason = self._choose_rank(spec, spectra, errors, plan.output)
-        if rank is None:
-            plan.reason = reason
-            return plan, None
-        after = separable_cost(
-            spec.in_channels, spec.out_channels, spec.kernel_size, spec.group, rank, spec.output_pixels(), spec.has_bias
-        )
-        plan.status = REWRITTEN
-        plan.rank = rank
-        forms = valid_forms(rank, spec.group)
-        wanted = (self.options.layer_forms or {}).get(plan.output)
-        plan.form = wanted if wanted in forms else default_form(rank, spec.group)
-        plan.macs_after = after.macs
-        plan.macs_per_pixel_after = after.macs_per_pixel
-        plan.params_after = after.params
-        plan.weight_error = float(errors[rank])
-        if rank == spectra.full_rank and after.macs_per_pixel >= plan.macs_per_pixel_before:
-            plan.notes.append("full rank is exact but saves no MACs")
-        fitted = self.fitted.get(plan.output)
-        if fitted is not None and fitted.factors.rank == rank:
-            plan.weight_error = fitted.weight_error
-            plan.output_error = fitted.output_error
-            plan.output_error_data_free = fitted.output_error_data_free
-            plan.fit = fitted.method
-            plan.fit_seconds = fitted.seconds
-            return plan, fitted.factors
-        return plan, lowrank.factorize(spectra, rank)
-
-    def _ineligible_reason(self, node: gs.Node, spec: ConvSpec | None, root: gs.Graph) -> str | None:
-        if node.op != "Conv":
-            return f"quantized conv ({node.op}): integer weights are not factorised"
-        selection = _selection_reason(node.name, self.options.include, self.options.exclude)
-        if selection:
-            return selection
-        if spec.weight is None:
-            return "weights computed at run time"
-        weight_tensor = node.inputs[1]
-        users = len(consumers(weight_tensor))
-        if users > 1:
-            return f"weights shared by {users} nodes"
-        if is_graph_output(weight_tensor, root):
-            return "weights are also a graph output"
-        if not spec.is_float:
-            return f"non-float weights ({spec.weight.dtype})"
-        if spec.weight.ndim < 3:
-            return f"weight of rank {spec.weight.ndim} has no spatial kernel"
-        if not np.all(np.isfinite(spec.weight)):
-            return "weights contain NaN or Inf"
-        if spec.has_bias and spec.bias is not None and not np.all(np.isfinite(spec.bias)):
-            return "bias contains NaN or Inf"
-        if spec.kernel_size == 1:
-            return "1x1 kernel: already pointwise"
-        if spec.weight_shape[1] == 1:
-            return "already depthwise (one input channel per group)"
-        return None
-
-    def _choose_rank(self, spec: ConvSpec, spectra: lowrank.ChannelSpectra, errors: np.ndarray, key: str):
-        full = spectra.full_rank
-        if self.options.layer_ranks is not None:
-            if key in self.options.layer_ranks and self.options.layer_ranks[key] is not None:
-                return min(int(self.options.layer_ranks[key]), full), None
-            reasons = self.options.layer_reasons or {}
-            return None, reasons.get(key, "no rank decided for this conv")
-        before = spec.weight_shape[0] * spec.weight_shape[1] * spec.kernel_size
-        per_pixel = [0] + [
-            separable_cost(spec.in_channels, spec.out_channels, spec.kernel_size, spec.group, r, None, False).macs_per_pixel
-            for r in range(1, full + 1)
-        ]
-        rank = self.options.rank
-        if rank == "full":
-            return full, None
-        if rank == "auto":
-            choice = choose_auto_rank(errors, per_pixel, before, self.options.max_error)
-            return choice.rank, choice.reason
-        r = min(int(rank), full)
-        if per_pixel[r] >= before:
-            return None, f"rank {r} saves no MACs ({per_pixel[r] / before:.2f}x the original)"
-        return r, None
-
-
-def _base_plan(node: gs.Node, spec: ConvSpec | None) -> LayerPlan:
-    """A 'skipped' plan with the layer's shape facts filled in."""
-    if spec is None or spec.weight_shape is None or spec.kernel_size is None:
-        return LayerPlan(
-            node=node.name, op=node.op, output=node.outputs[0].name if node.outputs else "", status=SKIPPED, reason=None, rank=None, form=None,
-            kernel=list(spec.kernel_shape) if spec and spec.kernel_shape else None,
-            in_channels=None, out_channels=None, group=int(node.attrs.get("group", 1)),
-            macs_before=None, macs_after=None, params_before=None, params_after=None,
-        )  # fmt: skip
-    before = conv_cost(
-        spec.in_channels, spec.out_channels, spec.kernel_size, spec.group, spec.output_pixels(), spec.has_bias
-    )
-    return LayerPlan(
-        node=node.name, op=node.op, output=node.outputs[0].name if node.outputs else "", status=SKIPPED, reason=None, rank=None, form=None,
-        kernel=list(spec.kernel_shape), in_channels=spec.in_channels, out_channels=spec.out_channels,
-        group=spec.group, macs_before=before.macs, macs_after=before.macs,
-        params_before=before.params, params_after=before.params,
-        macs_per_pixel_before=before.macs_per_pixel, macs_per_pixel_after=before.macs_per_pixel,
-    )  # fmt: skip
-
-
-def _selection_reason(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> str | None:
-    if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
-        return "not selected by --include"
-    for pattern in exclude:
-        if fnmatch.fnmatchcase(name, pattern):
-            return f"excluded by --exclude {pattern}"
-    return None
+    def _decide(self, graph: gs.Graph, context: PassContext) -> list[LayerPlan]:
+        """Standalone use: analyse, then decide by the given decisions or the options' rule."""
+        plans = AnalyseConvs(self.options.include, self.options.exclude).run(graph, context).facts
+        if self.decisions is not None:
+            decisions = self.decisions
+        elif self.options.rank == "auto":
+            decisions = DataFreeAuto(self.options.max_error).decide(plans)
+        else:
+            decisions = UniformRank(self.options.rank).decide(plans)
+        apply_decisions(plans, decisions)
+        return plans
 
 
 # -- emission -------------------------------------------------------------------------------
@@ -252,11 +160,12 @@ def _emit(
     node.inputs.clear()
     node.outputs.clear()
 
-    dw_attrs: dict = {"group": m, "kernel_shape": kernel, "strides": list(spec.strides), "dilations": list(spec.dilations)}
-    if spec.auto_pad != "NOTSET":
-        dw_attrs["auto_pad"] = spec.auto_pad
+    geometry = spec.geometry
+    dw_attrs: dict = {"group": m, "kernel_shape": kernel, "strides": list(geometry.strides), "dilations": list(geometry.dilations)}
+    if geometry.auto_pad != "NOTSET":
+        dw_attrs["auto_pad"] = geometry.auto_pad
     else:
-        dw_attrs["pads"] = list(spec.pads)
+        dw_attrs["pads"] = list(geometry.pads)
 
     new_nodes: list[gs.Node] = []
     if form == FORM_BRANCHES:

@@ -26,12 +26,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from dsrewrite.graph import NameAllocator, consumers, constant_value, is_graph_output, iter_graphs, producer
-from dsrewrite.pipeline import Change, PassContext, PassResult, Skip
+from dsrewrite.pipeline import Change, PassBase, PassContext, PassResult, Skip
 
 log = logging.getLogger(__name__)
 
 
-class FoldBatchNorm:
+class FoldBatchNorm(PassBase):
     name = "fold_batchnorm"
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:

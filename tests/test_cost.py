@@ -9,7 +9,8 @@ import pytest
 from conftest import conv_model
 
 import dsrewrite
-from dsrewrite.cost import conv_cost, conv_output_spatial, separable_cost
+from dsrewrite.cost import conv_cost, separable_cost
+from dsrewrite.geometry import ConvGeometry
 
 
 def test_seed_worked_example():
@@ -53,5 +54,5 @@ def test_output_spatial_matches_onnx_shape_inference(size, kernel, stride, pad, 
     )  # fmt: skip
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     dims = [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim]
-    ours = conv_output_spatial([size], [kernel], [stride], list(pad), [dilation], auto_pad)
+    ours = ConvGeometry((kernel,), (stride,), tuple(pad), (dilation,), auto_pad).output_spatial([size])
     assert ours == dims[2:]

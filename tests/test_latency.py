@@ -9,13 +9,14 @@ import pytest
 from conftest import SAMPLES, conv_model, ops
 
 import dsrewrite
-from dsrewrite import latency, planning
+from dsrewrite import latency
+from dsrewrite.measure import ConvTimer
 
 
 def fake_timer(times_by_candidate):
     """A stand-in for the microbenchmark: fixed times per candidate key ("original", "rank:form")."""
 
-    def measure(model, plan, input_shape, ranks, cache, *, threads):
+    def measure(timer, plan, input_shape, ranks):
         result = {"original": times_by_candidate(plan, "original")}
         for rank in ranks:
             for form in dsrewrite.plan.valid_forms(rank, plan.group):
@@ -26,7 +27,7 @@ def fake_timer(times_by_candidate):
 
 
 def test_the_fastest_form_is_emitted(monkeypatch):
-    monkeypatch.setattr(planning, "measure_conv_candidates", fake_timer(lambda p, c: {"original": 1.0}.get(c, 0.5 if c.endswith("branches") else 0.8)))
+    monkeypatch.setattr(ConvTimer, "candidates", fake_timer(lambda p, c: {"original": 1.0}.get(c, 0.5 if c.endswith("branches") else 0.8)))
     model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
     result = dsrewrite.rewrite(model, rank=3, latency_aware=True, verify=False, latency_cache=None)
     (layer,) = result.report.layers
@@ -35,7 +36,7 @@ def test_the_fastest_form_is_emitted(monkeypatch):
 
 
 def test_a_rewrite_that_is_not_faster_is_skipped_with_the_measurement(monkeypatch):
-    monkeypatch.setattr(planning, "measure_conv_candidates", fake_timer(lambda p, c: 1.0 if c == "original" else 0.99))
+    monkeypatch.setattr(ConvTimer, "candidates", fake_timer(lambda p, c: 1.0 if c == "original" else 0.99))
     model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
     result = dsrewrite.rewrite(model, rank=2, latency_aware=True, verify=False, latency_cache=None)
     (layer,) = result.report.layers
@@ -46,7 +47,7 @@ def test_a_rewrite_that_is_not_faster_is_skipped_with_the_measurement(monkeypatc
 def test_under_a_mac_target_slower_ranks_are_reallocated_and_the_target_holds(monkeypatch):
     # Rank 4 and above of every conv is "slower" than the original; lower ranks are fast.
     monkeypatch.setattr(
-        planning, "measure_conv_candidates",
+        ConvTimer, "candidates",
         fake_timer(lambda p, c: 1.0 if c == "original" else (2.0 if int(c.split(":")[0]) >= 4 else 0.5)),
     )  # fmt: skip
     result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_macs=0.6, verify=False, latency_cache=None)
@@ -55,10 +56,10 @@ def test_under_a_mac_target_slower_ranks_are_reallocated_and_the_target_holds(mo
 
 
 def test_explicit_ranks_are_not_timed_unless_asked():
-    options = dsrewrite.RewriteOptions(rank=2)
+    options = dsrewrite.RewriteOptions.of(rank=2)
     assert not options.uses_latency()
-    assert dsrewrite.RewriteOptions().uses_latency()
-    assert dsrewrite.RewriteOptions(rank=2, target_macs=0.5).uses_latency()
+    assert dsrewrite.RewriteOptions.of().uses_latency()
+    assert dsrewrite.RewriteOptions.of(rank=2, target_macs=0.5).uses_latency()
 
 
 def test_real_microbenchmark_and_its_cache(tmp_path):
@@ -101,7 +102,7 @@ def test_interleaved_timing_returns_every_run():
 def test_target_latency_allocates_measured_time(monkeypatch):
     # Every rank r costs r/10 of the original conv's time; the model itself takes as long as its convs.
     monkeypatch.setattr(
-        planning, "measure_conv_candidates",
+        ConvTimer, "candidates",
         fake_timer(lambda p, c: 1.0 if c == "original" else 0.1 * int(c.split(":")[0])),
     )  # fmt: skip
     monkeypatch.setattr(latency, "interleaved_medians", lambda sessions, feed, **kw: [[6.0]] * len(sessions))
@@ -119,7 +120,7 @@ def test_target_latency_allocates_measured_time(monkeypatch):
 def test_inefficient_but_faster_ranks_fill_the_mac_budget(monkeypatch):
     # Rank 1 pays in time; higher ranks are faster than the conv but save far less time than their MACs say.
     monkeypatch.setattr(
-        planning, "measure_conv_candidates",
+        ConvTimer, "candidates",
         fake_timer(lambda p, c: 1.0 if c == "original" else (0.2 if c.startswith("1:") else 0.9)),
     )  # fmt: skip
     result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_macs=0.5, verify=False, latency_cache=None)

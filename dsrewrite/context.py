@@ -1,0 +1,140 @@
+"""RewriteContext: the state one ``rewrite`` carries from stage to stage.
+
+It holds the options, the original and the working model, the analysed
+shapes, the calibration data, the latency cache, progress, the pass results
+and the notes for the report. Stages read it and add to it; none reaches back
+into the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import onnx
+
+from .calibration import CalibrationSet, capture
+from .errors import UsageError
+from .graph import collect_shapes
+from .model_io import check_model, load_model
+from .options import RewriteOptions
+from .pipeline import PassResult, infer_shapes
+from .verify import feed_shapes, random_feeds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewriteContext:
+    options: RewriteOptions
+    source: str  # the input's path, or "<ModelProto>"
+    original: onnx.ModelProto  # never modified
+    model: onnx.ModelProto  # the working model: the original after the preparing passes
+    shapes: dict  # tensor name -> shape at the analysed input shapes
+    calibration: CalibrationSet | None = None
+    notes: list[str] = field(default_factory=list)
+    results: list[PassResult] = field(default_factory=list)  # of every pass that changed the model, in order
+    _latency_cache: object = None
+
+    @classmethod
+    def open(cls, model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions) -> "RewriteContext":
+        """Load and check the model, analyse its shapes and open the calibration data."""
+        if isinstance(model, (str, os.PathLike)):
+            source, original = str(model), load_model(model)
+        elif isinstance(model, onnx.ModelProto):
+            check_model(model)
+            source, original = "<ModelProto>", model
+        else:
+            raise UsageError(f"model must be a path or an onnx.ModelProto, not {type(model).__name__}")
+        notes: list[str] = []
+        shapes = analysis_shapes(original, options.input_shapes, notes)
+        calibration = None
+        if options.calibration.data is not None:
+            calibration = CalibrationSet(options.calibration.data, original, limit=options.calibration.samples)
+        return cls(options, source, original, original, shapes, calibration, notes)
+
+    @property
+    def progress(self) -> Callable[[str, int, int], None] | None:
+        return self.options.progress
+
+    def latency_cache(self):
+        """The on-disk cache of per-conv timings, opened once per rewrite."""
+        if self._latency_cache is None:
+            from .latency import LatencyCache  # noqa: PLC0415
+
+            path = self.options.latency.cache
+            self._latency_cache = LatencyCache(Path(path) if path else None)
+        return self._latency_cache
+
+    def one_feed(self) -> dict:
+        """The first calibration feed, else seeded random inputs at the analysed shapes."""
+        if self.calibration is not None:
+            return next(iter(self.calibration))
+        return random_feeds(self.original, feed_shapes(self.original, self.options.input_shapes), self.options.seed)
+
+
+def analysis_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[int, ...]], notes: list[str]) -> dict:
+    """Shapes for costing: user overrides, batch dim 1 where unknown ("per sample"), inferred elsewhere."""
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = {vi.name: vi for vi in model.graph.input if vi.name not in initializers}
+    for name, dims in overrides.items():
+        if name not in inputs:
+            known = ", ".join(inputs) or "none"
+            raise UsageError(f"--input-shape names unknown input '{name}' (model inputs: {known})")
+        rank = len(inputs[name].type.tensor_type.shape.dim)
+        if rank and rank != len(dims):
+            raise UsageError(f"--input-shape {name}: model input has rank {rank}, got {len(dims)} dims")
+    analysis = onnx.ModelProto()
+    analysis.CopyFrom(model)
+    per_sample = []
+    for vi in analysis.graph.input:
+        if vi.name not in inputs:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in overrides:
+            for d, value in zip(dims, overrides[vi.name]):
+                d.Clear()
+                d.dim_value = value
+        elif dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            dims[0].Clear()
+            dims[0].dim_value = 1
+            per_sample.append(vi.name)
+    if per_sample:
+        notes.append(f"batch dim of {', '.join(per_sample)} is dynamic: MACs are per sample (batch 1)")
+    shapes = collect_shapes(infer_shapes(analysis))
+    _fill_conv_shapes_by_running(analysis, shapes)
+    return shapes
+
+
+def _fill_conv_shapes_by_running(analysis: onnx.ModelProto, shapes: dict) -> None:
+    """Where ONNX shape inference lost a conv input's dims, read them off one onnxruntime run.
+
+    Only when every graph input has concrete dims (from the model or --input-shape),
+    so the run happens at exactly the shapes being costed.
+    """
+    wanted = [
+        node.input[0]
+        for node in analysis.graph.node
+        if node.op_type == "Conv" and (shapes.get(node.input[0]) is None or None in shapes[node.input[0]])
+    ]
+    if not wanted:
+        return
+    feed_dims = {}
+    initializers = {i.name for i in analysis.graph.initializer}
+    for vi in analysis.graph.input:
+        if vi.name in initializers:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in vi.type.tensor_type.shape.dim]
+        if None in dims:
+            return
+        feed_dims[vi.name] = dims
+    try:
+        values, _ = next(capture(analysis, wanted, [random_feeds(analysis, feed_dims, seed=0)]))
+    except Exception as exc:  # costing stays "unknown" rather than failing the rewrite
+        log.info("could not run the model to find conv input shapes: %s", exc)
+        return
+    for name in wanted:
+        shapes[name] = tuple(int(d) for d in values[name].shape)

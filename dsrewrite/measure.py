@@ -1,0 +1,181 @@
+"""The measure stage: what the decision strategies need to know before they decide.
+
+* Error curves (``ERROR_CURVES``): each eligible conv's normalised output error
+  at every rank, measured on calibration data (each conv fitted alone,
+  ``distill.calibrated_error_curves``) and/or as the drop of the user's task
+  score (``sensitivity``). They replace the kernel-spectrum curve that the
+  analysis wrote into each plan; the report shows what decisions were made from.
+* Conv timings (``RANK_LADDERS``): every eligible conv timed alone in
+  onnxruntime at its candidate ranks, in every emission form, next to the
+  original conv (:class:`ConvTimer`, cached on disk).
+* The whole model's latency (``MODEL_TIME``).
+
+A strategy that needs timings of what it decided (``NeverSlower``) asks
+``Measured.timer`` for them; everything else is measured here, up front.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import latency
+from .decide import ERROR_CURVES, MODEL_TIME, RANK_LADDERS
+from .graph import constant_value, find_conv
+from .plan import Decision, Decisions, LayerPlan, valid_forms
+
+if TYPE_CHECKING:
+    from .context import RewriteContext
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class RankTimings:
+    """One conv timed alone: the original, and the fastest form at each measured rank (median ms)."""
+
+    original_ms: float
+    best: dict[int, tuple[str, float]]  # rank -> (form, ms)
+
+    @classmethod
+    def of(cls, times: dict[str, float], ranks: Sequence[int]) -> "RankTimings":
+        """From :func:`measure_conv_candidates` times: the fastest form at each rank (ties: form name)."""
+        best = {}
+        for rank in ranks:
+            options = [(k.split(":", 1)[1], v) for k, v in times.items() if k.startswith(f"{rank}:")]
+            best[rank] = min(options, key=lambda kv: (kv[1], kv[0]))
+        return cls(times["original"], best)
+
+    def realised(self, rank: int) -> float:
+        """Fraction of the conv's time the rewrite at ``rank`` saves (negative: slower)."""
+        return 1.0 - self.best[rank][1] / self.original_ms
+
+
+@dataclass
+class Measured:
+    """What the measure stage found; ``timer`` measures more on request."""
+
+    timer: "ConvTimer"
+    ladders: dict[str, RankTimings] = field(default_factory=dict)
+    model_ms: float | None = None
+
+
+def measure(ctx: "RewriteContext", plans: Sequence[LayerPlan], needs: frozenset[str]) -> Measured:
+    """Make the measurements in ``needs``; error curves are written into ``plans``."""
+    if ERROR_CURVES in needs:
+        measure_error_curves(ctx, plans)
+    timer = ConvTimer(ctx.model, ctx.shapes, ctx.latency_cache(), threads=ctx.options.latency.threads, progress=ctx.progress)
+    measured = Measured(timer)
+    if MODEL_TIME in needs:
+        session = latency.make_session(ctx.model, ctx.options.latency.threads)
+        (times,) = latency.interleaved_medians([session], ctx.one_feed(), budget_seconds=1.0)
+        measured.model_ms = latency.Timing.of(times).median_ms
+    if RANK_LADDERS in needs:
+        measured.ladders = timer.ladders(plans)
+    return measured
+
+
+def measure_error_curves(ctx: "RewriteContext", plans: Sequence[LayerPlan]) -> None:
+    """Calibration-data curves when there is data, then task-sensitivity curves when there is an evaluation."""
+    from .distill import calibrated_error_curves  # noqa: PLC0415
+    from .sensitivity import measure_sensitivity  # noqa: PLC0415
+
+    options = ctx.options
+    if ctx.calibration is not None:
+        calibrated_error_curves(ctx.model, plans, ctx.calibration, options.calibration.fit_options(options.seed), ctx.progress)
+    decompose = options.decompose
+    if decompose.evaluate is not None:
+        measure_sensitivity(
+            ctx.model, plans, decompose.evaluate, cache_path=decompose.sensitivity_cache_path(),
+            cache_key=decompose.eval_key, progress=ctx.progress,
+        )  # fmt: skip
+
+
+class ConvTimer:
+    """Times convs of ``model`` alone in onnxruntime, at their input shapes, against their rewrites."""
+
+    def __init__(self, model: onnx.ModelProto, shapes: dict, cache: latency.LatencyCache, *, threads: int, progress: Progress | None):
+        self.model, self.shapes, self.cache = model, shapes, cache
+        self.threads, self.progress = threads, progress
+
+    def ladders(self, plans: Sequence[LayerPlan]) -> dict[str, RankTimings]:
+        """Every eligible main-graph conv at every candidate rank (up to 10), in every form."""
+        timings = {}
+        todo = [p for p in plans if p.eligible and p.graph == "main" and p.error_at_rank]
+        for index, plan in enumerate(todo):
+            shape = self.input_shape(plan)
+            ranks = plan.candidate_ranks(limit=10)
+            if shape is not None and ranks:
+                timings[plan.output] = RankTimings.of(self.candidates(plan, shape, ranks), ranks)
+            if self.progress:
+                self.progress("timing candidate ranks", index + 1, len(todo))
+        self.cache.save()
+        return timings
+
+    def at_ranks(self, plans: Sequence[LayerPlan], ranks: dict[str, int]) -> dict[str, RankTimings]:
+        """Each conv at one rank (``ranks[output]``), in every form; convs of unknown input shape are left out."""
+        timings = {}
+        for index, plan in enumerate(plans):
+            shape = self.input_shape(plan)
+            if shape is None:
+                log.info("%s: input shape unknown, latency not measured", plan.node)
+                continue
+            rank = ranks[plan.output]
+            timings[plan.output] = RankTimings.of(self.candidates(plan, shape, [rank]), [rank])
+            if self.progress:
+                self.progress("timing convs", index + 1, len(plans))
+        self.cache.save()
+        return timings
+
+    def input_shape(self, plan: LayerPlan) -> list[int] | None:
+        node = next((n for n in self.model.graph.node if n.op_type == "Conv" and n.output and n.output[0] == plan.output), None)
+        if node is None:
+            return None
+        shape = self.shapes.get(node.input[0])
+        if shape is None or any(d is None for d in shape):
+            return None
+        return [int(d) for d in shape]
+
+    def candidates(self, plan: LayerPlan, input_shape: Sequence[int], ranks: Sequence[int]) -> dict[str, float]:
+        """Median ms of the original conv ("original") and of each "rank:form" rewrite of it."""
+        from .passes import Cleanup, DecomposeConv  # noqa: PLC0415
+        from .pipeline import Pipeline  # noqa: PLC0415
+
+        single = single_conv_model(self.model, plan.output, input_shape)
+        models = {"original": single}
+        for rank in ranks:
+            for form in valid_forms(rank, plan.group):
+                decisions = Decisions({plan.output: Decision(rank, form=form)})
+                models[f"{rank}:{form}"] = Pipeline([DecomposeConv(decisions=decisions), Cleanup()]).run(single).model
+        layer_key = {
+            "kernel": plan.kernel, "in": plan.in_channels, "out": plan.out_channels, "group": plan.group,
+            "input_shape": list(input_shape), "attrs": {a.name: str(onnx.helper.get_attribute_value(a)) for a in single.graph.node[0].attribute},
+            "dtype": str(single.graph.input[0].type.tensor_type.elem_type),
+        }  # fmt: skip
+        return latency.measure_layer(models, input_shape, layer_key, self.cache, threads=self.threads)
+
+
+def single_conv_model(model: onnx.ModelProto, output: str, input_shape: Sequence[int]) -> onnx.ModelProto:
+    """A model holding only the conv that writes ``output``, fed at ``input_shape``."""
+    from .graph import ConvSpec, export_model  # noqa: PLC0415
+
+    graph = gs.import_onnx(model)
+    node = find_conv(graph, output)
+    weight = constant_value(node.inputs[1])
+    spec = ConvSpec.from_node(node, graph, {node.inputs[0].name: tuple(input_shape)})
+    x = gs.Variable("x", dtype=weight.dtype, shape=list(input_shape))
+    y = gs.Variable(output, dtype=weight.dtype, shape=[input_shape[0], weight.shape[0], *spec.output_spatial])
+    inputs = [x, gs.Constant("W", weight)]
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        bias = constant_value(node.inputs[2])
+        inputs.append(gs.Constant("B", bias if bias is not None else np.zeros(weight.shape[0], weight.dtype)))
+    conv = gs.Node("Conv", node.name or "conv", dict(node.attrs), inputs, [y])
+    single = gs.Graph(nodes=[conv], inputs=[x], outputs=[y], opset=graph.opset)
+    return export_model(single, model)

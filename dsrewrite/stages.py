@@ -1,0 +1,197 @@
+"""The stages of ``rewrite``, in the order it runs them; each reads and extends the RewriteContext.
+
+prepare → analyse → (measure → decide) → fit → emit → verify → benchmark → report
+
+The pass list is declarative (``RewriteOptions.passes``, default
+``dsrewrite.passes.DEFAULT_PASSES``): the passes before ``decompose_conv``
+prepare the model, ``decompose_conv`` emits what the stages decided, and the
+passes after it run on the rewritten model in the same pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import onnx
+
+from . import latency
+from ._version import __version__
+from .context import RewriteContext
+from .decide import ERROR_CURVES, SavedPlan, apply_decisions, choose_strategy, sweep
+from .measure import measure
+from .pipeline import Pass, Pipeline, default_opset
+from .plan import LayerPlan
+from .report import Report, compute_totals
+from .verify import VerificationResult, verify
+
+log = logging.getLogger(__name__)
+
+EMISSION = "decompose_conv"
+
+
+def split_passes(ctx: RewriteContext) -> tuple[list[Pass], list[Pass]]:
+    """The passes that prepare the model (before ``decompose_conv``) and those that finish it (after)."""
+    from .errors import UsageError  # noqa: PLC0415
+    from .passes import DEFAULT_PASSES, resolve_passes  # noqa: PLC0415
+
+    passes = resolve_passes(ctx.options.passes or DEFAULT_PASSES)
+    if not ctx.options.decompose.fold_batchnorm:
+        passes = [p for p in passes if p.name != "fold_batchnorm"]
+    names = [p.name for p in passes]
+    if names.count(EMISSION) != 1:
+        raise UsageError(f"the pass list must name {EMISSION} exactly once (it has: {', '.join(names) or 'nothing'})")
+    at = names.index(EMISSION)
+    return passes[:at], passes[at + 1 :]
+
+
+def prepare(ctx: RewriteContext, passes: Sequence[Pass]) -> None:
+    """Run the preparing passes (e.g. fold_batchnorm); the result is the model every later stage reads."""
+    if passes:
+        outcome = Pipeline(list(passes), name="prepare").run(ctx.model, shapes=ctx.shapes)
+        ctx.model = outcome.model
+        ctx.results += outcome.results
+
+
+def analyse(ctx: RewriteContext) -> list[LayerPlan]:
+    """One LayerPlan per conv of the working model, from the read-only ``analyse_convs`` pass."""
+    from .passes import AnalyseConvs  # noqa: PLC0415
+
+    decompose = ctx.options.decompose
+    (result,) = Pipeline([AnalyseConvs(decompose.include, decompose.exclude)]).inspect(ctx.model, shapes=ctx.shapes)
+    return result.facts
+
+
+def measure_and_decide(ctx: RewriteContext, plans: list[LayerPlan]) -> list[dict] | None:
+    """Measure what the chosen strategy needs, decide, and write the decisions into ``plans``.
+
+    Returns the MAC/error trade-off sweep when asked for.
+    """
+    options = ctx.options
+    strategy = choose_strategy(options)
+    needs = set(strategy.needs)
+    saved_plan = isinstance(getattr(strategy, "inner", strategy), SavedPlan)
+    if options.measures_error_curves() and not saved_plan:
+        needs.add(ERROR_CURVES)  # asked for by the report (sweep) or the user (an evaluation)
+    measured = measure(ctx, plans, frozenset(needs))
+    points = sweep(plans) if options.report.sweep and not saved_plan else None
+    decisions = strategy.decide(plans, measured)
+    ctx.notes.extend(decisions.notes)
+    apply_decisions(plans, decisions)
+    return points
+
+
+def fit(ctx: RewriteContext, plans: list[LayerPlan]) -> dict:
+    """Fit the decided convs' factors to the calibration data; their figures go into the plans."""
+    from .distill import distill  # noqa: PLC0415
+
+    if ctx.calibration is None:
+        return {}
+    if ctx.options.dry_run:
+        ctx.notes.append("dry run: no fitting ran; errors are estimates")
+        return {}
+    fit_options = ctx.options.calibration.fit_options(ctx.options.seed)
+    fitted = distill(ctx.model, plans, ctx.calibration, fit_options, ctx.progress)
+    for plan in plans:
+        layer = fitted.get(plan.output)
+        if layer is not None and plan.rewritten and layer.factors.rank == plan.rank:
+            plan.weight_error = layer.weight_error
+            plan.output_error = layer.output_error
+            plan.output_error_data_free = layer.output_error_data_free
+            plan.fit = layer.method
+            plan.fit_seconds = layer.seconds
+    return fitted
+
+
+def emit(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict, finishing: Sequence[Pass]) -> onnx.ModelProto:
+    """Emit exactly the plans (``decompose_conv``), then the finishing passes; a dry run emits nothing."""
+    from .passes import DecomposeConv  # noqa: PLC0415
+
+    if ctx.options.dry_run:
+        return ctx.original
+    outcome = Pipeline([DecomposeConv(plans=plans, fitted=fitted), *finishing], name="emit").run(ctx.model, shapes=ctx.shapes)
+    ctx.results += outcome.results
+    return outcome.model
+
+
+def explain(ctx: RewriteContext, plans: list[LayerPlan]) -> None:
+    """Notes that tell the user why the result looks the way it does."""
+    options = ctx.options
+    d = options.decompose
+    if d.rank == "auto" and d.target_macs is None and d.plan is None and any(p.eligible for p in plans) and not any(
+        p.rewritten for p in plans
+    ):
+        source = "calibration data" if ctx.calibration is not None else "the weights alone (white-input estimate)"
+        ctx.notes.append(
+            f"--rank auto found no conv that saves MACs within --max-error {d.max_error:g}, judged from {source}; "
+            "pretrained kernels have flat spectra: give --calibration data, a larger --max-error, --target-macs or --rank"
+        )
+    if not plans:
+        ctx.notes.append("nothing to rewrite: the model has no Conv nodes")
+    elif any(p.macs_before is None for p in plans):
+        ctx.notes.append("MACs of some convs are unknown (dynamic spatial dims); pass --input-shape to fix them")
+
+
+def check(ctx: RewriteContext, rewritten: onnx.ModelProto) -> VerificationResult | None:
+    """Run both models in onnxruntime on the calibration feeds (else seeded random inputs) and compare."""
+    if not ctx.options.verify.enabled or ctx.options.dry_run:
+        return None
+    atol, rtol = ctx.options.tolerances()
+    if ctx.calibration is not None:
+        feeds, label = ctx.calibration, ctx.calibration.label
+    else:
+        feeds, label = [ctx.one_feed()], f"random (seed {ctx.options.seed})"
+    return verify(ctx.original, rewritten, feeds, atol=atol, rtol=rtol, inputs_label=label)
+
+
+def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[LayerPlan]) -> dict | None:
+    """Whole-model latency before and after, next to the speedup Amdahl's law predicts from MACs."""
+    options = ctx.options
+    if not options.latency.benchmark or options.dry_run:
+        return None
+    feed = ctx.one_feed()
+    if ctx.progress:
+        ctx.progress("benchmarking", 0, 1)
+    result = latency.benchmark_models(ctx.original, rewritten, feed, threads=options.latency.threads)
+    share = latency.conv_time_share(ctx.original, feed, threads=options.latency.threads)
+    totals = compute_totals(plans)
+    result["conv_time_share"] = share
+    result["macs_ratio"] = totals.macs_ratio
+    result["predicted_speedup"] = result["speedup_vs_predicted"] = None
+    if share is not None and totals.macs_ratio is not None:
+        predicted = 1.0 / ((1.0 - share) + share * totals.macs_ratio)
+        result["predicted_speedup"] = predicted
+        measured = result["speedup"]
+        result["speedup_vs_predicted"] = (measured - 1.0) / (predicted - 1.0) if measured and predicted > 1.0 else None
+    if ctx.progress:
+        ctx.progress("benchmarking", 1, 1)
+    return result
+
+
+def report(ctx, plans, verification, bench, sweep_points) -> Report:
+    original = ctx.original
+    return Report(
+        benchmark=bench,
+        model={
+            "input": ctx.source,
+            "output": None,
+            "opset": default_opset(original),
+            "ir_version": original.ir_version,
+            "producer": original.producer_name,
+            "dsrewrite_version": __version__,
+        },
+        settings=ctx.options.to_settings(),
+        layers=list(plans),
+        verification=verification,
+        passes=[
+            {
+                "name": r.pass_name,
+                "changes": len(r.changes),
+                "skips": [{"node": s.node, "reason": s.reason} for s in r.skips],
+                "seconds": round(r.seconds, 4),
+            }
+            for r in ctx.results
+        ],
+        notes=ctx.notes,
+        sweep=sweep_points,
+    )
