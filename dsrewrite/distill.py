@@ -55,7 +55,7 @@ from .calibration import (
 )
 from .cost import separable_cost
 from .geometry import ConvGeometry
-from .graph import ConvSpec, with_dense_kernels
+from .graph import ConvSpec, convs_by_output, with_dense_kernels
 from .plan import LayerPlan
 
 log = logging.getLogger(__name__)
@@ -267,10 +267,10 @@ def _targets(graph: gs.Graph, plans: Sequence[LayerPlan], eligible: bool = False
         if p.rewritten and p.graph != "main" and not eligible:
             p.notes.append("inside a subgraph: factorised data-free (activations there cannot be captured)")
     targets = []
-    for node in graph.nodes:
-        if node.op == "Conv" and node.outputs and node.outputs[0].name in wanted:
+    for output, node in convs_by_output(graph).items():
+        if output in wanted:
             spec = ConvSpec.from_node(node, graph, {})
-            targets.append(_Target(wanted[node.outputs[0].name], spec, spec.geometry, node.inputs[0].name, node.outputs[0].name))
+            targets.append(_Target(wanted[output], spec, spec.geometry, node.inputs[0].name, output))
     return targets
 
 

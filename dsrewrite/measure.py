@@ -104,6 +104,7 @@ class ConvTimer:
     def __init__(self, model: onnx.ModelProto, shapes: dict, cache: latency.LatencyCache, *, threads: int, progress: Progress | None):
         self.model, self.shapes, self.cache = model, shapes, cache
         self.threads, self.progress = threads, progress
+        self._conv_inputs: dict[str, str] | None = None
 
     def ladders(self, plans: Sequence[LayerPlan]) -> dict[str, RankTimings]:
         """Every eligible main-graph conv at every candidate rank (up to 10), in every form."""
@@ -135,10 +136,12 @@ class ConvTimer:
         return timings
 
     def input_shape(self, plan: LayerPlan) -> list[int] | None:
-        node = next((n for n in self.model.graph.node if n.op_type == "Conv" and n.output and n.output[0] == plan.output), None)
-        if node is None:
+        """The conv's input shape at the analysed shapes, when every dim is known (main graph only)."""
+        if self._conv_inputs is None:
+            self._conv_inputs = {n.output[0]: n.input[0] for n in self.model.graph.node if n.op_type == "Conv" and n.output}
+        if plan.output not in self._conv_inputs:
             return None
-        shape = self.shapes.get(node.input[0])
+        shape = self.shapes.get(self._conv_inputs[plan.output])
         if shape is None or any(d is None for d in shape):
             return None
         return [int(d) for d in shape]
