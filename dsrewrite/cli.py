@@ -33,8 +33,10 @@ from .options import (
     RewriteOptions,
     VerifySettings,
 )
+from .latency import SLOWER_BELOW
 from .report import FORMATS as REPORT_FORMATS
 from .sensitivity import default_cache_path, load_eval_script
+from .stages import slower_warning
 
 log = logging.getLogger("dsrewrite")
 
@@ -94,7 +96,9 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("--latency-aware/--no-latency-aware", default=None,
               help="Time each planned rewrite against its conv in onnxruntime, keep the fastest form and never a "
                    "slower conv. Default: on when dsrewrite picks the ranks (--rank auto, --target-macs).")
-@click.option("--benchmark", is_flag=True, help="Measure whole-model latency before and after in onnxruntime.")
+@click.option("--benchmark/--no-benchmark", default=None,
+              help="Measure whole-model latency before and after in onnxruntime (interleaved medians). "
+                   "Default: on whenever a model is written.")
 @click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime threads for timing.")
 @click.option("--sweep", is_flag=True, help="Add the MAC/error trade-off curve to the report.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
@@ -161,7 +165,9 @@ def command(model, output, rank, max_error, target_macs, target_latency, plan_in
             sensitivity_cache=default_cache_path() if evaluate is not None else None,
         ),
         calibration=CalibrationSettings(data=calibration, samples=calibration_samples, sequential=sequential),
-        latency=LatencySettings(aware=latency_aware, benchmark=benchmark, threads=threads),
+        latency=LatencySettings(
+            aware=latency_aware, benchmark=(output is not None and not dry_run) if benchmark is None else benchmark, threads=threads
+        ),
         verify=VerifySettings(enabled=verify, atol=atol, rtol=rtol),
         report=ReportSettings(sweep=sweep),
         input_shapes=shapes,
@@ -191,6 +197,10 @@ def command(model, output, rank, max_error, target_macs, target_latency, plan_in
     if not result.ok:
         Console(stderr=True).print("[red]error:[/red] verification failed; no model written")
         return 1
+    speedup = (report.benchmark or {}).get("speedup")
+    if speedup is not None and speedup < SLOWER_BELOW and not quiet:
+        sys.stderr.write(f"warning: {slower_warning(speedup, options)}\n")
+        sys.stderr.flush()
     if written and not quiet:
         console.print(f"Wrote {', '.join(str(p) for p in written)}")
     return 0

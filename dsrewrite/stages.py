@@ -165,7 +165,18 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
         result["speedup_vs_predicted"] = (measured - 1.0) / (predicted - 1.0) if measured and predicted > 1.0 else None
     if ctx.progress:
         ctx.progress("benchmarking", 1, 1)
+    if result["speedup"] is not None and result["speedup"] < latency.SLOWER_BELOW:
+        ctx.notes.append(slower_warning(result["speedup"], options))
     return result
+
+
+def slower_warning(speedup: float, options) -> str:
+    """What to say when the whole rewritten model measured slower than the original."""
+    threads = options.latency.threads
+    text = f"the rewritten model is slower than the original in onnxruntime ({speedup:.2f}x at {threads} thread(s))"
+    if not options.uses_latency():
+        return text + "; try --latency-aware: it times each rewrite against its conv and keeps only those that pay"
+    return text + ": the convs were faster alone but not in the whole model; try a larger --target-macs or --target-latency"
 
 
 def report(ctx, plans, verification, bench, sweep_points) -> Report:

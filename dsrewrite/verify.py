@@ -62,8 +62,14 @@ class VerificationResult:
         return asdict(self)
 
 
-def session(model: onnx.ModelProto, *, threads: int = 1, optimize: bool = True) -> ort.InferenceSession:
+def session(
+    model: onnx.ModelProto, *, threads: int = 1, optimize: bool = True, profile_prefix: str | None = None
+) -> ort.InferenceSession:
+    """A CPU session for any model dsrewrite handles (over 2 GB included); ``profile_prefix`` turns on profiling."""
     options = ort.SessionOptions()
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 4  # failures surface as exceptions; ORT's own log lines would add stderr noise

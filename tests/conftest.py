@@ -116,3 +116,13 @@ def tmp_model(tmp_path):
         return path
 
     return save
+
+
+@pytest.fixture(autouse=True)
+def quick_and_private(monkeypatch, tmp_path_factory):
+    """Whole-model benchmarks time briefly (they run by default whenever the CLI writes a model), and the
+    on-disk caches live in a temporary directory, never in the user's ~/.cache."""
+    from dsrewrite import latency
+
+    monkeypatch.setattr(latency, "BENCHMARK_SECONDS", 0.02)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))

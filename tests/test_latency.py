@@ -127,3 +127,32 @@ def test_inefficient_but_faster_ranks_fill_the_mac_budget(monkeypatch):
     ratio = result.report.totals.eligible_macs_ratio
     assert 0.49 <= ratio <= 0.5
     assert any(layer.rank == 1 for layer in result.report.layers if layer.rewritten)
+
+
+def test_the_cli_benchmarks_every_written_model_and_warns_when_slower(tmp_path, tmp_model, monkeypatch):
+    from conftest import dsrewrite_cli
+
+    path = tmp_model(conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1)))
+    report = tmp_path / "r.json"
+    code, _out, _err = dsrewrite_cli(path, "-o", tmp_path / "a.onnx", "--rank", "1", "--report", report)
+    assert code == 0
+    bench = json.loads(report.read_text())["benchmark"]
+    assert bench["speedup"] > 0 and bench["latency_before_ms"] > 0
+    code, _out, _err = dsrewrite_cli(path, "-o", tmp_path / "b.onnx", "--rank", "1", "--no-benchmark", "--report", report)
+    assert code == 0 and "benchmark" not in json.loads(report.read_text())
+    code, _out, _err = dsrewrite_cli(path, "--dry-run", "--rank", "1", "--report", report)
+    assert code == 0 and "benchmark" not in json.loads(report.read_text())
+
+    real = latency.benchmark_models
+
+    def slower(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result["latency_after_ms"] = result["latency_before_ms"] / 0.9
+        result["speedup"] = 0.9
+        return result
+
+    monkeypatch.setattr(latency, "benchmark_models", slower)
+    code, out, err = dsrewrite_cli(path, "-o", tmp_path / "c.onnx", "--rank", "1", "--report", report)
+    assert code == 0
+    assert err.startswith("warning: the rewritten model is slower than the original") and "--latency-aware" in err
+    assert any("slower than the original in onnxruntime (0.90x" in note for note in json.loads(report.read_text())["notes"])

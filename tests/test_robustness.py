@@ -526,7 +526,7 @@ def test_calibrated_runs_in_two_processes_give_the_same_bytes(tmp_path):
     procs = []
     for seed in ("1", "2"):  # different hash seeds: no dict/set order may leak into the output
         command = [sys.executable, "-m", "dsrewrite", str(SAMPLES / "audio_conv1d.onnx"), "-o", str(tmp_path / f"{seed}.onnx"),
-                   "--rank", "2", "--calibration", str(calibration), "-q"]  # fmt: skip
+                   "--rank", "2", "--calibration", str(calibration), "-q", "--no-benchmark"]  # fmt: skip
         env = {**os.environ, "PYTHONHASHSEED": seed}
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for proc in procs:
@@ -558,7 +558,7 @@ def test_a_full_disk_is_one_error_line_and_leaves_no_temp_files(ws, monkeypatch)
 def test_a_closed_stdout_still_writes_the_model(tmp_path):
     model = tmp_path / "m.onnx"
     onnx.save(conv_model(in_channels=4, out_channels=8), str(model))
-    command = [sys.executable, "-m", "dsrewrite", str(model), "-o", str(tmp_path / "slim.onnx"), "--rank", "1"]
+    command = [sys.executable, "-m", "dsrewrite", str(model), "-o", str(tmp_path / "slim.onnx"), "--rank", "1", "--no-benchmark"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # like `dsrewrite … | head -0`: the table hits EPIPE
     err = proc.stderr.read().decode()
