@@ -61,6 +61,7 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
     sweep = stages.measure_and_decide(ctx, plans)  # a rank and form (or a reason) per conv
     fitted = stages.fit(ctx, plans)  # factors fitted to calibration data
     rewritten = stages.emit(ctx, plans, fitted, finishing)  # decompose_conv emits the plans, then e.g. cleanup
+    rewritten = stages.deploy(ctx, rewritten)  # --quantize int8
     stages.explain(ctx, plans)
     verification = stages.check(ctx, rewritten)
     benchmark = stages.benchmark(ctx, rewritten, plans)

@@ -28,6 +28,7 @@ from .model_io import atomic_write_text, check_output_path, save_model
 from .options import (
     CalibrationSettings,
     DecomposeSettings,
+    DeploySettings,
     LatencySettings,
     ReportSettings,
     RewriteOptions,
@@ -100,6 +101,9 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
               help="Measure whole-model latency before and after in onnxruntime (interleaved medians). "
                    "Default: on whenever a model is written.")
 @click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime threads for timing.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Deliver an INT8 model (QDQ, per-channel) via onnxruntime.quantization, calibrated on --calibration; "
+                   "rewrite decisions are timed in INT8.")
 @click.option("--sweep", is_flag=True, help="Add the MAC/error trade-off curve to the report.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
               help="Fix an input's dims for costing and verification (repeatable).")
@@ -131,7 +135,7 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv) to stderr.")
 @click.version_option(__version__, "--version", prog_name="dsrewrite")
 def command(model, output, rank, max_error, target_macs, target_latency, plan_in, plan_out, eval_script, latency_aware, benchmark,
-            threads, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential,
+            threads, quantize, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential,
             fold_batchnorm, pass_list, verify, atol, rtol, reports, top, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
     """Rewrite the standard convolutions of MODEL into depthwise + pointwise convolutions."""
     _configure_logging(verbose, quiet)
@@ -170,6 +174,7 @@ def command(model, output, rank, max_error, target_macs, target_latency, plan_in
         ),
         verify=VerifySettings(enabled=verify, atol=atol, rtol=rtol),
         report=ReportSettings(sweep=sweep),
+        deploy=DeploySettings(quantize=quantize),
         input_shapes=shapes,
         seed=seed,
         dry_run=dry_run,

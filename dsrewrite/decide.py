@@ -148,7 +148,7 @@ class MacBudget:
         decisions = budget_decisions(efficient, self.target, fill_plans=faster)
         _attach_timings(decisions, timings)
         decisions.notes = stale + decisions.notes + [
-            f"latency-aware: {len(timings)} conv(s) timed alone in onnxruntime at their candidate ranks "
+            f"latency-aware: {len(timings)} conv(s) timed alone in {measured.where} at their candidate ranks "
             f"({self.threads} thread(s)); {removed} rank(s) that save under "
             f"{MIN_EFFICIENCY:.0%} of their MAC-predicted time were only used to fill the budget's remainder"
         ]
@@ -233,7 +233,7 @@ class NeverSlower:
             if best * MIN_SPEEDUP > original:
                 reason = (
                     f"rank {rank} measured no faster than the original conv "
-                    f"({best:.3f} ms vs {original:.3f} ms in onnxruntime)"
+                    f"({best:.3f} ms vs {original:.3f} ms in {measured.where})"
                 )
                 decisions.layers[key] = Decision(None, reason, latency_ms=(original, best))
             else:
@@ -242,7 +242,7 @@ class NeverSlower:
             decisions.layers[key] = replace(decisions.layers[key], form=None)
         if timings:
             decisions.notes.append(
-                f"latency-aware: {len(timings)} conv(s) timed alone in onnxruntime ({self.threads} thread(s)); "
+                f"latency-aware: {len(timings)} conv(s) timed alone in {measured.where} ({self.threads} thread(s)); "
                 "each kept rewrite is the fastest emission form and beats its original conv"
             )
         return decisions

@@ -110,12 +110,24 @@ def benchmark_models(
     *,
     threads: int = 1,
     budget_seconds: float | None = None,
+    references: Mapping[str, onnx.ModelProto] | None = None,
 ) -> dict:
-    """Median latency of both models, measured interleaved in one process."""
-    sessions = [make_session(original, threads), make_session(rewritten, threads)]
+    """Median latency of both models, measured interleaved in one process.
+
+    ``references`` (label -> model, e.g. ``{"int8_original": …}``) are timed in the same rounds and
+    reported as ``latency_<label>_ms`` and ``speedup_vs_<label>`` (the rewritten model against them).
+    """
+    references = dict(references or {})
+    models = [original, rewritten, *references.values()]
+    sessions = [make_session(model, threads) for model in models]
     budget = BENCHMARK_SECONDS if budget_seconds is None else budget_seconds
     times = interleaved_medians(sessions, feed, warmup=5, min_repeats=20, max_repeats=2000, budget_seconds=budget)
     before, after = Timing.of(times[0]), Timing.of(times[1])
+    extra = {}
+    for label, samples in zip(references, times[2:]):
+        reference = Timing.of(samples).median_ms
+        extra[f"latency_{label}_ms"] = reference
+        extra[f"speedup_vs_{label}"] = reference / after.median_ms if after.median_ms > 0 else None
     return {
         "threads": threads,
         "runs": before.runs,
@@ -125,6 +137,7 @@ def benchmark_models(
         "spread_before_ms": [before.p10_ms, before.p90_ms],
         "spread_after_ms": [after.p10_ms, after.p90_ms],
         "graph_optimization": "ORT_ENABLE_ALL",
+        **extra,
     }
 
 

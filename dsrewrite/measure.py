@@ -10,6 +10,8 @@
   original conv (:class:`ConvTimer`, cached on disk).
 * The whole model's latency (``MODEL_TIME``).
 
+With ``--quantize int8`` every timing is of the quantized model or candidate.
+
 A strategy that needs timings of what it decided (``NeverSlower``) asks
 ``Measured.timer`` for them; everything else is measured here, up front.
 """
@@ -28,6 +30,7 @@ from . import latency
 from .decide import ERROR_CURVES, MODEL_TIME, RANK_LADDERS
 from .graph import constant_value, find_conv
 from .plan import Decision, Decisions, LayerPlan, valid_forms
+from .quantize import quantize_int8, random_feeds
 
 if TYPE_CHECKING:
     from .context import RewriteContext
@@ -66,15 +69,26 @@ class Measured:
     ladders: dict[str, RankTimings] = field(default_factory=dict)
     model_ms: float | None = None
 
+    @property
+    def where(self) -> str:
+        """Where the timings come from, for the report: "onnxruntime" or e.g. "onnxruntime, INT8"."""
+        precision = self.timer.precision
+        return "onnxruntime" if precision is None else f"onnxruntime, {precision.upper()}"
+
 
 def measure(ctx: "RewriteContext", plans: Sequence[LayerPlan], needs: frozenset[str]) -> Measured:
     """Make the measurements in ``needs``; error curves are written into ``plans``."""
     if ERROR_CURVES in needs:
         measure_error_curves(ctx, plans)
-    timer = ConvTimer(ctx.model, ctx.shapes, ctx.latency_cache(), threads=ctx.options.latency.threads, progress=ctx.progress)
+    precision = ctx.options.deploy.quantize
+    timer = ConvTimer(
+        ctx.model, ctx.shapes, ctx.latency_cache(), threads=ctx.options.latency.threads, progress=ctx.progress,
+        precision=precision,
+    )  # fmt: skip
     measured = Measured(timer)
     if MODEL_TIME in needs:
-        session = latency.make_session(ctx.model, ctx.options.latency.threads)
+        model = ctx.model if precision is None else quantize_int8(ctx.model, ctx.calibration)
+        session = latency.make_session(model, ctx.options.latency.threads)
         (times,) = latency.interleaved_medians([session], ctx.one_feed(), budget_seconds=1.0)
         measured.model_ms = latency.Timing.of(times).median_ms
     if RANK_LADDERS in needs:
@@ -99,11 +113,17 @@ def measure_error_curves(ctx: "RewriteContext", plans: Sequence[LayerPlan]) -> N
 
 
 class ConvTimer:
-    """Times convs of ``model`` alone in onnxruntime, at their input shapes, against their rewrites."""
+    """Times convs of ``model`` alone in onnxruntime, at their input shapes, against their rewrites.
 
-    def __init__(self, model: onnx.ModelProto, shapes: dict, cache: latency.LatencyCache, *, threads: int, progress: Progress | None):
+    ``precision="int8"``: every candidate (the original conv too) is timed after QDQ INT8 quantization.
+    """
+
+    def __init__(
+        self, model: onnx.ModelProto, shapes: dict, cache: latency.LatencyCache, *, threads: int,
+        progress: Progress | None, precision: str | None = None,
+    ):  # fmt: skip
         self.model, self.shapes, self.cache = model, shapes, cache
-        self.threads, self.progress = threads, progress
+        self.threads, self.progress, self.precision = threads, progress, precision
         self._conv_inputs: dict[str, str] | None = None
 
     def ladders(self, plans: Sequence[LayerPlan]) -> dict[str, RankTimings]:
@@ -162,6 +182,10 @@ class ConvTimer:
             "input_shape": list(input_shape), "attrs": {a.name: str(onnx.helper.get_attribute_value(a)) for a in single.graph.node[0].attribute},
             "dtype": str(single.graph.input[0].type.tensor_type.elem_type),
         }  # fmt: skip
+        if self.precision is not None:
+            layer_key["precision"] = self.precision
+            feeds = random_feeds("x", input_shape)
+            models = {name: quantize_int8(candidate, feeds) for name, candidate in models.items()}
         return latency.measure_layer(models, input_shape, layer_key, self.cache, threads=self.threads)
 
 

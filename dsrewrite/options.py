@@ -117,7 +117,7 @@ class CalibrationSettings:
 
 @dataclass(frozen=True)
 class LatencySettings:
-    """Timing in onnxruntime. ``aware=None``: time the convs whenever dsrewrite picks the ranks."""
+    """Timing in onnxruntime. ``aware=None``: time the convs whenever dsrewrite picks the ranks or quantizes."""
 
     aware: bool | None = None
     benchmark: bool = False
@@ -142,6 +142,19 @@ class VerifySettings:
 
 
 @dataclass(frozen=True)
+class DeploySettings:
+    """The precision the model will run in. ``quantize="int8"``: static QDQ INT8 via onnxruntime.quantization."""
+
+    quantize: str | None = None
+
+    def validate(self) -> None:
+        from .quantize import TARGETS  # noqa: PLC0415
+
+        if self.quantize is not None and self.quantize not in TARGETS:
+            raise UsageError(f"--quantize must be one of {', '.join(TARGETS)}, not {self.quantize!r}")
+
+
+@dataclass(frozen=True)
 class ReportSettings:
     sweep: bool = False  # add the MAC/error trade-off curve
 
@@ -160,17 +173,18 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "latency_aware": ("latency", "aware"), "benchmark": ("latency", "benchmark"), "threads": ("latency", "threads"),
     "latency_cache": ("latency", "cache"),
     "verify": ("verify", "enabled"), "atol": ("verify", "atol"), "rtol": ("verify", "rtol"),
-    "sweep": ("report", "sweep"),
+    "sweep": ("report", "sweep"), "quantize": ("deploy", "quantize"),
 }  # fmt: skip
 # The order of the report's "settings" (kept stable for readers of the JSON).
 SETTINGS_ORDER = (
     "rank", "max_error", "include", "exclude", "input_shapes", "fold_batchnorm", "verify", "atol", "rtol", "seed",
     "dry_run", "calibration", "calibration_samples", "sequential", "distill", "target_macs", "target_latency", "plan",
     "evaluate", "eval_key", "sensitivity_cache", "sweep", "latency_aware", "benchmark", "threads", "latency_cache",
+    "quantize",
 )  # fmt: skip
 GROUPS = {
     "decompose": DecomposeSettings, "calibration": CalibrationSettings, "latency": LatencySettings,
-    "verify": VerifySettings, "report": ReportSettings,
+    "verify": VerifySettings, "report": ReportSettings, "deploy": DeploySettings,
 }  # fmt: skip
 
 
@@ -183,6 +197,7 @@ class RewriteOptions:
     latency: LatencySettings = field(default_factory=LatencySettings)
     verify: VerifySettings = field(default_factory=VerifySettings)
     report: ReportSettings = field(default_factory=ReportSettings)
+    deploy: DeploySettings = field(default_factory=DeploySettings)
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     seed: int = 0
     dry_run: bool = False
@@ -210,12 +225,18 @@ class RewriteOptions:
         for name, dims in self.input_shapes.items():
             if not dims or any((not isinstance(d, int)) or d < 1 for d in dims):
                 raise UsageError(f"--input-shape {name}: dims must be positive integers, got {list(dims)}")
+        if self.deploy.quantize is not None and self.calibration.data is None:
+            raise UsageError(
+                f"--quantize {self.deploy.quantize} needs --calibration data: static quantization calibrates "
+                "each activation's range on it"
+            )
 
     def uses_latency(self) -> bool:
         """Whether each conv's rewrite is timed before it is kept."""
         if self.latency.aware is not None:
             return self.latency.aware
-        return self.decompose.picks_ranks()
+        # A quantized deployment always times: what wins in float32 can lose once quantized.
+        return self.decompose.picks_ranks() or self.deploy.quantize is not None
 
     def measures_error_curves(self) -> bool:
         """Whether error curves are measured (calibration, evaluation) rather than read off the kernel spectrum."""

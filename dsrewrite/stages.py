@@ -1,6 +1,6 @@
 """The stages of ``rewrite``, in the order it runs them; each reads and extends the RewriteContext.
 
-prepare → analyse → (measure → decide) → fit → emit → verify → benchmark → report
+prepare → analyse → (measure → decide) → fit → emit → deploy → verify → benchmark → report
 
 The pass list is declarative (``RewriteOptions.passes``, default
 ``dsrewrite.passes.DEFAULT_PASSES``): the passes before ``decompose_conv``
@@ -114,6 +114,26 @@ def emit(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict, finishing: S
     return outcome.model
 
 
+def deploy(ctx: RewriteContext, rewritten: onnx.ModelProto) -> onnx.ModelProto:
+    """The model in the precision it will run in: ``--quantize int8`` quantizes it on the calibration data."""
+    from .quantize import quantize_int8  # noqa: PLC0415
+
+    target = ctx.options.deploy.quantize
+    if target is None or ctx.options.dry_run:
+        return rewritten
+    if ctx.progress:
+        ctx.progress("quantizing", 0, 1)
+    deployed = quantize_int8(rewritten, ctx.calibration)
+    ctx.notes.append(
+        f"quantized to {target.upper()} (QDQ, per-channel weights) with onnxruntime.quantization on "
+        f"{len(ctx.calibration)} calibration sample(s); rewrite decisions were timed in {target.upper()}; "
+        "verification compares it with the float original"
+    )
+    if ctx.progress:
+        ctx.progress("quantizing", 1, 1)
+    return deployed
+
+
 def explain(ctx: RewriteContext, plans: list[LayerPlan]) -> None:
     """Notes that tell the user why the result looks the way it does."""
     options = ctx.options
@@ -152,7 +172,14 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
     feed = ctx.one_feed()
     if ctx.progress:
         ctx.progress("benchmarking", 0, 1)
-    result = latency.benchmark_models(ctx.original, rewritten, feed, threads=options.latency.threads)
+    references = {}
+    if options.deploy.quantize is not None:  # what the user would otherwise ship: the original, quantized alike
+        from .quantize import quantize_int8  # noqa: PLC0415
+
+        references[f"{options.deploy.quantize}_original"] = quantize_int8(ctx.original, ctx.calibration)
+    result = latency.benchmark_models(
+        ctx.original, rewritten, feed, threads=options.latency.threads, references=references
+    )
     share = latency.conv_time_share(ctx.original, feed, threads=options.latency.threads)
     totals = compute_totals(plans)
     result["conv_time_share"] = share
@@ -167,6 +194,13 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
         ctx.progress("benchmarking", 1, 1)
     if result["speedup"] is not None and result["speedup"] < latency.SLOWER_BELOW:
         ctx.notes.append(slower_warning(result["speedup"], options))
+    for label in references:
+        versus = result.get(f"speedup_vs_{label}")
+        if versus is not None and versus < latency.SLOWER_BELOW:
+            ctx.notes.append(
+                f"the rewritten {options.deploy.quantize.upper()} model is slower than the original quantized alike "
+                f"({versus:.2f}x); ship the quantized original, or rewrite fewer convs (a larger --target-macs)"
+            )
     return result
 
 

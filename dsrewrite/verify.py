@@ -44,6 +44,9 @@ class OutputComparison:
     min_atol: float  # smallest atol that passes at the run's rtol
     min_rtol: float  # smallest rtol that passes at the run's atol
     passed: bool
+    # Share of positions whose argmax over the last axis is unchanged (a decision proxy: the class of a
+    # classifier, the symbol of a CTC frame); None for outputs whose last axis has fewer than 2 entries.
+    argmax_agreement: float | None = None
 
 
 @dataclass
@@ -216,7 +219,12 @@ def _compare(
     passed = finite
     if atol is not None or rtol is not None:
         passed = passed and bool(np.all(diff <= run_atol + run_rtol * scale))
+    agreement = None
+    if pairs[0][0].ndim >= 1 and pairs[0][0].shape[-1] >= 2:
+        same = [np.argmax(p[0], axis=-1) == np.argmax(p[1], axis=-1) for p in pairs]
+        agreement = float(np.concatenate([s.ravel() for s in same]).mean())
     comparison = OutputComparison(
+        argmax_agreement=agreement,
         name=name,
         shape=list(pairs[0][0].shape),
         max_abs=max_abs,

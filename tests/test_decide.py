@@ -57,6 +57,7 @@ def test_never_slower_reverts_what_does_not_pay(monkeypatch):
 
     class Measured:
         timer = Timer()
+        where = "onnxruntime"
 
     decisions = NeverSlower(UniformRank(1)).decide(plans, Measured())
     assert decisions.layers[slow].rank is None and "no faster" in decisions.layers[slow].reason

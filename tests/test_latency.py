@@ -156,3 +156,37 @@ def test_the_cli_benchmarks_every_written_model_and_warns_when_slower(tmp_path, 
     assert code == 0
     assert err.startswith("warning: the rewritten model is slower than the original") and "--latency-aware" in err
     assert any("slower than the original in onnxruntime (0.90x" in note for note in json.loads(report.read_text())["notes"])
+
+
+def test_quantize_int8_times_in_int8_and_delivers_a_qdq_model(tmp_path, tmp_model):
+    from conftest import dsrewrite_cli
+
+    model = conv_model(in_channels=16, out_channels=32, spatial=(16, 16), pads=(1, 1, 1, 1))
+    model.opset_import[0].version = 11  # per-channel QDQ needs 13: converted on the way
+    path = tmp_model(model)
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, x=np.random.default_rng(0).standard_normal((8, 1, 16, 16, 16)).astype(np.float32))
+    report = tmp_path / "r.json"
+    code, _out, err = dsrewrite_cli(
+        path, "-o", tmp_path / "q.onnx", "--rank", "1", "--calibration", calibration, "--quantize", "int8", "--report", report
+    )
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    quantized = __import__("onnx").load(str(tmp_path / "q.onnx"))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(ops(quantized))
+    assert data["settings"]["quantize"] == "int8" and data["settings"]["latency_aware"]
+    (layer,) = data["layers"]
+    assert layer["latency_before_ms"] is not None  # timed, in INT8
+    if layer["status"] == "skipped":
+        assert "INT8" in layer["reason"]
+    bench = data["benchmark"]
+    assert bench["latency_int8_original_ms"] > 0 and bench["speedup_vs_int8_original"] > 0
+    (output,) = data["verification"]["outputs"]
+    assert -1 <= output["cosine"] <= 1 and 0 <= output["argmax_agreement"] <= 1
+
+
+def test_quantize_needs_calibration_data(tmp_path, tmp_model):
+    from conftest import dsrewrite_cli
+
+    code, _out, err = dsrewrite_cli(tmp_model(conv_model()), "-o", tmp_path / "q.onnx", "--quantize", "int8")
+    assert code == 2 and err.startswith("error: --quantize int8 needs --calibration data")
