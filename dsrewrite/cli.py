@@ -34,10 +34,9 @@ from .options import (
     RewriteOptions,
     VerifySettings,
 )
-from .latency import SLOWER_BELOW
 from .report import FORMATS as REPORT_FORMATS
 from .sensitivity import default_cache_path, load_eval_script
-from .stages import slower_warning
+from .stages import slowness_warnings
 
 log = logging.getLogger("dsrewrite")
 
@@ -202,9 +201,9 @@ def command(model, output, rank, max_error, target_macs, target_latency, plan_in
     if not result.ok:
         Console(stderr=True).print("[red]error:[/red] verification failed; no model written")
         return 1
-    speedup = (report.benchmark or {}).get("speedup")
-    if speedup is not None and speedup < SLOWER_BELOW and not quiet:
-        sys.stderr.write(f"warning: {slower_warning(speedup, options)}\n")
+    if report.benchmark is not None and not quiet:
+        for warning in slowness_warnings(report.benchmark, options):
+            sys.stderr.write(f"warning: {warning}\n")
         sys.stderr.flush()
     if written and not quiet:
         console.print(f"Wrote {', '.join(str(p) for p in written)}")

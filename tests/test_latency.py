@@ -155,7 +155,7 @@ def test_the_cli_benchmarks_every_written_model_and_warns_when_slower(tmp_path, 
     code, out, err = dsrewrite_cli(path, "-o", tmp_path / "c.onnx", "--rank", "1", "--report", report)
     assert code == 0
     assert err.startswith("warning: the rewritten model is slower than the original") and "--latency-aware" in err
-    assert any("slower than the original in onnxruntime (0.90x" in note for note in json.loads(report.read_text())["notes"])
+    assert any("slower than the original in onnxruntime (0.90x at 1 thread(s))" in note for note in json.loads(report.read_text())["notes"])
 
 
 def test_quantize_int8_times_in_int8_and_delivers_a_qdq_model(tmp_path, tmp_model):
@@ -190,3 +190,18 @@ def test_quantize_needs_calibration_data(tmp_path, tmp_model):
 
     code, _out, err = dsrewrite_cli(tmp_model(conv_model()), "-o", tmp_path / "q.onnx", "--quantize", "int8")
     assert code == 2 and err.startswith("error: --quantize int8 needs --calibration data")
+
+
+def test_slowness_is_reported_for_every_thread_count_and_reference():
+    from dsrewrite.options import RewriteOptions
+    from dsrewrite.stages import slowness_warnings
+
+    bench = {
+        "threads": 1, "speedup": 1.3, "speedup_2_threads": 0.9, "speedup_vs_int8_original": 0.8,
+        "speedup_vs_int8_original_2_threads": 1.1, "speedup_vs_predicted": 0.1,
+    }  # fmt: skip
+    warnings = slowness_warnings(bench, RewriteOptions.of(rank=2))
+    assert len(warnings) == 2
+    assert "slower than the original in onnxruntime (0.90x at 2 thread(s))" in warnings[0]
+    assert "slower than the int8 original in onnxruntime (0.80x at 1 thread(s))" in warnings[1]
+    assert all("--latency-aware" in w for w in warnings)
