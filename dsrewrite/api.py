@@ -59,6 +59,7 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
     stages.prepare(ctx, preparing)  # e.g. fold_batchnorm
     plans = stages.analyse(ctx)  # one LayerPlan per conv: costs, eligibility, error curve
     sweep = stages.measure_and_decide(ctx, plans)  # a rank and form (or a reason) per conv
+    stages.check_in_model(ctx, plans)  # latency-aware: revert what does not pay inside the whole model
     fitted = stages.fit(ctx, plans)  # factors fitted to calibration data
     rewritten = stages.emit(ctx, plans, fitted, finishing)  # decompose_conv emits the plans, then e.g. cleanup
     rewritten = stages.deploy(ctx, rewritten)  # --quantize int8

@@ -297,6 +297,14 @@ def apply_decisions(plans: Sequence[LayerPlan], decisions: Decisions) -> None:
             plan.notes.append("full rank is exact but saves no MACs")
 
 
+def revert(plan: LayerPlan, reason: str) -> None:
+    """Leave a decided conv alone after all: the plan goes back to the original's costs, with ``reason``."""
+    plan.status, plan.rank, plan.form, plan.reason = SKIPPED, None, None, reason
+    plan.macs_after, plan.params_after, plan.macs_per_pixel_after = plan.macs_before, plan.params_before, plan.macs_per_pixel_before
+    plan.weight_error = None
+    plan.latency_after_ms = None
+
+
 # -- MAC budgets and sweeps ---------------------------------------------------------------------
 
 SWEEP_TARGETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)

@@ -206,3 +206,50 @@ def single_conv_model(model: onnx.ModelProto, output: str, input_shape: Sequence
     conv = gs.Node("Conv", node.name or "conv", dict(node.attrs), inputs, [y])
     single = gs.Graph(nodes=[conv], inputs=[x], outputs=[y], opset=graph.opset)
     return export_model(single, model)
+
+
+# -- in-model attribution -----------------------------------------------------------------------
+
+# Ops onnxruntime fuses into the conv before them (activations, a constant Mul/Add, Add/Sum in NCHWc). A fused node is
+# named after the fused op's output, so its time is walked back to the conv.
+FUSED_AFTER_CONV = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "Add", "Sum", "Mul", "BatchNormalization"}
+
+
+def in_model_times(model: onnx.ModelProto, times: dict[str, tuple[str, float]], owners: dict[str, str]) -> tuple[dict[str, float], float]:
+    """Profiled node times summed per owner, and what no owner claims (reorders, other ops).
+
+    ``owners`` maps a node's first output tensor to its owner (a conv's plan key). Profile
+    names are node names, or for onnxruntime's NCHWc nodes ``<output tensor>_nchwc``.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    by_name = {node.name: node for node in model.graph.node if node.name}
+    resolved: dict[str, onnx.NodeProto | None] = {}
+    for name in times:
+        base = name[: -len("_nchwc")] if name.endswith("_nchwc") else name
+        resolved[name] = by_name.get(base) or producers.get(base)
+    direct = {owners[node.output[0]] for node in resolved.values() if node is not None and node.output and node.output[0] in owners}
+    per_owner: dict[str, float] = {}
+    other = 0.0
+    for name, (_op, ms) in times.items():
+        owner = _owner(resolved[name], producers, owners, direct)
+        if owner is None:
+            other += ms
+        else:
+            per_owner[owner] = per_owner.get(owner, 0.0) + ms
+    return per_owner, other
+
+
+def _owner(node, producers, owners, direct, depth: int = 4) -> str | None:
+    """The owner of ``node``, walking back through ops fused after a conv."""
+    for _ in range(depth):
+        if node is None or not node.output:
+            return None
+        if node.output[0] in owners:
+            return owners[node.output[0]]
+        if node.op_type not in FUSED_AFTER_CONV:
+            return None
+        feeding = [producers[i] for i in node.input if i in producers]
+        claimed = [p for p in feeding if p.output and p.output[0] in owners]
+        # Conv + Add fused: the conv that does not also run on its own is the one inside the fused node.
+        node = next((p for p in claimed if owners[p.output[0]] not in direct), claimed[0] if claimed else (feeding or [None])[0])
+    return None

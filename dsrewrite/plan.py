@@ -81,6 +81,9 @@ class LayerPlan:
     # Measured in onnxruntime (conv alone, at its input shape, median ms), when latency-aware.
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
+    # Measured in the whole model (onnxruntime profiler, kernel time per run attributed to this conv), when latency-aware.
+    in_model_before_ms: float | None = None
+    in_model_after_ms: float | None = None
     full_rank: int | None = None
     eligible: bool = False
     graph: str = "main"

@@ -1,6 +1,6 @@
 """The stages of ``rewrite``, in the order it runs them; each reads and extends the RewriteContext.
 
-prepare → analyse → (measure → decide) → fit → emit → deploy → verify → benchmark → report
+prepare → analyse → (measure → decide) → check in model → fit → emit → deploy → verify → benchmark → report
 
 The pass list is declarative (``RewriteOptions.passes``, default
 ``dsrewrite.passes.DEFAULT_PASSES``): the passes before ``decompose_conv``
@@ -83,6 +83,54 @@ def measure_and_decide(ctx: RewriteContext, plans: list[LayerPlan]) -> list[dict
     return points
 
 
+def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 2) -> None:
+    """Profile the rewrite inside the whole model and revert the convs that do not pay in place.
+
+    A conv timed alone misses what the model around it does: onnxruntime's NCHWc layout chains, Conv+activation
+    and Conv+Add fusions. Both models are profiled (in the deployed precision); each node's kernel time is
+    attributed to the conv it came from (``measure.in_model_times``), and a rewrite slower than its original
+    conv in place is reverted. Repeated once, since a revert changes the layout around it.
+    """
+    from .decide import MIN_SPEEDUP, revert  # noqa: PLC0415
+    from .measure import in_model_times  # noqa: PLC0415
+    from .passes import Cleanup, DecomposeConv  # noqa: PLC0415
+    from .quantize import quantize_int8  # noqa: PLC0415
+
+    options = ctx.options
+    todo = [p for p in plans if p.rewritten and p.graph == "main"]
+    if options.dry_run or not options.uses_latency() or not todo:
+        return
+    threads, precision = options.latency.threads, options.deploy.quantize
+    deployed = (lambda model: model) if precision is None else (lambda model: quantize_int8(model, ctx.calibration))
+    feed = ctx.one_feed()
+    original = deployed(ctx.model)
+    before, _ = in_model_times(original, latency.node_times(original, feed, threads=threads), {p.output: p.output for p in todo})
+    where = "onnxruntime" if precision is None else f"onnxruntime, {precision.upper()}"
+    reverted = []
+    for _ in range(rounds):
+        emission = DecomposeConv(plans=plans)
+        candidate = deployed(Pipeline([emission, Cleanup()], name="in-model check").run(ctx.model, shapes=ctx.shapes).model)
+        first_output = {node.name: node.output[0] for node in candidate.graph.node if node.name and node.output}
+        owners = {first_output[name]: key for key, names in emission.emitted.items() for name in names if name in first_output}
+        after, _ = in_model_times(candidate, latency.node_times(candidate, feed, threads=threads), owners)
+        slower = []
+        for plan in plans:
+            if plan.rewritten and plan.output in before and plan.output in after:
+                plan.in_model_before_ms, plan.in_model_after_ms = before[plan.output], after[plan.output]
+                if plan.in_model_after_ms * MIN_SPEEDUP > plan.in_model_before_ms:
+                    slower.append(plan)
+        for plan in slower:
+            revert(plan, f"slower in the whole model than the original conv ({plan.in_model_after_ms:.3f} ms vs "
+                         f"{plan.in_model_before_ms:.3f} ms, {where} profile)")  # fmt: skip
+        reverted += slower
+        if not slower:
+            break
+    ctx.notes.append(
+        f"in-model check: {len(todo)} rewritten conv(s) profiled inside the whole model ({where}, {threads} thread(s)); "
+        f"{len(reverted)} reverted as slower in place than the original conv"
+    )
+
+
 def fit(ctx: RewriteContext, plans: list[LayerPlan]) -> dict:
     """Fit the decided convs' factors to the calibration data; their figures go into the plans."""
     from .distill import distill  # noqa: PLC0415
@@ -140,9 +188,10 @@ def explain(ctx: RewriteContext, plans: list[LayerPlan]) -> None:
     """Notes that tell the user why the result looks the way it does."""
     options = ctx.options
     d = options.decompose
+    timed = any(p.latency_before_ms is not None or p.in_model_before_ms is not None for p in plans)
     if d.rank == "auto" and d.target_macs is None and d.plan is None and any(p.eligible for p in plans) and not any(
         p.rewritten for p in plans
-    ):
+    ) and not timed:  # when convs were timed, the latency notes say why they stay
         source = "calibration data" if ctx.calibration is not None else "the weights alone (white-input estimate)"
         ctx.notes.append(
             f"--rank auto found no conv that saves MACs within --max-error {d.max_error:g}, judged from {source}; "

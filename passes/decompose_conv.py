@@ -98,6 +98,8 @@ class DecomposeConv(PassBase):
         self.decisions = decisions
         # Factors fitted to calibration data (dsrewrite.distill), keyed by conv output tensor.
         self.fitted = dict(fitted or {})
+        # After a run: the names of the nodes each conv became, keyed by conv output (to attribute profiles).
+        self.emitted: dict[str, list[str]] = {}
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         plans = self.plans if self.plans is not None else self._decide(graph, context)
@@ -119,7 +121,8 @@ class DecomposeConv(PassBase):
                     factors, bias = fitted.factors, fitted.bias
                 else:
                     factors, bias = lowrank.factorize(lowrank.channel_spectra(spec.weight, spec.group), plan.rank), None
-                _emit(spec, factors, plan.form, names, bias=bias)
+                new_nodes = _emit(spec, factors, plan.form, names, bias=bias)
+                self.emitted[output] = [n.name for n in new_nodes]
                 result.changes.append(Change(node.name, f"rank {plan.rank} ({plan.form})"))
         return result
 
@@ -141,8 +144,8 @@ class DecomposeConv(PassBase):
 
 def _emit(
     spec: ConvSpec, factors: lowrank.SeparableFactors, form: str, names: NameAllocator, bias: np.ndarray | None = None
-) -> None:
-    """Replace ``spec.node`` in its graph by the separable subgraph, in place.
+) -> list[gs.Node]:
+    """Replace ``spec.node`` in its graph by the separable subgraph, in place; return the new nodes.
 
     ``bias``: a refitted bias for the pointwise conv; by default the original bias tensor is reused.
     """
@@ -171,7 +174,7 @@ def _emit(
     if form == FORM_BRANCHES:
         _emit_branches(spec, factors, names, base, x, y, dw_attrs, bias, bias_tensor, new_nodes)
         graph.nodes[position : position + 1] = new_nodes
-        return
+        return new_nodes
     if form == FORM_MULTIPLIER:
         # Channel m·r + j of one multiplier-r depthwise conv.
         dw_weight = factors.depthwise.reshape(m * r, 1, *kernel).astype(dtype)
@@ -205,6 +208,7 @@ def _emit(
 
     graph.nodes[position : position + 1] = new_nodes
     log.debug("rewrote %s at rank %d (%s)", node.name, r, form)
+    return new_nodes
 
 
 def _emit_branches(spec, factors, names, base, x, y, dw_attrs, bias, bias_tensor, new_nodes) -> None:

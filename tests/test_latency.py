@@ -13,6 +13,17 @@ from dsrewrite import latency
 from dsrewrite.measure import ConvTimer
 
 
+@pytest.fixture
+def faked(monkeypatch):
+    """Install a fake per-conv timer; the in-model profile then attributes nothing, so the fake decides alone."""
+
+    def install(times_by_candidate):
+        monkeypatch.setattr(ConvTimer, "candidates", fake_timer(times_by_candidate))
+        monkeypatch.setattr(latency, "node_times", lambda *args, **kwargs: {})
+
+    return install
+
+
 def fake_timer(times_by_candidate):
     """A stand-in for the microbenchmark: fixed times per candidate key ("original", "rank:form")."""
 
@@ -26,8 +37,8 @@ def fake_timer(times_by_candidate):
     return measure
 
 
-def test_the_fastest_form_is_emitted(monkeypatch):
-    monkeypatch.setattr(ConvTimer, "candidates", fake_timer(lambda p, c: {"original": 1.0}.get(c, 0.5 if c.endswith("branches") else 0.8)))
+def test_the_fastest_form_is_emitted(faked):
+    faked(lambda p, c: {"original": 1.0}.get(c, 0.5 if c.endswith("branches") else 0.8))
     model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
     result = dsrewrite.rewrite(model, rank=3, latency_aware=True, verify=False, latency_cache=None)
     (layer,) = result.report.layers
@@ -35,8 +46,8 @@ def test_the_fastest_form_is_emitted(monkeypatch):
     assert (layer.latency_before_ms, layer.latency_after_ms) == (1.0, 0.5)
 
 
-def test_a_rewrite_that_is_not_faster_is_skipped_with_the_measurement(monkeypatch):
-    monkeypatch.setattr(ConvTimer, "candidates", fake_timer(lambda p, c: 1.0 if c == "original" else 0.99))
+def test_a_rewrite_that_is_not_faster_is_skipped_with_the_measurement(faked):
+    faked(lambda p, c: 1.0 if c == "original" else 0.99)
     model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
     result = dsrewrite.rewrite(model, rank=2, latency_aware=True, verify=False, latency_cache=None)
     (layer,) = result.report.layers
@@ -44,12 +55,9 @@ def test_a_rewrite_that_is_not_faster_is_skipped_with_the_measurement(monkeypatc
     assert ops(result.model) == ["Conv"]
 
 
-def test_under_a_mac_target_slower_ranks_are_reallocated_and_the_target_holds(monkeypatch):
+def test_under_a_mac_target_slower_ranks_are_reallocated_and_the_target_holds(faked):
     # Rank 4 and above of every conv is "slower" than the original; lower ranks are fast.
-    monkeypatch.setattr(
-        ConvTimer, "candidates",
-        fake_timer(lambda p, c: 1.0 if c == "original" else (2.0 if int(c.split(":")[0]) >= 4 else 0.5)),
-    )  # fmt: skip
+    faked(lambda p, c: 1.0 if c == "original" else (2.0 if int(c.split(":")[0]) >= 4 else 0.5))
     result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_macs=0.6, verify=False, latency_cache=None)
     assert result.report.totals.eligible_macs_ratio <= 0.6
     assert all(layer.rank < 4 for layer in result.report.layers if layer.rewritten)
@@ -99,12 +107,9 @@ def test_interleaved_timing_returns_every_run():
     assert [len(t) for t in times] == [7, 7]
 
 
-def test_target_latency_allocates_measured_time(monkeypatch):
+def test_target_latency_allocates_measured_time(faked, monkeypatch):
     # Every rank r costs r/10 of the original conv's time; the model itself takes as long as its convs.
-    monkeypatch.setattr(
-        ConvTimer, "candidates",
-        fake_timer(lambda p, c: 1.0 if c == "original" else 0.1 * int(c.split(":")[0])),
-    )  # fmt: skip
+    faked(lambda p, c: 1.0 if c == "original" else 0.1 * int(c.split(":")[0]))
     monkeypatch.setattr(latency, "interleaved_medians", lambda sessions, feed, **kw: [[6.0]] * len(sessions))
     result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_latency=0.5, verify=False, latency_cache=None)
     layers = [layer for layer in result.report.layers if layer.rewritten]
@@ -117,12 +122,9 @@ def test_target_latency_allocates_measured_time(monkeypatch):
         dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_latency=0.5, target_macs=0.5)
 
 
-def test_inefficient_but_faster_ranks_fill_the_mac_budget(monkeypatch):
+def test_inefficient_but_faster_ranks_fill_the_mac_budget(faked):
     # Rank 1 pays in time; higher ranks are faster than the conv but save far less time than their MACs say.
-    monkeypatch.setattr(
-        ConvTimer, "candidates",
-        fake_timer(lambda p, c: 1.0 if c == "original" else (0.2 if c.startswith("1:") else 0.9)),
-    )  # fmt: skip
+    faked(lambda p, c: 1.0 if c == "original" else (0.2 if c.startswith("1:") else 0.9))
     result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_macs=0.5, verify=False, latency_cache=None)
     ratio = result.report.totals.eligible_macs_ratio
     assert 0.49 <= ratio <= 0.5
@@ -205,3 +207,39 @@ def test_slowness_is_reported_for_every_thread_count_and_reference():
     assert "slower than the original in onnxruntime (0.90x at 2 thread(s))" in warnings[0]
     assert "slower than the int8 original in onnxruntime (0.80x at 1 thread(s))" in warnings[1]
     assert all("--latency-aware" in w for w in warnings)
+
+
+def test_in_model_times_follow_fusions_and_layout_names_back_to_the_conv():
+    from onnx import TensorProto, helper
+
+    from dsrewrite.measure import in_model_times
+
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+        helper.make_node("Mul", ["c", "s"], ["m"], name="scale"),
+        helper.make_node("Relu", ["m"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "W2"], ["d"], name="other"),
+        helper.make_node("Add", ["d", "r"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [])
+    model = helper.make_model(graph)
+    times = {"r_nchwc": ("Conv", 1.0), "y_nchwc": ("Conv", 2.0), "ReorderOutput": ("ReorderOutput", 0.5)}
+    per_owner, other = in_model_times(model, times, {"c": "A", "d": "B"})
+    assert per_owner == {"A": 1.0, "B": 2.0} and other == 0.5  # Conv+Add fused: the conv not seen on its own
+
+
+def test_a_rewrite_slower_in_the_whole_model_is_reverted(faked, monkeypatch):
+    faked(lambda p, c: 1.0 if c == "original" else 0.5)  # alone, every rewrite pays
+    model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
+
+    def profile(model, feed, **kwargs):  # inside the model, the rewrite costs more than the conv did
+        rewritten = any("/dw" in node.name for node in model.graph.node)
+        return {node.name: (node.op_type, 1.0) for node in model.graph.node} if rewritten else {"conv": ("Conv", 1.0)}
+
+    monkeypatch.setattr(latency, "node_times", profile)
+    result = dsrewrite.rewrite(model, rank=2, latency_aware=True, verify=False, latency_cache=None)
+    (layer,) = result.report.layers
+    assert layer.status == "skipped" and "slower in the whole model" in layer.reason
+    assert (layer.in_model_before_ms, layer.in_model_after_ms) == (1.0, 5.0)  # branches: dw0, pw0, dw1, pw1, sum
+    assert ops(result.model) == ["Conv"]
+    assert any("1 reverted" in note for note in result.report.notes)
