@@ -138,16 +138,13 @@ class MacBudget:
         if not self.latency_aware:
             return budget_decisions(plans, self.target)
         timings = measured.ladders
-        # Kept for byte-identical reports across the staged refactor: the extra notes of a first,
-        # latency-blind allocation (its headline note is replaced below).
-        stale = budget_decisions(plans, self.target).notes[1:]
         faster = _copies(plans)
         restrict_to_efficient_ranks(faster, timings, 0.0)
         efficient = _copies(plans)
         removed = restrict_to_efficient_ranks(efficient, timings, MIN_EFFICIENCY)
         decisions = budget_decisions(efficient, self.target, fill_plans=faster)
         _attach_timings(decisions, timings)
-        decisions.notes = stale + decisions.notes + [
+        decisions.notes = decisions.notes + [
             f"latency-aware: {len(timings)} conv(s) timed alone in {measured.where} at their candidate ranks "
             f"({self.threads} thread(s)); {removed} rank(s) that save under "
             f"{MIN_EFFICIENCY:.0%} of their MAC-predicted time were only used to fill the budget's remainder"
