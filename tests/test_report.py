@@ -12,8 +12,10 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 from html.parser import HTMLParser
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -27,7 +29,6 @@ from dsrewrite.plan import LayerPlan
 from dsrewrite.report import (
     COLLAPSE_OVER,
     Report,
-    _nice_ticks,
     fmt_cosine,
     fmt_ratio,
     fmt_stat,
@@ -39,6 +40,7 @@ from dsrewrite.report import (
     report_format,
     sweep_chart_svg,
 )
+from dsrewrite.report.charts import _nice_ticks
 
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 
@@ -321,6 +323,20 @@ def test_html_loads_nothing(vgg_report):
     for forbidden in ("<link", " src=", "@import", "url(", "<img", "<iframe", "fetch(", "XMLHttpRequest"):
         assert forbidden not in page, forbidden
     assert page.count("<svg") == 1 and "<script>" in page and "<style>" in page
+
+
+def test_html_inlines_the_packaged_assets(vgg_report):
+    page = vgg_report.to_html()
+    assets = resources.files("dsrewrite.report") / "assets"
+    for name, tag in (("report.css", "style"), ("report.js", "script")):
+        text = (assets / name).read_text(encoding="utf-8")
+        assert text.strip() and f"<{tag}>\n{text}</{tag}>" in page
+
+
+def test_the_report_package_imports_without_onnx_or_rich():
+    code = "import sys, dsrewrite.report; print(sorted({'onnx', 'onnxruntime', 'rich'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize("n", [1, 7, 41, 300])
