@@ -16,7 +16,9 @@ from .markdown import md_code, md_text, render_markdown
 from .model import FORMATS, SCHEMA, Report, Totals, compute_totals, report_format, write_report
 from .text import (
     COLLAPSE_OVER,
+    NO_CONVS,
     benchmark_figures,
+    convs_text,
     fmt_cosine,
     fmt_error,
     fmt_ms,
@@ -28,10 +30,12 @@ from .text import (
     layer_cells,
     model_title,
     output_cells,
+    passes_text,
     settings_text,
     sweep_cell,
     tolerance_text,
     verdict,
+    verification_scope,
 )
 
 _fmt_ratio = fmt_ratio  # the old private name
@@ -40,11 +44,12 @@ _fmt_ratio = fmt_ratio  # the old private name
 _TERMINAL = ("render_terminal", "render_verification")
 
 __all__ = [
-    "COLLAPSE_OVER", "FORMATS", "NUM_CLASS", "SCHEMA", "Report", "Totals", "benchmark_figures", "compute_totals",
-    "fmt_cosine", "fmt_error", "fmt_ms", "fmt_ratio", "fmt_speedup", "fmt_stat", "fmt_value", "human", "layer_cells",
-    "layers_table_html", "macs_chart_svg", "md_code", "md_text", "model_title", "output_cells", "render_html",
-    "render_markdown", "render_terminal", "render_verification", "report_format", "settings_text", "sweep_cell",
-    "sweep_chart_svg", "tolerance_text", "verdict", "write_report",
+    "COLLAPSE_OVER", "FORMATS", "NO_CONVS", "NUM_CLASS", "SCHEMA", "Report", "Totals", "benchmark_figures",
+    "compute_totals", "convs_text", "fmt_cosine", "fmt_error", "fmt_ms", "fmt_ratio", "fmt_speedup", "fmt_stat",
+    "fmt_value", "human", "layer_cells", "layers_table_html", "macs_chart_svg", "md_code", "md_text", "model_title",
+    "output_cells", "passes_text", "render_html", "render_markdown", "render_terminal", "render_verification",
+    "report_format", "settings_text", "sweep_cell", "sweep_chart_svg", "tolerance_text", "verdict",
+    "verification_scope", "write_report",
 ]  # fmt: skip
 
 

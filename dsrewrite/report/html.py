@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from ..plan import REWRITTEN
 from .charts import macs_chart_svg, sweep_chart_svg
 from .text import (
+    NO_CONVS,
     benchmark_figures,
     fmt_ms,
     fmt_ratio,
@@ -22,11 +23,13 @@ from .text import (
     layer_cells,
     model_title,
     output_cells,
+    passes_text,
     settings_text,
     sweep_cell,
     sweep_columns,
     tolerance_text,
     verdict,
+    verification_scope,
 )
 from .text import escape_html as _e
 
@@ -114,11 +117,7 @@ def _verification(verification: Mapping[str, Any]) -> list[str]:
     """The verdict sentence, the per-output statistics table and the problems found."""
     parts = ['<h2 id="verification">Verification</h2>']
     if verification.get("ran"):
-        parts.append(
-            f"<p>onnxruntime: {_badge(verification)} on "
-            f"{_e(verification.get('samples'))} {_e(verification.get('inputs', ''))} sample(s); "
-            f"{_e(tolerance_text(verification))}.</p>"
-        )
+        parts.append(f"<p>onnxruntime: {_badge(verification)} on {verification_scope(verification, _e)}.</p>")
     else:
         parts.append("<p>Not run.</p>")
     if verification.get("outputs"):
@@ -146,14 +145,13 @@ def _layers(data: Mapping[str, Any]) -> list[str]:
     if layers:
         parts.append(f'<div class="chart">{macs_chart_svg(layers)}</div>')
     else:
-        parts.append("<p>Nothing to rewrite: the model has no Conv nodes.</p>")
+        parts.append(f"<p>{NO_CONVS}</p>")
     parts.append(f'<h2 id="layers">Layers ({len(layers)})</h2>')
     if layers:
         parts.append('<p class="hint">Click a column header to sort.</p>')
         parts.append(layers_table_html(layers))
     if data["passes"]:
-        steps = ", ".join(f"{p['name']} ({p['changes']} changes, {p['seconds']:.2f}s)" for p in data["passes"])
-        parts.append(f'<p class="hint">Passes: {_e(steps)}.</p>')
+        parts.append(f'<p class="hint">Passes: {_e(passes_text(data["passes"]))}.</p>')
     return parts
 
 

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from .text import (
     COLLAPSE_OVER,
+    NO_CONVS,
     benchmark_figures,
+    convs_text,
     fmt_ms,
     fmt_ratio,
     fmt_speedup,
@@ -21,8 +23,8 @@ from .text import (
     settings_text,
     sweep_cell,
     sweep_columns,
-    tolerance_text,
     verdict,
+    verification_scope,
 )
 
 if TYPE_CHECKING:
@@ -98,12 +100,7 @@ def _summary(data: Mapping[str, Any]) -> list[str]:
         rows.append(("Latency", fmt_ms(bench["before_ms"]), fmt_ms(bench["after_ms"]),
                      f"speedup {fmt_speedup(bench['speedup'])}"))  # fmt: skip
     lines += _md_table(["", "before", "after", "after / before"], rows, "lrrr")
-    lines += [
-        "",
-        f"**Convs:** {totals['rewritten']} rewritten, {totals['skipped']} skipped of {totals['convs']} "
-        f"({totals['eligible']} eligible).",
-        "",
-    ]
+    lines += ["", f"**Convs:** {convs_text(totals)}", ""]
     if bench is not None and bench["extras"]:
         extras = ", ".join(f"{md_text(k)}={md_text(fmt_value(v))}" for k, v in bench["extras"].items())
         lines += [f"**Benchmark:** {extras}.", ""]
@@ -112,13 +109,9 @@ def _summary(data: Mapping[str, Any]) -> list[str]:
 
 def _verification(verification: Mapping[str, Any]) -> list[str]:
     """The verdict line, the per-output statistics table and the problems found."""
-    verdict_text = verdict(verification)
-    line = f"**Verification in onnxruntime: {verdict_text}**"
+    line = f"**Verification in onnxruntime: {verdict(verification)}**"
     if verification.get("ran"):
-        line += (
-            f" on {verification.get('samples')} {md_text(verification.get('inputs', ''))} sample(s); "
-            f"{md_text(tolerance_text(verification))}."
-        )
+        line += f" on {verification_scope(verification, md_text)}."
     lines = [line, ""]
     if verification.get("outputs"):
         keys = ["name", "shape", "max_abs", "mean_abs", "max_rel", "cosine", "min_atol", "min_rtol", "passed"]
@@ -151,7 +144,7 @@ def _layers(layers: Sequence[Mapping[str, Any]]) -> list[str]:
     """Every layer, folded into a <details> block past :data:`COLLAPSE_OVER`."""
     lines = [f"### Layers ({len(layers)})", ""]
     if not layers:
-        return lines + ["Nothing to rewrite: the model has no Conv nodes."]
+        return lines + [NO_CONVS]
     with_output_error = any(layer.get("output_error") is not None for layer in layers)
     with_latency = any(layer.get("latency_before_ms") is not None for layer in layers)
     many = len(layers) > COLLAPSE_OVER

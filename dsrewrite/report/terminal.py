@@ -6,7 +6,7 @@ Only this module of the report imports rich; the package loads it on first use o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from rich.console import Console
 from rich.markup import escape as rich_escape
@@ -14,7 +14,22 @@ from rich.table import Table
 
 from ..plan import REWRITTEN
 from .model import Report, ratio_of
-from .text import COLLAPSE_OVER, benchmark_figures, fmt_error, fmt_ms, fmt_ratio, fmt_speedup, human, layer_cells
+from .text import (
+    COLLAPSE_OVER,
+    NO_CONVS,
+    benchmark_figures,
+    convs_text,
+    fmt_error,
+    fmt_ms,
+    fmt_ratio,
+    fmt_speedup,
+    human,
+    layer_cells,
+    output_cells,
+    passes_text,
+    verdict,
+    verification_scope,
+)
 
 if TYPE_CHECKING:  # only annotated: importing verify would load onnx and onnxruntime
     from ..verify import VerificationResult
@@ -27,7 +42,8 @@ def render_terminal(report: Report, console: Console, *, top: int | None = None)
     With more than :data:`COLLAPSE_OVER` rows, rows of identical configuration are
     collapsed into one (MACs and params summed). The report files always have every layer.
     """
-    layers = report.data()["layers"]
+    data = report.data()
+    layers = data["layers"]
     shown = _top_layers(layers, top)
     rows = [(layer, 1) for layer in shown]
     if len(rows) > COLLAPSE_OVER:
@@ -43,14 +59,13 @@ def render_terminal(report: Report, console: Console, *, top: int | None = None)
             f"{len(shown)} convs in {len(rows)} rows: convs of identical configuration are collapsed into one "
             "row (×count) with MACs and params summed (the report files list every conv)."
         )
-    _print_totals(report, console)
+    _print_totals(data["totals"], console)
     _print_latency(report, console)
     if report.passes:
-        steps = ", ".join(f"{p['name']} ({p['changes']} changes, {p['seconds']:.2f}s)" for p in report.passes)
-        console.print(f"Passes: {steps}.")
+        console.print(f"Passes: {passes_text(report.passes)}.")
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {rich_escape(note)}")
-    render_verification(report.verification, console)
+    _print_verification(data["verification"], console)
 
 
 def _top_layers(layers: list[dict[str, Any]], top: int | None) -> list[dict[str, Any]]:
@@ -94,20 +109,16 @@ def _layers_table(report: Report, layers: list[dict[str, Any]], rows: list[tuple
     return table
 
 
-def _print_totals(report: Report, console: Console) -> None:
-    totals = report.totals
-    if totals.convs == 0:
-        console.print("Nothing to rewrite: the model has no Conv nodes.")
+def _print_totals(totals: Mapping[str, Any], console: Console) -> None:
+    if totals["convs"] == 0:
+        console.print(NO_CONVS)
         return
+    console.print(f"Convs: {convs_text(totals)}")
     console.print(
-        f"Convs: {totals.rewritten} rewritten, {totals.skipped} skipped of {totals.convs} "
-        f"({totals.eligible} eligible)."
-    )
-    console.print(
-        f"Conv MACs: {human(totals.macs_before)} → {human(totals.macs_after)} "
-        f"({fmt_ratio(totals.macs_ratio)}); eligible convs: {human(totals.eligible_macs_before)} → "
-        f"{human(totals.eligible_macs_after)} ({fmt_ratio(totals.eligible_macs_ratio)}). "
-        f"Conv params: {human(totals.params_before)} → {human(totals.params_after)}."
+        f"Conv MACs: {human(totals['macs_before'])} → {human(totals['macs_after'])} "
+        f"({fmt_ratio(totals['macs_ratio'])}); eligible convs: {human(totals['eligible_macs_before'])} → "
+        f"{human(totals['eligible_macs_after'])} ({fmt_ratio(totals['eligible_macs_ratio'])}). "
+        f"Conv params: {human(totals['params_before'])} → {human(totals['params_after'])}."
     )
 
 
@@ -160,23 +171,27 @@ def _collapse(layers: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int]]:
 
 
 def render_verification(verification: VerificationResult | None, console: Console) -> None:
-    if verification is None or not verification.ran:
-        console.print("Verification: not run.")
+    """The verdict, each output's statistics and the problems found, worded by ``text`` like the files."""
+    _print_verification(verification.to_dict() if verification is not None else {"ran": False}, console)
+
+
+def _print_verification(verification: Mapping[str, Any], console: Console) -> None:
+    verdict_text = verdict(verification)
+    if not verification.get("ran"):
+        console.print(f"Verification: {verdict_text}.")
         return
-    if verification.atol is None and verification.rtol is None:
-        tolerance = "no tolerance set (shapes, dtypes and finiteness only)"
-    else:
-        tolerance = f"atol={verification.atol or 0:g}, rtol={verification.rtol or 0:g}"
-    verdict_text = "[green]PASSED[/green]" if verification.passed else "[red]FAILED[/red]"
+    style = "green" if verdict_text == "passed" else "red"
     console.print(
-        f"Verification in onnxruntime: {verdict_text} on {verification.samples} {rich_escape(verification.inputs)} "
-        f"sample(s); {tolerance}."
+        f"Verification in onnxruntime: [{style}]{verdict_text.upper()}[/{style}] "
+        f"on {verification_scope(verification, rich_escape)}."
     )
-    for out in verification.outputs:
+    for output in verification.get("outputs") or []:
+        cells = output_cells(output)
         console.print(
-            f"  {rich_escape(out.name)}: max_abs={out.max_abs:.3g} mean_abs={out.mean_abs:.3g} max_rel={out.max_rel:.3g} "
-            f"cosine={out.cosine:.6f}; would pass with atol>={out.min_atol:.3g} or rtol>={out.min_rtol:.3g}"
+            f"  {rich_escape(cells['name'])}: max_abs={cells['max_abs']} mean_abs={cells['mean_abs']} "
+            f"max_rel={cells['max_rel']} cosine={cells['cosine']}; "
+            f"would pass with atol>={cells['min_atol']} or rtol>={cells['min_rtol']}"
         )
-    for problem in verification.problems:
+    for problem in verification.get("problems") or []:
         console.print(f"  [red]{rich_escape(problem)}[/red]")
 

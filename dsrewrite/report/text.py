@@ -9,13 +9,15 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..plan import REWRITTEN
 
 # The terminal table collapses rows of identical configuration above this many layers; the
 # Markdown table folds away and the MACs chart shrinks its rows past the same count.
 COLLAPSE_OVER = 40
+
+NO_CONVS = "Nothing to rewrite: the model has no Conv nodes."
 
 
 def escape_html(value: Any) -> str:
@@ -120,6 +122,9 @@ def _latency_cell(before: float | None, after: float | None) -> str:
     return f"{fmt_ms(before)}→{fmt_ms(after)}" if after is not None and after != before else fmt_ms(before)
 
 
+# -- verification: every view words the result with these, from ``Report.data()["verification"]`` --
+
+
 def verdict(verification: Mapping[str, Any]) -> str:
     """'passed', 'FAILED' or 'not run'."""
     if not verification.get("ran"):
@@ -132,6 +137,15 @@ def tolerance_text(verification: Mapping[str, Any]) -> str:
     if atol is None and rtol is None:
         return "no tolerance set (shapes, dtypes and finiteness only)"
     return f"atol={atol or 0:g}, rtol={rtol or 0:g}"
+
+
+def verification_scope(verification: Mapping[str, Any], escape: Callable[[str], str] = str) -> str:
+    """What a verdict that ran was reached on: '1 random (seed 0) sample(s); atol=0.0001, rtol=0.001'.
+
+    ``escape`` makes each piece safe for the view's markup (the inputs label is free text).
+    """
+    samples, inputs = str(verification.get("samples")), str(verification.get("inputs", ""))
+    return f"{escape(samples)} {escape(inputs)} sample(s); {escape(tolerance_text(verification))}"
 
 
 def output_cells(output: Mapping[str, Any]) -> dict[str, str]:
@@ -173,6 +187,19 @@ def benchmark_figures(benchmark: Mapping[str, Any] | None) -> dict[str, Any] | N
     used = set(_LATENCY_BEFORE) | set(_LATENCY_AFTER) | {"speedup"}
     extras = {k: v for k, v in benchmark.items() if k not in used and not isinstance(v, dict)}
     return {"before_ms": before, "after_ms": after, "speedup": speedup, "extras": extras}
+
+
+def convs_text(totals: Mapping[str, Any]) -> str:
+    """'5 rewritten, 1 skipped of 6 (5 eligible).' from the totals dict."""
+    return (
+        f"{totals['rewritten']} rewritten, {totals['skipped']} skipped of {totals['convs']} "
+        f"({totals['eligible']} eligible)."
+    )
+
+
+def passes_text(passes: Sequence[Mapping[str, Any]]) -> str:
+    """'fold_batchnorm (0 changes, 0.00s), decompose_conv (6 changes, 0.01s), ...'"""
+    return ", ".join(f"{p['name']} ({p['changes']} changes, {p['seconds']:.2f}s)" for p in passes)
 
 
 def model_title(model: Mapping[str, Any]) -> str:
