@@ -12,8 +12,10 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 from html.parser import HTMLParser
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -27,7 +29,6 @@ from dsrewrite.plan import LayerPlan
 from dsrewrite.report import (
     COLLAPSE_OVER,
     Report,
-    _nice_ticks,
     fmt_cosine,
     fmt_ratio,
     fmt_stat,
@@ -38,7 +39,10 @@ from dsrewrite.report import (
     render_terminal,
     report_format,
     sweep_chart_svg,
+    verification_scope,
 )
+from dsrewrite.report.charts import _nice_ticks
+from dsrewrite.verify import OutputComparison, VerificationResult
 
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 
@@ -235,7 +239,10 @@ def test_summaries_agree_on_totals_and_verification(report):
         assert text in page
 
     assert verification["ran"] and verification["passed"]
-    assert "Verification in onnxruntime: passed" in markdown and 'class="badge pass">passed' in page
+    scope = verification_scope(verification)
+    assert f"**Verification in onnxruntime: passed** on {scope}." in markdown
+    assert f'class="badge pass">passed</span> on {scope}.' in page
+    assert f"Verification in onnxruntime: PASSED on {scope}." in terminal
     md_outputs, html_outputs = md_rows(markdown, "output"), html_rows(page, "outputs")
     for output, md_row, html_row in zip(verification["outputs"], md_outputs, html_outputs, strict=True):
         stats = [fmt_stat(output["max_abs"]), fmt_stat(output["mean_abs"]), fmt_stat(output["max_rel"]), fmt_cosine(output["cosine"])]
@@ -243,6 +250,27 @@ def test_summaries_agree_on_totals_and_verification(report):
         assert [html_row[k][0] for k in ("max_abs", "mean_abs", "max_rel", "cosine")] == stats
         assert html_row["max_abs"][1] == repr(output["max_abs"])
         assert f"max_abs={stats[0]} mean_abs={stats[1]} max_rel={stats[2]} cosine={stats[3]}" in terminal
+
+
+def test_failed_and_skipped_verification_read_the_same_in_every_view():
+    nan = float("nan")  # a shape mismatch leaves no statistics
+    failed = VerificationResult(ran=True, passed=False, inputs="random", samples=2, outputs=[
+        OutputComparison("y", [1, 4], nan, nan, nan, nan, False, nan, nan, False)], problems=["output y: shape differs"])  # fmt: skip
+    report = synthetic_report(3, verification=failed)
+    markdown, page, terminal = report.to_markdown(), report.to_html(), terminal_text(report)
+    scope = "2 random sample(s); no tolerance set (shapes, dtypes and finiteness only)"
+    assert f"**Verification in onnxruntime: FAILED** on {scope}." in markdown
+    assert f'class="badge fail">FAILED</span> on {scope}.' in page
+    assert f"Verification in onnxruntime: FAILED on {scope}." in terminal
+    assert md_rows(markdown, "output")[0][2:6] == ["?"] * 4  # NaN is null in the JSON, '?' everywhere
+    assert [cell[0] for cell in html_rows(page, "outputs")[0].values()][2:6] == ["?"] * 4
+    assert "y: max_abs=? mean_abs=? max_rel=? cosine=?; would pass with atol>=? or rtol>=?" in terminal
+    assert all("output y: shape differs" in text for text in (markdown, page, terminal))
+
+    report = synthetic_report(3, verification=None)
+    markdown, page, terminal = report.to_markdown(), report.to_html(), terminal_text(report)
+    assert "**Verification in onnxruntime: not run**" in markdown and "<p>Not run.</p>" in page
+    assert "Verification: not run." in terminal and "sample(s)" not in markdown + page + terminal
 
 
 def test_grouped_sample_has_skips_and_the_multiplier_form(grouped_report):
@@ -321,6 +349,20 @@ def test_html_loads_nothing(vgg_report):
     for forbidden in ("<link", " src=", "@import", "url(", "<img", "<iframe", "fetch(", "XMLHttpRequest"):
         assert forbidden not in page, forbidden
     assert page.count("<svg") == 1 and "<script>" in page and "<style>" in page
+
+
+def test_html_inlines_the_packaged_assets(vgg_report):
+    page = vgg_report.to_html()
+    assets = resources.files("dsrewrite.report") / "assets"
+    for name, tag in (("report.css", "style"), ("report.js", "script")):
+        text = (assets / name).read_text(encoding="utf-8")
+        assert text.strip() and f"<{tag}>\n{text}</{tag}>" in page
+
+
+def test_the_report_package_imports_without_onnx_or_rich():
+    code = "import sys, dsrewrite.report; print(sorted({'onnx', 'onnxruntime', 'rich'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize("n", [1, 7, 41, 300])
