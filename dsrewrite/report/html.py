@@ -15,6 +15,7 @@ from .charts import macs_chart_svg, sweep_chart_svg
 from .text import (
     NO_CONVS,
     benchmark_figures,
+    comparisons_text,
     fmt_ms,
     fmt_ratio,
     fmt_speedup,
@@ -94,8 +95,9 @@ def _summary(data: Mapping[str, Any]) -> list[str]:
     ]  # fmt: skip
     bench = benchmark_figures(data.get("benchmark"))
     if bench is not None:
+        more = comparisons_text(data.get("benchmark"))
         cards.append(_card("Latency", f"{fmt_ms(bench['before_ms'])} → {fmt_ms(bench['after_ms'])}",
-                           f"speedup {fmt_speedup(bench['speedup'])}"))  # fmt: skip
+                           f"speedup {fmt_speedup(bench['speedup'])}" + (f"; {more}" if more else "")))  # fmt: skip
     cards.append(
         _card("Verification", verdict(verification), tolerance_text(verification) if verification.get("ran") else "",
               value_html=_badge(verification))  # fmt: skip

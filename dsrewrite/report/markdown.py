@@ -11,6 +11,7 @@ from .text import (
     COLLAPSE_OVER,
     NO_CONVS,
     benchmark_figures,
+    comparisons_text,
     convs_text,
     fmt_ms,
     fmt_ratio,
@@ -101,6 +102,9 @@ def _summary(data: Mapping[str, Any]) -> list[str]:
                      f"speedup {fmt_speedup(bench['speedup'])}"))  # fmt: skip
     lines += _md_table(["", "before", "after", "after / before"], rows, "lrrr")
     lines += ["", f"**Convs:** {convs_text(totals)}", ""]
+    more = comparisons_text(data.get("benchmark"))
+    if more:
+        lines += [f"**Also measured:** {md_text(more)}.", ""]
     if bench is not None and bench["extras"]:
         extras = ", ".join(f"{md_text(k)}={md_text(fmt_value(v))}" for k, v in bench["extras"].items())
         lines += [f"**Benchmark:** {extras}.", ""]

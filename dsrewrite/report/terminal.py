@@ -18,6 +18,7 @@ from .text import (
     COLLAPSE_OVER,
     NO_CONVS,
     benchmark_figures,
+    comparisons_text,
     convs_text,
     fmt_error,
     fmt_ms,
@@ -137,6 +138,9 @@ def _print_latency(report: Report, console: Console) -> None:
         f"Latency in onnxruntime: {fmt_ms(bench['before_ms'])} → {fmt_ms(bench['after_ms'])} "
         f"(measured speedup {fmt_speedup(bench['speedup'])}{expected})."
     )
+    more = comparisons_text(report.benchmark)
+    if more:
+        console.print(f"Also measured: {more}.")
 
 
 def _collapse(layers: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int]]:

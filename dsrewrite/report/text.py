@@ -189,6 +189,24 @@ def benchmark_figures(benchmark: Mapping[str, Any] | None) -> dict[str, Any] | N
     return {"before_ms": before, "after_ms": after, "speedup": speedup, "extras": extras}
 
 
+def comparisons_text(benchmark: Mapping[str, Any] | None) -> str | None:
+    """The speedups beyond the headline one, e.g. "1.02× at 2 threads; 1.06× against the int8 original", or None."""
+    if not benchmark:
+        return None
+    parts = []
+    for key, value in benchmark.items():
+        if not (key.startswith("speedup_") and isinstance(value, (int, float))) or key == "speedup_vs_predicted":
+            continue
+        name = key[len("speedup_"):]
+        threads = ""
+        if name.endswith("_threads"):
+            name, _, count = name[: -len("_threads")].rpartition("_")
+            threads = f" at {count} threads"
+        versus = f" against the {name[len('vs_'):].replace('_', ' ')}" if name.startswith("vs_") else ""
+        parts.append(f"{fmt_speedup(value)}{versus}{threads}")
+    return "; ".join(parts) or None
+
+
 def convs_text(totals: Mapping[str, Any]) -> str:
     """'5 rewritten, 1 skipped of 6 (5 eligible).' from the totals dict."""
     return (
