@@ -64,6 +64,6 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
     rewritten = stages.emit(ctx, plans, fitted, finishing)  # decompose_conv emits the plans, then e.g. cleanup
     rewritten = stages.deploy(ctx, rewritten)  # --quantize int8
     stages.explain(ctx, plans)
-    verification = stages.check(ctx, rewritten)
+    verification = stages.verify_outputs(ctx, rewritten)
     benchmark = stages.benchmark(ctx, rewritten, plans)
     return RewriteResult(model=rewritten, report=stages.report(ctx, plans, verification, benchmark, sweep))

@@ -203,7 +203,7 @@ def explain(ctx: RewriteContext, plans: list[LayerPlan]) -> None:
         ctx.notes.append("MACs of some convs are unknown (dynamic spatial dims); pass --input-shape to fix them")
 
 
-def check(ctx: RewriteContext, rewritten: onnx.ModelProto) -> VerificationResult | None:
+def verify_outputs(ctx: RewriteContext, rewritten: onnx.ModelProto) -> VerificationResult | None:
     """Run both models in onnxruntime on the calibration feeds (else seeded random inputs) and compare."""
     if not ctx.options.verify.enabled or ctx.options.dry_run:
         return None
