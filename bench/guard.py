@@ -513,6 +513,13 @@ def cmd_compare(rev_a: str, rev_b: str, out: Path, out_b: Path) -> int:
     for key in ("snapshot_sha256", "onnxruntime", "onnx", "numpy"):
         if meta_a.get(key) != meta_b.get(key):
             print(f"warning: {key} differs between the runs: {meta_a.get(key)} != {meta_b.get(key)}")
+    if out_b != out:  # two out dirs: both must have frozen the same inputs
+        manifests = [json.loads(p.read_text()) if p.exists() else {} for p in (out / "inputs" / "manifest.json",
+                                                                              out_b / "inputs" / "manifest.json")]
+        for name in sorted(set(manifests[0]) & set(manifests[1])):
+            a, b = manifests[0][name], manifests[1][name]
+            if (a["sha256"], a["calib_sha256"]) != (b["sha256"], b["calib_sha256"]):
+                print(f"warning: the frozen input model or calibration file of {name} differs between the out dirs")
     # Run order: models as listed in the runs' meta, settings as in SETTINGS.
     model_rank = {m: i for i, m in enumerate(dict.fromkeys([*meta_a.get("models", []), *meta_b.get("models", [])]))}
     setting_rank = {s: i for i, s in enumerate(SETTINGS)}
