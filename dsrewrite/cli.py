@@ -23,9 +23,10 @@ from rich.console import Console
 from ._version import __version__
 from .api import RewriteOptions, rewrite
 from .budget import DEFAULT_MAX_ERROR
-from .errors import DsrewriteError, Interrupted, UsageError, signals_raise_interrupted
+from .errors import DsrewriteError, Interrupted, UsageError
 from .model_io import atomic_write_text, check_output_path, save_model
 from .planning import default_cache_path, load_eval_script
+from .signals import signals_raise_interrupted
 
 log = logging.getLogger("dsrewrite")
 

@@ -35,7 +35,6 @@ import functools
 import logging
 import math
 import os
-import signal
 import stat
 import tempfile
 from pathlib import Path
@@ -46,7 +45,8 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 from onnx.onnx_cpp2py_export import checker as _c_checker
 
-from .errors import InputError, UsageError, swapped_signal_handlers
+from .errors import InputError, UsageError
+from .signals import deferred_interrupts
 
 log = logging.getLogger(__name__)
 
@@ -328,16 +328,16 @@ def save_model(
 
     data_name = path.name + ".data"
     data_path = path.parent / data_name
-    with _deferred_interrupts():
+    with deferred_interrupts():
         tmp_dir = Path(tempfile.mkdtemp(prefix=".dsrewrite-", dir=path.parent))
     try:
         moved = _write_with_external_data(model, tmp_dir / path.name, data_name)
-        with _deferred_interrupts():  # both files or neither
+        with deferred_interrupts():  # both files or neither
             os.replace(tmp_dir / data_name, data_path)
             os.replace(tmp_dir / path.name, path)
         _fsync_dir(path.parent)
     finally:
-        with _deferred_interrupts():
+        with deferred_interrupts():
             _remove_tree(tmp_dir)
     _repoint_disk_backed(model, str(data_path.resolve()), moved)
     return [path, data_path]
@@ -433,7 +433,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     The temp file is removed on any failure, Ctrl-C included.
     """
     path = Path(path)
-    with _deferred_interrupts():
+    with deferred_interrupts():
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with contextlib.suppress(OSError):  # mkstemp makes 0600; give the file the mode a plain open() would
@@ -444,7 +444,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _deferred_interrupts(), contextlib.suppress(OSError):
+        with deferred_interrupts(), contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
@@ -750,23 +750,6 @@ def _referenced_files(input_path: Path, mtime_ns: int, size: int) -> frozenset[P
             with contextlib.suppress(OSError, ValueError):
                 files.add((input_path.parent / _location(tensor)).resolve())
     return frozenset(files)
-
-
-@contextlib.contextmanager
-def _deferred_interrupts():
-    """Hold SIGINT/SIGTERM until the block ends, then deliver them (main thread only; elsewhere a no-op)."""
-    received: list[tuple[int, object]] = []
-    previous: dict = {}
-    try:
-        with swapped_signal_handlers(lambda s, frame: received.append((s, frame)), keep_ignored=False) as previous:
-            yield
-    finally:
-        for signum, frame in received:
-            handler = previous.get(signum)
-            if callable(handler):
-                handler(signum, frame)
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(signum)
 
 
 def _first_line(exc: BaseException) -> str:
