@@ -23,7 +23,7 @@ from rich.console import Console
 from ._version import __version__
 from .api import rewrite
 from .budget import DEFAULT_MAX_ERROR
-from .errors import DsrewriteError, Interrupted, UsageError, signals_raise_interrupted
+from .errors import DsrewriteError, Interrupted, UsageError
 from .model_io import atomic_write_text, check_output_path, save_model
 from .options import (
     CalibrationSettings,
@@ -36,6 +36,7 @@ from .options import (
 )
 from .report import FORMATS as REPORT_FORMATS
 from .sensitivity import default_cache_path, load_eval_script
+from .signals import signals_raise_interrupted
 from .stages import slowness_warnings
 
 log = logging.getLogger("dsrewrite")

@@ -2,14 +2,13 @@
 
 The CLI prints ``error: <message>`` on one line and exits with ``exit_code``;
 library callers catch :class:`DsrewriteError`. :class:`Interrupted` is what
-SIGINT/SIGTERM raise during a CLI run (exit ``128 + signal``).
+SIGINT/SIGTERM raise during a CLI run (exit ``128 + signal``); the handlers that
+raise it live in :mod:`dsrewrite.signals`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import threading
 
 
 class DsrewriteError(Exception):
@@ -61,41 +60,3 @@ class Interrupted(BaseException):
         self.signum = signum
         self.exit_code = 128 + signum
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
-
-
-@contextlib.contextmanager
-def swapped_signal_handlers(handler, *, keep_ignored: bool):
-    """Install ``handler`` for SIGINT and SIGTERM while the block runs; yield the previous handlers.
-
-    Main thread only (elsewhere a no-op yielding ``{}``). Handlers set outside Python
-    (``getsignal()`` is None) cannot be restored, so they are left alone; with
-    ``keep_ignored`` so are signals the process ignores.
-    """
-    previous: dict = {}
-    if threading.current_thread() is threading.main_thread():
-        skip = (signal.SIG_IGN, None) if keep_ignored else (None,)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                if signal.getsignal(signum) not in skip:
-                    previous[signum] = signal.signal(signum, handler)
-            except (ValueError, OSError):  # pragma: no cover - not the main interpreter
-                pass
-    try:
-        yield previous
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
-@contextlib.contextmanager
-def signals_raise_interrupted():
-    """While the block runs, SIGINT and SIGTERM raise :class:`Interrupted` (main thread only).
-
-    Signals the process ignores stay ignored; the previous handlers come back afterwards.
-    """
-
-    def handler(signum, frame):
-        raise Interrupted(signum)
-
-    with swapped_signal_handlers(handler, keep_ignored=True):
-        yield

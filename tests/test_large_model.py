@@ -23,7 +23,6 @@ from conftest import dsrewrite_cli
 from onnx import TensorProto, helper, numpy_helper
 
 import dsrewrite
-from dsrewrite import model_io
 from dsrewrite.model_io import (
     is_disk_backed,
     load_model,
@@ -31,6 +30,7 @@ from dsrewrite.model_io import (
     run_checker,
     save_model,
 )
+from dsrewrite.model_io import external, limits
 
 
 def big_model(directory: Path, *, rows: int, dim: int = 1024, name: str = "big.onnx") -> Path:
@@ -104,9 +104,9 @@ def snapshot(directory: Path) -> dict:
 @pytest.fixture
 def tiny_limits(monkeypatch):
     """Make a ~400 kB model count as 'over the protobuf limit'."""
-    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 200_000)
-    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 150_000)
-    monkeypatch.setattr(model_io, "DISK_BACKED_MIN_BYTES", 4096)
+    monkeypatch.setattr(limits, "PROTOBUF_LIMIT", 200_000)
+    monkeypatch.setattr(limits, "EXTERNAL_DATA_THRESHOLD", 150_000)
+    monkeypatch.setattr(limits, "DISK_BACKED_MIN_BYTES", 4096)
 
 
 def cli(*args) -> tuple[int, str]:
@@ -137,7 +137,7 @@ def test_over_the_limit_the_table_stays_on_disk_and_the_cli_streams_it(tmp_path,
     table = next(t for t in slim.graph.initializer if t.name == "table")
     assert {e.key: e.value for e in table.external_data}["location"] == "slim.onnx.data"
     offset = int({e.key: e.value for e in table.external_data}["offset"])
-    assert offset % model_io.LARGE_TENSOR_ALIGNMENT == 0
+    assert offset % limits.LARGE_TENSOR_ALIGNMENT == 0
     expected, actual = run_path(model_path, feeds(rows)), run_path(out_dir / "slim.onnx", feeds(rows))
     np.testing.assert_array_equal(actual[1], expected[1])
     np.testing.assert_allclose(actual[0], expected[0], atol=1e-4 * np.abs(expected[0]).max(), rtol=1e-3)
@@ -165,7 +165,7 @@ def test_overwriting_a_disk_backed_input_repoints_its_tensors(tmp_path, tiny_lim
 def test_an_in_memory_model_over_the_limit_goes_to_onnxruntime_through_a_temp_dir(tmp_path, monkeypatch):
     model_path = big_model(tmp_path, rows=100)
     model = load_model(model_path)  # fully in memory at the real limits
-    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 100_000)
+    monkeypatch.setattr(limits, "PROTOBUF_LIMIT", 100_000)
     with onnxruntime_source(model) as (source, config):
         assert isinstance(source, str) and config == {}
         temp_dir = Path(source).parent
@@ -245,10 +245,11 @@ def test_shape_inference_and_the_checker_see_large_tensors_as_typed_inputs(tmp_p
 def test_a_large_in_memory_model_is_verified_through_a_file(tmp_path, monkeypatch):
     """From a file onnxruntime maps the weights (about 1x the model) instead of copying bytes (about 3.4x)."""
     model = load_model(big_model(tmp_path, rows=64))
-    monkeypatch.setattr(model_io, "ORT_VIA_FILE_BYTES", 10_000)
+    monkeypatch.setattr(limits, "ORT_VIA_FILE_BYTES", 10_000)
     seen = []
-    real = model_io.save_model
-    monkeypatch.setattr(model_io, "save_model", lambda m, p, **k: seen.append(Path(p).parent) or real(m, p, **k))
+    real = external.save_model
+    # onnxruntime_source calls save_model from its own module.
+    monkeypatch.setattr(external, "save_model", lambda m, p, **k: seen.append(Path(p).parent) or real(m, p, **k))
     result = dsrewrite.rewrite(model, rank="full")
     assert result.ok and result.report.verification.passed
     assert len(seen) == 2 and not any(d.exists() for d in seen), "one temp dir per session, removed"

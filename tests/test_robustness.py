@@ -25,6 +25,7 @@ from conftest import SAMPLES, conv_model, dsrewrite_cli, random_input, run
 from onnx import TensorProto, helper, numpy_helper
 
 from dsrewrite import model_io
+from dsrewrite.model_io import external, limits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -466,8 +467,8 @@ def test_sigint_and_sigterm_mid_run_leave_nothing_behind(tmp_path):
 
 
 def test_an_interrupt_while_saving_leaves_no_partial_files(ws, monkeypatch):
-    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 100)  # take the external-data path
-    monkeypatch.setattr(model_io, "INLINE_MAX_BYTES", 16)
+    monkeypatch.setattr(limits, "EXTERNAL_DATA_THRESHOLD", 100)  # take the external-data path
+    monkeypatch.setattr(limits, "INLINE_MAX_BYTES", 16)
     written = []
 
     def interrupted_after_first_tensor(tensor, *args):
@@ -476,16 +477,16 @@ def test_an_interrupt_while_saving_leaves_no_partial_files(ws, monkeypatch):
             raise KeyboardInterrupt
         return original(tensor, *args)
 
-    original = model_io._set_location
-    monkeypatch.setattr(model_io, "_set_location", interrupted_after_first_tensor)
+    original = external._set_location
+    monkeypatch.setattr(external, "_set_location", interrupted_after_first_tensor)
     code, out, err = dsrewrite_cli(ws.model, "-o", ws.outputs / "slim.onnx", "--rank", "1")
     assert code == 130 and err.splitlines() == ["error: interrupted"], err
     assert _leftovers(ws.outputs) == []
 
 
 def test_an_interrupt_between_the_two_renames_is_held_until_both_are_done(ws, monkeypatch):
-    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 100)
-    monkeypatch.setattr(model_io, "INLINE_MAX_BYTES", 16)
+    monkeypatch.setattr(limits, "EXTERNAL_DATA_THRESHOLD", 100)
+    monkeypatch.setattr(limits, "INLINE_MAX_BYTES", 16)
     real_replace = os.replace
     calls = []
 
@@ -495,7 +496,7 @@ def test_an_interrupt_between_the_two_renames_is_held_until_both_are_done(ws, mo
             signal.raise_signal(signal.SIGINT)  # Ctrl-C right after the data file went into place
         real_replace(src, dst)
 
-    monkeypatch.setattr(model_io.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)  # the one os module: model_io looks it up at each call
     code, out, err = dsrewrite_cli(ws.model, "-o", ws.outputs / "slim.onnx", "--rank", "1")
     assert calls == ["slim.onnx.data", "slim.onnx"]
     assert code == 130 and err.splitlines() == ["error: interrupted"], err
@@ -544,12 +545,13 @@ def test_a_full_disk_is_one_error_line_and_leaves_no_temp_files(ws, monkeypatch)
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(model_io.os, "fsync", no_space)
+    monkeypatch.setattr(os, "fsync", no_space)  # the one os module: model_io looks it up at each call
     code, out, err = dsrewrite_cli(ws.model, "-o", ws.outputs / "slim.onnx", "--rank", "1", "--report", ws.outputs / "r.json")
     assert_clean_failure(code, out, err, message="No space left on device")
     assert _leftovers(ws.outputs) == []
-    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 100)  # the same with model + external data
-    monkeypatch.setattr(model_io, "atomic_write_bytes", lambda *a: None)  # let the report "succeed"
+    monkeypatch.setattr(limits, "EXTERNAL_DATA_THRESHOLD", 100)  # the same with model + external data
+    # save_model's single-file write now "succeeds" writing nothing: only the external-data path can fail here.
+    monkeypatch.setattr(external, "atomic_write_bytes", lambda *a: None)
     code, out, err = dsrewrite_cli(ws.model, "-o", ws.outputs / "slim.onnx", "--rank", "1")
     assert_clean_failure(code, out, err, message="No space left on device")
     assert _leftovers(ws.outputs) == []
