@@ -471,7 +471,38 @@ def json_diffs(a: Any, b: Any, path: str = "") -> Iterator[str]:
         yield f"{path}: {short(a)} != {short(b)}"
 
 
-def record_diff(a: dict, b: dict) -> list[str]:
+def same_up_to_tensor_encoding(path_a: Path, path_b: Path) -> bool:
+    """Whether two models hold the same graph and values, whatever field each tensor's data sits in.
+
+    onnx keeps tensor data either as ``raw_data`` or in typed fields (``float_data``, ...); a pass that
+    never reads a tensor leaves it as the input had it, one that reads it writes ``raw_data``.
+    """
+    import onnx  # noqa: PLC0415
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    def normalised(path: Path) -> bytes:
+        model = onnx.load(str(path))
+
+        def fix(tensor) -> None:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+
+        def walk(graph) -> None:
+            for tensor in graph.initializer:
+                fix(tensor)
+            for node in graph.node:
+                for attr in node.attribute:
+                    if attr.HasField("t"):
+                        fix(attr.t)
+                    for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                        walk(sub)
+
+        walk(model.graph)
+        return model.SerializeToString(deterministic=True)
+
+    return normalised(path_a) == normalised(path_b)
+
+
+def record_diff(a: dict, b: dict, models: tuple[Path, Path] | None = None) -> list[str]:
     parts = []
     if a["args"] != b["args"]:
         parts.append(f"guard CLI args differ: {' '.join(a['args'])} != {' '.join(b['args'])}")
@@ -483,7 +514,10 @@ def record_diff(a: dict, b: dict) -> list[str]:
         parts.append(f"stderr line {first + 1}: {short(la[first] if first < len(la) else '<end>')} != "
                      f"{short(lb[first] if first < len(lb) else '<end>')}")  # fmt: skip
     if a["model_sha256"] != b["model_sha256"]:
-        parts.append(f"out.onnx sha256 {a['model_sha256'][:16]} != {b['model_sha256'][:16]}")
+        text = f"out.onnx sha256 {a['model_sha256'][:16]} != {b['model_sha256'][:16]}"
+        if models is not None and all(p.exists() for p in models) and same_up_to_tensor_encoding(*models):
+            text += " (same graph and values; only the encoding of some tensors differs)"
+        parts.append(text)
     diffs = list(json_diffs(a["report"], b["report"]))
     if diffs:
         more = f" (+{len(diffs) - MAX_DIFFS_SHOWN} more)" if len(diffs) > MAX_DIFFS_SHOWN else ""
@@ -532,7 +566,7 @@ def cmd_compare(rev_a: str, rev_b: str, out: Path, out_b: Path) -> int:
         if a is None or b is None:
             parts = [f"only in {'B' if a is None else 'A'}"]
         else:
-            parts = record_diff(a, b)
+            parts = record_diff(a, b, (dir_a / key[0] / key[1] / "out.onnx", dir_b / key[0] / key[1] / "out.onnx"))
         if parts:
             differ += 1
             print(f"{label} DIFFERS: " + " | ".join(parts))
