@@ -19,6 +19,7 @@ A strategy that needs timings of what it decided (``NeverSlower``) asks
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -215,19 +216,19 @@ def single_conv_model(model: onnx.ModelProto, output: str, input_shape: Sequence
 FUSED_AFTER_CONV = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "Add", "Sum", "Mul", "BatchNormalization"}
 
 
-def in_model_times(model: onnx.ModelProto, times: dict[str, tuple[str, float]], owners: dict[str, str]) -> tuple[dict[str, float], float]:
+def in_model_times(
+    model: onnx.ModelProto, times: dict[str, tuple[str, float]], owners: dict[str, str]
+) -> tuple[dict[str, float], float]:
     """Profiled node times summed per owner, and what no owner claims (reorders, other ops).
 
-    ``owners`` maps a node's first output tensor to its owner (a conv's plan key). Profile
-    names are node names, or for onnxruntime's NCHWc nodes ``<output tensor>_nchwc``.
+    ``owners`` maps a node's name, or its first output tensor, to its owner (a conv's plan key).
+    Profile names are node names; onnxruntime names an NCHWc node ``<output tensor>_nchwc`` and a
+    fused QDQ node ``<node name>_token_<n>``.
     """
     producers = {out: node for node in model.graph.node for out in node.output}
     by_name = {node.name: node for node in model.graph.node if node.name}
-    resolved: dict[str, onnx.NodeProto | None] = {}
-    for name in times:
-        base = name[: -len("_nchwc")] if name.endswith("_nchwc") else name
-        resolved[name] = by_name.get(base) or producers.get(base)
-    direct = {owners[node.output[0]] for node in resolved.values() if node is not None and node.output and node.output[0] in owners}
+    resolved = {name: _profiled_node(name, by_name, producers) for name in times}
+    direct = {owner for node in resolved.values() if (owner := _own(node, owners)) is not None}
     per_owner: dict[str, float] = {}
     other = 0.0
     for name, (_op, ms) in times.items():
@@ -239,17 +240,35 @@ def in_model_times(model: onnx.ModelProto, times: dict[str, tuple[str, float]], 
     return per_owner, other
 
 
+def _profiled_node(name: str, by_name: dict, producers: dict):
+    """The graph node a profile entry stands for, or None."""
+    for base in (name, name[: -len("_nchwc")] if name.endswith("_nchwc") else None, _TOKEN.sub("", name)):
+        if base and (base in by_name or base in producers):
+            return by_name.get(base) or producers[base]
+    return None
+
+
+def _own(node, owners: dict[str, str]) -> str | None:
+    if node is None:
+        return None
+    return owners.get(node.name) if node.name in owners else owners.get(node.output[0]) if node.output else None
+
+
 def _owner(node, producers, owners, direct, depth: int = 4) -> str | None:
     """The owner of ``node``, walking back through ops fused after a conv."""
     for _ in range(depth):
         if node is None or not node.output:
             return None
-        if node.output[0] in owners:
-            return owners[node.output[0]]
+        owner = _own(node, owners)
+        if owner is not None:
+            return owner
         if node.op_type not in FUSED_AFTER_CONV:
             return None
         feeding = [producers[i] for i in node.input if i in producers]
-        claimed = [p for p in feeding if p.output and p.output[0] in owners]
+        claimed = [p for p in feeding if _own(p, owners) is not None]
         # Conv + Add fused: the conv that does not also run on its own is the one inside the fused node.
-        node = next((p for p in claimed if owners[p.output[0]] not in direct), claimed[0] if claimed else (feeding or [None])[0])
+        node = next((p for p in claimed if _own(p, owners) not in direct), claimed[0] if claimed else (feeding or [None])[0])
     return None
+
+
+_TOKEN = re.compile(r"_token_\d+$")

@@ -226,6 +226,9 @@ def test_in_model_times_follow_fusions_and_layout_names_back_to_the_conv():
     times = {"r_nchwc": ("Conv", 1.0), "y_nchwc": ("Conv", 2.0), "ReorderOutput": ("ReorderOutput", 0.5)}
     per_owner, other = in_model_times(model, times, {"c": "A", "d": "B"})
     assert per_owner == {"A": 1.0, "B": 2.0} and other == 0.5  # Conv+Add fused: the conv not seen on its own
+    # A fused QDQ node is named after the node, with a token: owners may be keyed by node name too.
+    per_owner, other = in_model_times(model, {"conv_token_3": ("QLinearConv", 4.0)}, {"conv": "A"})
+    assert per_owner == {"A": 4.0} and other == 0.0
 
 
 def test_a_rewrite_slower_in_the_whole_model_is_reverted(faked, monkeypatch):
@@ -242,4 +245,4 @@ def test_a_rewrite_slower_in_the_whole_model_is_reverted(faked, monkeypatch):
     assert layer.status == "skipped" and "slower in the whole model" in layer.reason
     assert (layer.in_model_before_ms, layer.in_model_after_ms) == (1.0, 5.0)  # branches: dw0, pw0, dw1, pw1, sum
     assert ops(result.model) == ["Conv"]
-    assert any("1 reverted" in note for note in result.report.notes)
+    assert any("1 of 1 rewritten conv(s) timed inside the whole model" in note and "1 reverted" in note for note in result.report.notes)
