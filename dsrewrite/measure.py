@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -169,15 +169,18 @@ class ConvTimer:
 
     def candidates(self, plan: LayerPlan, input_shape: Sequence[int], ranks: Sequence[int]) -> dict[str, float]:
         """Median ms of the original conv ("original") and of each "rank:form" rewrite of it."""
-        from .passes import Cleanup, DecomposeConv  # noqa: PLC0415
+        from .decide import apply_decisions  # noqa: PLC0415
+        from .passes import AnalyseConvs, Cleanup, DecomposeConv  # noqa: PLC0415
         from .pipeline import Pipeline  # noqa: PLC0415
 
         single = single_conv_model(self.model, plan.output, input_shape)
         models = {"original": single}
+        (analysed,) = Pipeline([AnalyseConvs()]).inspect(single)[0].facts  # one SVD serves every candidate
         for rank in ranks:
             for form in valid_forms(rank, plan.group):
-                decisions = Decisions({plan.output: Decision(rank, form=form)})
-                models[f"{rank}:{form}"] = Pipeline([DecomposeConv(decisions=decisions), Cleanup()]).run(single).model
+                candidate = replace(analysed, notes=[])
+                apply_decisions([candidate], Decisions({plan.output: Decision(rank, form=form)}))
+                models[f"{rank}:{form}"] = Pipeline([DecomposeConv(plans=[candidate]), Cleanup()]).run(single).model
         layer_key = {
             "kernel": plan.kernel, "in": plan.in_channels, "out": plan.out_channels, "group": plan.group,
             "input_shape": list(input_shape), "attrs": {a.name: str(onnx.helper.get_attribute_value(a)) for a in single.graph.node[0].attribute},

@@ -48,6 +48,9 @@ class ConvAnalysis:
     kernel_size: int
     output_pixels: int | None  # output positions times batch; None when a dim is unknown
     has_bias: bool
+    # The per-channel SVD itself (a lowrank.ChannelSpectra), kept while the analysis' memory budget allows, so
+    # emission (and every timing candidate) factorises without a second SVD.
+    spectra: object | None = None
 
 
 @dataclass

@@ -29,6 +29,11 @@ from dsrewrite.plan import SKIPPED, ConvAnalysis, LayerPlan
 CONV_OPS = ("Conv", "ConvInteger", "QLinearConv")
 
 
+# The per-channel SVDs of all convs are kept for emission up to this many bytes (float64); past it they are
+# recomputed when needed, so a model of huge convs does not hold its weights twice more in memory.
+KEEP_SPECTRA_BYTES = 512 * 2**20
+
+
 class AnalyseConvs(PassBase):
     name = "analyse_convs"
 
@@ -38,6 +43,7 @@ class AnalyseConvs(PassBase):
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         result = PassResult(self.name)
+        self._kept = 0
         for index, g in enumerate(list(iter_graphs(graph))):
             label = "main" if index == 0 else (g.name or f"subgraph{index}")
             for node in [n for n in g.nodes if n.op in CONV_OPS]:
@@ -46,9 +52,23 @@ class AnalyseConvs(PassBase):
                 plan.graph = label
                 plan.reason = self.ineligible_reason(node, spec, graph)
                 if plan.reason is None:
-                    _add_error_curve(plan, spec)
+                    self._add_error_curve(plan, spec)
                 result.facts.append(plan)
         return result
+
+    def _add_error_curve(self, plan: LayerPlan, spec: ConvSpec) -> None:
+        spectra = lowrank.channel_spectra(spec.weight, spec.group)
+        errors = lowrank.relative_errors(spectra)
+        size = spectra.u.nbytes + spectra.s.nbytes + spectra.vt.nbytes
+        keep = self._kept + size <= KEEP_SPECTRA_BYTES
+        self._kept += size if keep else 0
+        plan.eligible = True
+        plan.full_rank = spectra.full_rank
+        plan.analysis = ConvAnalysis(
+            [float(e) for e in errors], spec.kernel_size, spec.output_pixels(), spec.has_bias, spectra if keep else None
+        )
+        plan.error_at_rank = [float(e) ** 2 for e in errors[1:]]
+        plan.error_source = "weights"
 
     def ineligible_reason(self, node: gs.Node, spec: ConvSpec | None, root: gs.Graph) -> str | None:
         """Why this conv cannot be rewritten, or None."""
@@ -78,16 +98,6 @@ class AnalyseConvs(PassBase):
         if spec.weight_shape[1] == 1:
             return "already depthwise (one input channel per group)"
         return None
-
-
-def _add_error_curve(plan: LayerPlan, spec: ConvSpec) -> None:
-    spectra = lowrank.channel_spectra(spec.weight, spec.group)
-    errors = lowrank.relative_errors(spectra)
-    plan.eligible = True
-    plan.full_rank = spectra.full_rank
-    plan.analysis = ConvAnalysis([float(e) for e in errors], spec.kernel_size, spec.output_pixels(), spec.has_bias)
-    plan.error_at_rank = [float(e) ** 2 for e in errors[1:]]
-    plan.error_source = "weights"
 
 
 def base_plan(node: gs.Node, spec: ConvSpec | None) -> LayerPlan:

@@ -120,7 +120,9 @@ class DecomposeConv(PassBase):
                 if fitted is not None and fitted.factors.rank == plan.rank:
                     factors, bias = fitted.factors, fitted.bias
                 else:
-                    factors, bias = lowrank.factorize(lowrank.channel_spectra(spec.weight, spec.group), plan.rank), None
+                    kept = plan.analysis.spectra if plan.analysis is not None else None
+                    spectra = kept if kept is not None else lowrank.channel_spectra(spec.weight, spec.group)
+                    factors, bias = lowrank.factorize(spectra, plan.rank), None
                 new_nodes = _emit(spec, factors, plan.form, names, bias=bias)
                 self.emitted[output] = [n.name for n in new_nodes]
                 result.changes.append(Change(node.name, f"rank {plan.rank} ({plan.form})"))
