@@ -269,22 +269,28 @@ _SPEEDUP_KEY = re.compile(r"^speedup(?:_vs_(?P<versus>(?!predicted).+?))?(?:_(?P
 
 def slowness_warnings(bench: dict, options) -> list[str]:
     """One line for every measured setting in which the rewritten model is slower than what it replaces."""
-    hint = (
-        "try --latency-aware: it times each rewrite against its conv and keeps only those that pay"
-        if not options.uses_latency()
-        else "the convs were faster alone but not in the whole model; try a larger --target-macs or --target-latency"
-    )
     warnings = []
     for key, value in bench.items():
         match = _SPEEDUP_KEY.match(key)
         if match is None or value is None or value >= latency.SLOWER_BELOW:
             continue
         versus = (match["versus"] or "original").replace("_", " ")
-        threads = match["threads"] or bench.get("threads")
+        threads = int(match["threads"] or bench.get("threads") or options.latency.threads)
         warnings.append(
-            f"the rewritten model is slower than the {versus} in onnxruntime ({value:.2f}x at {threads} thread(s)); {hint}"
+            f"the rewritten model is slower than the {versus} in onnxruntime ({value:.2f}x at {threads} thread(s)); "
+            + _slowness_hint(threads, options)
         )
     return warnings
+
+
+def _slowness_hint(threads: int, options) -> str:
+    if not options.uses_latency():
+        return "try --latency-aware: it times each rewrite against its conv and keeps only those that pay"
+    if threads != options.latency.threads:
+        return f"the rewrites were timed at {options.latency.threads} thread(s): to deploy at {threads}, pass --threads {threads}"
+    if options.decompose.picks_ranks():
+        return "the convs were faster alone but not in the whole model; try a larger --target-macs or --target-latency"
+    return "the convs were faster alone but not in the whole model; try a lower --rank or --rank auto"
 
 
 def report(ctx, plans, verification, bench, sweep_points) -> Report:

@@ -207,6 +207,9 @@ def test_slowness_is_reported_for_every_thread_count_and_reference():
     assert "slower than the original in onnxruntime (0.90x at 2 thread(s))" in warnings[0]
     assert "slower than the int8 original in onnxruntime (0.80x at 1 thread(s))" in warnings[1]
     assert all("--latency-aware" in w for w in warnings)
+    aware = slowness_warnings(bench, RewriteOptions.of(rank=2, latency_aware=True))
+    assert "pass --threads 2" in aware[0] and "a lower --rank" in aware[1]
+    assert "--target-macs" in slowness_warnings(bench, RewriteOptions.of(target_macs=0.5))[1]
 
 
 def test_in_model_times_follow_fusions_and_layout_names_back_to_the_conv():
