@@ -15,7 +15,11 @@ scored on the images it saw.
 Public API (``model`` is a path, ``bytes`` or an ``onnx.ModelProto``):
 
 - ``evaluate(name, model, n=None) -> float`` and ``calibration_feeds(name, n, batch_size)``
-- per model: ``eval_<name>(model, n=...) -> float`` and
+- ``predict(name, model, n=None) -> Predictions``: the per-sample decisions behind
+  the score (decoded strings, classes, or per-pixel masks) and whether each is
+  correct; ``agreement(a, b)`` is the share of decisions two models share
+- per model: ``predict_<name>(model, n=...) -> Predictions``, ``eval_<name>(model, n=...) -> float``
+  (the score of ``predict_<name>``, so the two cannot drift) and
   ``calib_<name>(n=16, batch_size=1) -> list[dict[str, np.ndarray]]``
 - ``EVALUATIONS``: name -> ``Evaluation`` (functions, input name, metric text)
 """
@@ -28,7 +32,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import onnx
@@ -65,10 +69,39 @@ def session(model: ModelLike, threads: int = THREADS) -> ort.InferenceSession:
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
-def _run_batched(sess: ort.InferenceSession, x: np.ndarray, batch: int) -> np.ndarray:
-    """Run a single-input, first-output model over ``x`` in chunks along axis 0."""
+def _run_batched(sess: ort.InferenceSession, x: np.ndarray, batch: int,
+                 reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Run a single-input, first-output model over ``x`` in chunks along axis 0.
+
+    ``reduce`` is applied to each chunk's output before concatenation (e.g. an argmax),
+    so large outputs over big sets never sit in memory whole.
+    """
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    reduce = reduce or (lambda y: y)
+    return np.concatenate([reduce(sess.run(None, {name: x[i:i + batch]})[0]) for i in range(0, len(x), batch)])
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One model's per-sample decisions on an evaluation set.
+
+    ``decisions``: decoded strings (CTC readers, a tuple), classes (cls, an int array) or
+    thresholded masks (det, a bool (N,H,W) array, one decision per pixel). ``correct`` has
+    one bool per decision. ``score`` is the task's metric computed from them (accuracy,
+    or pooled pixel F1 for det, which is not the mean of ``correct``).
+    """
+
+    decisions: Any
+    correct: np.ndarray
+    score: float
+
+
+def agreement(a: Predictions, b: Predictions) -> float:
+    """Share of samples (pixels for det) whose decision is the same in ``a`` and ``b``."""
+    da, db = np.asarray(a.decisions), np.asarray(b.decisions)
+    if da.shape != db.shape:
+        raise ValueError(f"predictions on different sets: {da.shape} vs {db.shape}")
+    return float(np.mean(da == db))
 
 
 _FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts", "/usr/local/share/fonts")
@@ -187,14 +220,21 @@ def captcha_dataset(n: int, seed: int = EVAL_SEED) -> tuple[np.ndarray, tuple[st
     return _frozen(x), labels
 
 
-def eval_captcha_crnn(model: ModelLike, n: int = 200) -> float:
-    """Exact-match word accuracy of the package's greedy CTC decode."""
+def predict_captcha_crnn(model: ModelLike, n: int = 200) -> Predictions:
+    """Decoded string per captcha; correct = exact match with the label."""
     x, labels = captcha_dataset(n)
     sess = session(model)
     name = sess.get_inputs()[0].name
-    logits = np.concatenate([sess.run(None, {name: x[i:i + 50]})[0] for i in range(0, n, 50)], axis=1)
-    preds = captcha_decode(logits)
-    return float(np.mean([p == t for p, t in zip(preds, labels)]))
+    preds: list[str] = []
+    for i in range(0, n, 50):  # output is (T, N, C): decode each chunk along axis 1
+        preds += captcha_decode(sess.run(None, {name: x[i:i + 50]})[0])
+    correct = np.array([p == t for p, t in zip(preds, labels)], dtype=bool)
+    return Predictions(tuple(preds), correct, float(np.mean(correct)))
+
+
+def eval_captcha_crnn(model: ModelLike, n: int = 200) -> float:
+    """Exact-match word accuracy of the package's greedy CTC decode."""
+    return predict_captcha_crnn(model, n).score
 
 
 def calib_captcha_crnn(n: int = 16, batch_size: int = 1) -> list[Feed]:
@@ -303,13 +343,19 @@ def ppocr_rec_dataset(n: int, seed: int = EVAL_SEED) -> tuple[np.ndarray, tuple[
     return _frozen(x), labels
 
 
+def predict_ppocr_rec(model: ModelLike, n: int = 200) -> Predictions:
+    """Greedy-CTC string per line (surrounding whitespace stripped); correct = exact match."""
+    x, labels = ppocr_rec_dataset(n)
+    indices = _run_batched(session(model), x, 25, reduce=lambda probs: probs.argmax(-1))
+    chars = _reference_charset()
+    preds = tuple("".join(chars[i] for i in seq).strip() for seq in greedy_ctc(indices, blank=0))
+    correct = np.array([p == t for p, t in zip(preds, labels)], dtype=bool)
+    return Predictions(preds, correct, float(np.mean(correct)))
+
+
 def eval_ppocr_rec(model: ModelLike, n: int = 200) -> float:
     """Exact-match accuracy (surrounding whitespace ignored) of greedy CTC."""
-    x, labels = ppocr_rec_dataset(n)
-    probs = _run_batched(session(model), x, 25)
-    chars = _reference_charset()
-    preds = ["".join(chars[i] for i in seq).strip() for seq in greedy_ctc(probs.argmax(-1), blank=0)]
-    return float(np.mean([p == t for p, t in zip(preds, labels)]))
+    return predict_ppocr_rec(model, n).score
 
 
 def calib_ppocr_rec(n: int = 16, batch_size: int = 1) -> list[Feed]:
@@ -337,11 +383,17 @@ def ppocr_cls_dataset(n: int, seed: int = EVAL_SEED) -> tuple[np.ndarray, np.nda
     return _frozen(np.stack(imgs)), _frozen(flips)
 
 
+def predict_ppocr_cls(model: ModelLike, n: int = 200) -> Predictions:
+    """Class per line (0: upright, 1: turned 180 degrees); correct = equals the label."""
+    x, y = ppocr_cls_dataset(n)
+    classes = _run_batched(session(model), x, 50, reduce=lambda probs: probs.argmax(-1))
+    correct = classes == y
+    return Predictions(classes, correct, float(np.mean(correct)))
+
+
 def eval_ppocr_cls(model: ModelLike, n: int = 200) -> float:
     """Accuracy of argmax over {0, 180} degrees."""
-    x, y = ppocr_cls_dataset(n)
-    probs = _run_batched(session(model), x, 50)
-    return float(np.mean(probs.argmax(-1) == y))
+    return predict_ppocr_cls(model, n).score
 
 
 def calib_ppocr_cls(n: int = 16, batch_size: int = 1) -> list[Feed]:
@@ -422,14 +474,22 @@ def ppocr_det_dataset(n: int, seed: int = EVAL_SEED) -> tuple[np.ndarray, np.nda
     return _frozen(x), _frozen(np.stack([m for _, m in pages]))
 
 
-def eval_ppocr_det(model: ModelLike, n: int = 32) -> float:
-    """Pixel F1 of (probability > 0.3) against the shrunk text-box mask, pooled over pages."""
+def predict_ppocr_det(model: ModelLike, n: int = 32) -> Predictions:
+    """Thresholded map (probability > 0.3) per page, one decision per pixel; correct = equals the mask.
+
+    The score is the pixel F1 against the shrunk text-box masks, pooled over all pages.
+    """
     x, masks = ppocr_det_dataset(n)
-    pred = _run_batched(session(model), x, 4)[:, 0] > DET_THRESH
+    pred = _run_batched(session(model), x, 4, reduce=lambda prob: prob[:, 0] > DET_THRESH)
     tp = np.logical_and(pred, masks).sum()
     fp = np.logical_and(pred, ~masks).sum()
     fn = np.logical_and(~pred, masks).sum()
-    return float(2 * tp / max(1, 2 * tp + fp + fn))
+    return Predictions(pred, pred == masks, float(2 * tp / max(1, 2 * tp + fp + fn)))
+
+
+def eval_ppocr_det(model: ModelLike, n: int = 32) -> float:
+    """Pixel F1 of (probability > 0.3) against the shrunk text-box mask, pooled over pages."""
+    return predict_ppocr_det(model, n).score
 
 
 def calib_ppocr_det(n: int = 8, batch_size: int = 1) -> list[Feed]:
@@ -449,17 +509,18 @@ class Evaluation:
     input_name: str
     metric: str
     default_n: int
+    predict: Callable[..., Predictions]  # per-sample decisions; ``evaluate`` is its score
 
 
 EVALUATIONS: dict[str, Evaluation] = {
     "captcha_crnn": Evaluation(eval_captcha_crnn, calib_captcha_crnn, CAPTCHA_INPUT,
-                               "exact-match word accuracy (greedy CTC)", 200),
+                               "exact-match word accuracy (greedy CTC)", 200, predict_captcha_crnn),
     "ppocr_rec": Evaluation(eval_ppocr_rec, calib_ppocr_rec, PPOCR_INPUT,
-                            "exact-match line accuracy (greedy CTC)", 200),
+                            "exact-match line accuracy (greedy CTC)", 200, predict_ppocr_rec),
     "ppocr_cls": Evaluation(eval_ppocr_cls, calib_ppocr_cls, PPOCR_INPUT,
-                            "0/180 degree orientation accuracy", 200),
+                            "0/180 degree orientation accuracy", 200, predict_ppocr_cls),
     "ppocr_det": Evaluation(eval_ppocr_det, calib_ppocr_det, PPOCR_INPUT,
-                            "pixel F1 of thresholded map vs shrunk text boxes", 32),
+                            "pixel F1 of thresholded map vs shrunk text boxes", 32, predict_ppocr_det),
 }
 
 
@@ -467,6 +528,12 @@ def evaluate(name: str, model: ModelLike, n: int | None = None) -> float:
     """Score ``model`` on the labelled task registered for ``name``."""
     ev = EVALUATIONS[name]
     return ev.evaluate(model, n=n or ev.default_n)
+
+
+def predict(name: str, model: ModelLike, n: int | None = None) -> Predictions:
+    """Per-sample decisions of ``model`` on the task registered for ``name`` (its score included)."""
+    ev = EVALUATIONS[name]
+    return ev.predict(model, n=n or ev.default_n)
 
 
 def calibration_feeds(name: str, n: int = 16, batch_size: int = 1) -> list[Feed]:
