@@ -142,7 +142,13 @@ class MacBudget:
         restrict_to_efficient_ranks(faster, timings, 0.0)
         efficient = _copies(plans)
         removed = restrict_to_efficient_ranks(efficient, timings, MIN_EFFICIENCY)
-        decisions = budget_decisions(efficient, self.target, fill_plans=faster)
+        decisions = budget_decisions(efficient, self.target, fill_plans=faster, where=measured.where)
+        for plan in faster:  # say so where no rank is faster at all, rather than "cheaper error elsewhere"
+            decision = decisions.layers.get(plan.output)
+            if decision is not None and decision.rank is None and plan.output in timings and not any(
+                math.isfinite(e) for e in plan.error_at_rank
+            ):
+                decision.reason = f"no rank measured faster than the original conv ({measured.where}, conv alone)"
         _attach_timings(decisions, timings)
         decisions.notes = decisions.notes + [
             f"latency-aware: {len(timings)} conv(s) timed alone in {measured.where} at their candidate ranks "
@@ -307,11 +313,14 @@ def revert(plan: LayerPlan, reason: str) -> None:
 SWEEP_TARGETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def budget_decisions(plans: Sequence[LayerPlan], target: float, fill_plans: Sequence[LayerPlan] | None = None) -> Decisions:
+def budget_decisions(
+    plans: Sequence[LayerPlan], target: float, fill_plans: Sequence[LayerPlan] | None = None, where: str | None = None
+) -> Decisions:
     """Allocate ranks so the eligible convs keep at most ``target`` of their MACs.
 
     ``fill_plans`` (copies of ``plans`` with more ranks allowed) are used to spend what the
-    first allocation left of the budget (see :func:`~dsrewrite.budget.allocate`).
+    first allocation left of the budget (see :func:`~dsrewrite.budget.allocate`). ``where``: the
+    timings ``plans`` were filtered by, if any (it changes why a budget cannot be met).
     """
     curves, absolute = curves_from_plans(plans)
     fill = curves_from_plans(fill_plans)[0] if fill_plans is not None else None
@@ -327,7 +336,13 @@ def budget_decisions(plans: Sequence[LayerPlan], target: float, fill_plans: Sequ
     if curves and allocation.ratio < target * 0.98:
         notes.append(f"the budget could not be met within 2%: ranks are discrete (closest: {allocation.ratio:.3f})")
     if curves and allocation.ratio > target * (1 + 1e-9):
-        notes.append(f"the budget cannot be met even at rank 1 everywhere (best: {allocation.ratio:.3f})")
+        if where is None:
+            notes.append(f"the budget cannot be met even at rank 1 everywhere (best: {allocation.ratio:.3f})")
+        else:
+            notes.append(
+                f"the budget cannot be met with ranks that are faster than their convs in {where} "
+                f"(best: {allocation.ratio:.3f}); --no-latency-aware would meet it with slower ones"
+            )
     return _from_ranks(allocation.ranks, "left unrewritten by the MAC budget: cheaper error elsewhere", notes)
 
 

@@ -114,7 +114,7 @@ def benchmark_models(
 ) -> dict:
     """Median latency of both models, measured interleaved in one process.
 
-    ``references`` (label -> model, e.g. ``{"int8_original": …}``) are timed in the same rounds and
+    ``references`` (label -> model, e.g. ``{"int8_without_rewrite": …}``) are timed in the same rounds and
     reported as ``latency_<label>_ms`` and ``speedup_vs_<label>`` (the rewritten model against them).
     """
     references = dict(references or {})
@@ -226,6 +226,12 @@ def candidate_key(layer_key: dict, candidate: str, threads: int) -> str:
 
 # Seconds of timing per conv, over all its candidates (at least 5 interleaved rounds each whatever the budget).
 LAYER_BUDGET_SECONDS = 0.3
+
+
+def cached_times(names: Sequence[str], layer_key: dict, cache: LatencyCache, *, threads: int) -> dict[str, float] | None:
+    """The cached median of every candidate in ``names``, or None when any is missing."""
+    times = {name: cache.get(candidate_key(layer_key, name, threads)) for name in names}
+    return None if any(value is None for value in times.values()) else times
 
 
 def measure_layer(

@@ -174,13 +174,6 @@ class ConvTimer:
         from .pipeline import Pipeline  # noqa: PLC0415
 
         single = single_conv_model(self.model, plan.output, input_shape)
-        models = {"original": single}
-        (analysed,) = Pipeline([AnalyseConvs()]).inspect(single)[0].facts  # one SVD serves every candidate
-        for rank in ranks:
-            for form in valid_forms(rank, plan.group):
-                candidate = replace(analysed, notes=[])
-                apply_decisions([candidate], Decisions({plan.output: Decision(rank, form=form)}))
-                models[f"{rank}:{form}"] = Pipeline([DecomposeConv(plans=[candidate]), Cleanup()]).run(single).model
         layer_key = {
             "kernel": plan.kernel, "in": plan.in_channels, "out": plan.out_channels, "group": plan.group,
             "input_shape": list(input_shape), "attrs": {a.name: str(onnx.helper.get_attribute_value(a)) for a in single.graph.node[0].attribute},
@@ -188,6 +181,18 @@ class ConvTimer:
         }  # fmt: skip
         if self.precision is not None:
             layer_key["precision"] = self.precision
+        names = ["original"] + [f"{rank}:{form}" for rank in ranks for form in valid_forms(rank, plan.group)]
+        cached = latency.cached_times(names, layer_key, self.cache, threads=self.threads)
+        if cached is not None:  # nothing to build, emit or quantize
+            return cached
+        models = {"original": single}
+        (analysed,) = Pipeline([AnalyseConvs()]).inspect(single)[0].facts  # one SVD serves every candidate
+        for name in names[1:]:
+            rank, form = name.split(":")
+            candidate = replace(analysed, notes=[])
+            apply_decisions([candidate], Decisions({plan.output: Decision(int(rank), form=form)}))
+            models[name] = Pipeline([DecomposeConv(plans=[candidate]), Cleanup()]).run(single).model
+        if self.precision is not None:
             feeds = random_feeds("x", input_shape)
             models = {name: quantize_int8(candidate, feeds) for name, candidate in models.items()}
         return latency.measure_layer(models, input_shape, layer_key, self.cache, threads=self.threads)

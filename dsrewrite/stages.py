@@ -187,6 +187,27 @@ def deploy(ctx: RewriteContext, rewritten: onnx.ModelProto) -> onnx.ModelProto:
     return deployed
 
 
+# A quantized model that changes more decisions than this, or whose outputs point elsewhere, gets a warning.
+MIN_AGREEMENT, MIN_COSINE = 0.95, 0.98
+
+
+def fidelity_warnings(verification: VerificationResult | None, options) -> list[str]:
+    """With ``--quantize``: one line per output the delivered model moved too far from the float original."""
+    if options.deploy.quantize is None or verification is None or not verification.ran:
+        return []
+    warnings = []
+    for output in verification.outputs:
+        agreement = output.argmax_agreement
+        if (agreement is not None and agreement < MIN_AGREEMENT) or output.cosine < MIN_COSINE:
+            shown = f"argmax agreement {agreement:.3f}, " if agreement is not None else ""
+            warnings.append(
+                f"the {options.deploy.quantize.upper()} model moved output '{output.name}' away from the float original "
+                f"({shown}cosine {output.cosine:.3f}): check its accuracy before shipping; static quantization does not "
+                "suit every model"
+            )
+    return warnings
+
+
 def explain(ctx: RewriteContext, plans: list[LayerPlan]) -> None:
     """Notes that tell the user why the result looks the way it does."""
     options = ctx.options
@@ -215,14 +236,17 @@ def verify_outputs(ctx: RewriteContext, rewritten: onnx.ModelProto) -> Verificat
         feeds, label = ctx.calibration, ctx.calibration.label
     else:
         feeds, label = [ctx.one_feed()], f"random (seed {ctx.options.seed})"
-    return verify(ctx.original, rewritten, feeds, atol=atol, rtol=rtol, inputs_label=label)
+    result = verify(ctx.original, rewritten, feeds, atol=atol, rtol=rtol, inputs_label=label)
+    ctx.notes.extend(fidelity_warnings(result, ctx.options))
+    return result
 
 
 def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[LayerPlan]) -> dict | None:
     """Whole-model latency before and after, next to the speedup Amdahl's law predicts from MACs.
 
     Timed at ``--threads`` and, when the machine has more cores, at all of them: a rewrite must pay at both.
-    With ``--quantize`` the original quantized alike is timed in the same rounds.
+    With ``--quantize`` the model without any conv rewritten (after the preparing passes, e.g. BatchNorm folded)
+    is quantized alike and timed in the same rounds: what the rewrite adds over INT8 alone.
     """
     options = ctx.options
     if not options.latency.benchmark or options.dry_run:
@@ -234,10 +258,10 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
     if ctx.progress:
         ctx.progress("benchmarking", 0, steps)
     references = {}
-    if options.deploy.quantize is not None:  # what the user would otherwise ship: the original, quantized alike
+    if options.deploy.quantize is not None:  # INT8 alone: no conv rewritten, prepared and quantized alike
         from .quantize import quantize_int8  # noqa: PLC0415
 
-        references[f"{options.deploy.quantize}_original"] = quantize_int8(ctx.original, ctx.calibration)
+        references[f"{options.deploy.quantize}_without_rewrite"] = quantize_int8(ctx.model, ctx.calibration)
     result = latency.benchmark_models(ctx.original, rewritten, feed, threads=threads, references=references)
     if ctx.progress:
         ctx.progress("benchmarking", 1, steps)
@@ -263,7 +287,8 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
     return result
 
 
-# speedup, speedup_vs_int8_original, speedup_2_threads, speedup_vs_int8_original_2_threads (not speedup_vs_predicted)
+# speedup, speedup_vs_int8_without_rewrite, speedup_2_threads, speedup_vs_int8_without_rewrite_2_threads; not
+# speedup_vs_predicted
 _SPEEDUP_KEY = re.compile(r"^speedup(?:_vs_(?P<versus>(?!predicted).+?))?(?:_(?P<threads>\d+)_threads)?$")
 
 
@@ -278,12 +303,17 @@ def slowness_warnings(bench: dict, options) -> list[str]:
         threads = int(match["threads"] or bench.get("threads") or options.latency.threads)
         warnings.append(
             f"the rewritten model is slower than the {versus} in onnxruntime ({value:.2f}x at {threads} thread(s)); "
-            + _slowness_hint(threads, options)
+            + _slowness_hint(threads, options, bench, versus)
         )
     return warnings
 
 
-def _slowness_hint(threads: int, options) -> str:
+def _slowness_hint(threads: int, options, bench: dict | None = None, versus: str = "original") -> str:
+    quantize = options.deploy.quantize
+    if quantize is not None and versus == "original" and bench is not None:
+        alone = bench.get(f"speedup_vs_{quantize}_without_rewrite" + ("" if threads == bench.get("threads") else f"_{threads}_threads"))
+        if alone is not None and alone >= latency.SLOWER_BELOW:
+            return f"{quantize.upper()} itself is slower than float32 for this model here: consider shipping float32 (no --quantize)"
     if not options.uses_latency():
         return "try --latency-aware: it times each rewrite against its conv and keeps only those that pay"
     if threads != options.latency.threads:

@@ -45,7 +45,7 @@ class OutputComparison:
     min_rtol: float  # smallest rtol that passes at the run's atol
     passed: bool
     # Share of positions whose argmax over the last axis is unchanged (a decision proxy: the class of a
-    # classifier, the symbol of a CTC frame); None for outputs whose last axis has fewer than 2 entries.
+    # classifier, the symbol of a CTC frame); None unless the output is 2-D or 3-D with a last axis of 2 or more.
     argmax_agreement: float | None = None
 
 
@@ -220,7 +220,9 @@ def _compare(
     if atol is not None or rtol is not None:
         passed = passed and bool(np.all(diff <= run_atol + run_rtol * scale))
     agreement = None
-    if pairs[0][0].ndim >= 1 and pairs[0][0].shape[-1] >= 2:
+    # Decisions live on the last axis of (N, C) class scores and (N, T, C) / (T, N, C) sequence scores; a 4-D
+    # map (a detector's heatmap) has none there.
+    if pairs[0][0].ndim in (2, 3) and pairs[0][0].shape[-1] >= 2:
         same = [np.argmax(p[0], axis=-1) == np.argmax(p[1], axis=-1) for p in pairs]
         agreement = float(np.concatenate([s.ravel() for s in same]).mean())
     comparison = OutputComparison(

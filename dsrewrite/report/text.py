@@ -190,7 +190,7 @@ def benchmark_figures(benchmark: Mapping[str, Any] | None) -> dict[str, Any] | N
 
 
 def comparisons_text(benchmark: Mapping[str, Any] | None) -> str | None:
-    """The speedups beyond the headline one, e.g. "1.02× at 2 threads; 1.06× against the int8 original", or None."""
+    """The speedups beyond the headline one, e.g. "1.02× at 2 threads; 1.06× against the int8 without rewrite", or None."""
     if not benchmark:
         return None
     parts = []
