@@ -74,6 +74,7 @@ class CalibrationSet:
             raise UsageError(f"--calibration-samples must be >= 1, not {limit}")
         self.inputs = model_inputs(model)
         self.limit = limit
+        self.casts: dict[str, tuple[str, str]] = {}  # input -> (given float dtype, the model's), for the report
         self.label = "calibration"
         self._files: list[Path] | None = None
         self._feeds: list[Feed] | None = None
@@ -163,11 +164,24 @@ class CalibrationSet:
         if missing:
             raise InputError(f"calibration data {where} lacks model input '{missing[0]}'")
 
+    def _cast(self, arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
+        """``arr`` in the model's float type; InputError when finite values do not fit in it."""
+        with np.errstate(over="ignore"):
+            cast = arr.astype(spec.dtype)
+        if np.isfinite(arr).all() and not np.isfinite(cast).all():
+            raise InputError(
+                f"calibration input '{spec.name}' ({where}) has {arr.dtype} values too large for the model's {spec.dtype}"
+            )
+        self.casts[spec.name] = (str(arr.dtype), str(spec.dtype))
+        return cast
+
     def _validated(self, feed: Mapping[str, np.ndarray], where: str) -> Feed:
         self._check_names(feed, where)
         out = {}
         for spec in self.inputs:
             arr = np.asarray(feed[spec.name])
+            if arr.dtype != spec.dtype and arr.dtype.kind == "f" and spec.dtype.kind == "f":
+                arr = self._cast(arr, spec, where)  # numpy's default float64, or float16, for a float32 input
             if arr.dtype != spec.dtype:
                 raise InputError(
                     f"calibration input '{spec.name}' ({where}) has dtype {arr.dtype}; the model expects {spec.dtype}"

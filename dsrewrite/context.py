@@ -54,6 +54,8 @@ class RewriteContext:
         calibration = None
         if options.calibration.data is not None:
             calibration = CalibrationSet(options.calibration.data, original, limit=options.calibration.samples)
+            for name, (given, wanted) in calibration.casts.items():
+                notes.append(f"calibration input '{name}' was {given}: cast to the model's {wanted}")
         return cls(options, source, original, original, shapes, calibration, notes)
 
     @property

@@ -98,7 +98,8 @@ def test_a_directory_holds_one_feed_per_file(model, tmp_path):
     "arrays,message",
     [
         ({"y": np.zeros((2, 4, 9, 9), np.float32)}, "unknown input"),
-        ({"x": np.zeros((2, 4, 9, 9), np.float64)}, "dtype"),
+        ({"x": np.zeros((2, 4, 9, 9), np.int64)}, "dtype"),  # integers for a float input stay refused
+        ({"x": np.full((2, 4, 9, 9), 1e300)}, "too large for the model's float32"),
         ({"x": np.zeros((2, 9, 9), np.float32)}, "rank"),
         ({"x": np.zeros((2, 5, 9, 9), np.float32)}, "shape"),
     ],
@@ -147,3 +148,16 @@ def test_sampled_patches_are_the_same_columns(geometry_and_spatial, batch, seed)
     full = extract_patches(x, geometry)
     positions = np.sort(np.random.default_rng(seed).choice(full.shape[2], size=max(1, full.shape[2] // 2), replace=False))
     np.testing.assert_array_equal(extract_patches(x, geometry, positions), full[:, :, positions])
+
+
+def test_float64_calibration_is_cast_to_the_models_float_type_with_a_note(tmp_path):
+    import dsrewrite
+    from conftest import conv_model
+
+    path = tmp_path / "c.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((4, 1, 4, 9, 9)))  # numpy's default: float64
+    calibration = CalibrationSet(path, conv_model())
+    assert calibration.casts == {"x": ("float64", "float32")}
+    assert all(feed["x"].dtype == np.float32 for feed in calibration)
+    result = dsrewrite.rewrite(conv_model(pads=(1, 1, 1, 1)), rank=2, calibration=path)
+    assert "calibration input 'x' was float64: cast to the model's float32" in result.report.notes

@@ -298,7 +298,7 @@ def _bad_directory(ws):
     directory = ws.inputs / "feeds"
     directory.mkdir()
     np.savez(directory / "a.npz", x=_samples(1)[0])
-    np.savez(directory / "b.npz", x=_samples(1)[0].astype(np.float64))
+    np.savez(directory / "b.npz", x=_samples(1)[0].astype(np.int16))
     return directory
 
 
@@ -312,12 +312,12 @@ CALIBRATION = {
     "only an unknown input": (lambda ws: _npz(ws, images=_samples()), "unknown input 'images'"),
     "wrong rank": (lambda ws: _npz(ws, x=_samples(shape=(4, 9))), "rank"),
     "wrong shape": (lambda ws: _npz(ws, x=_samples(shape=(1, 3, 9, 9))), "shape"),
-    "wrong dtype": (lambda ws: _npz(ws, x=_samples(dtype=np.float64)), "dtype float64"),
+    "float64 too large for float32": (lambda ws: _npz(ws, x=_samples(dtype=np.float64) * 1e300), "too large"),
     "integer dtype": (lambda ws: _npz(ws, x=_samples().astype(np.int32)), "dtype int32"),
     "NaN values": (lambda ws: _npz(ws, x=np.where(_samples() > 2, np.nan, _samples())), "NaN"),
     "zero samples": (lambda ws: _npz(ws, x=_samples(0)), "no samples"),
     "empty directory": (lambda ws: _mkdir(ws, "empty_feeds"), "no .npz"),
-    "directory with a bad file": (_bad_directory, "dtype float64"),
+    "directory with a bad file": (_bad_directory, "dtype int16"),
 }
 
 
@@ -351,7 +351,7 @@ def test_bad_input_through_python_m_dsrewrite(tmp_path):
     garbage = _write(ws, "garbage.onnx", np.random.default_rng(1).bytes(3000))
     unknown = _with_model(ws, "op.onnx", _unknown_op)
     no_data = _external(ws, mutate=lambda m, d: d.unlink())
-    calib = _npz(ws, x=_samples(dtype=np.float64))
+    calib = _npz(ws, x=_samples().astype(np.int32))
     ws.snapshot()
     out = ws.outputs / "slim.onnx"
     cases = [
