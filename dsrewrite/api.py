@@ -37,9 +37,9 @@ class RewriteResult:
 
     @property
     def ok(self) -> bool:
-        """False only when verification ran and failed."""
+        """False only when verification ran and failed (a tolerance broken, or the rewritten model broken)."""
         v = self.report.verification
-        return v is None or not v.ran or bool(v.passed)
+        return v is None or not v.ran or v.passed is not False
 
 
 def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions | None = None, **keywords) -> RewriteResult:

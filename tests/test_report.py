@@ -238,11 +238,11 @@ def test_summaries_agree_on_totals_and_verification(report):
                  f"ratio {fmt_ratio(totals['eligible_macs_ratio'])}"):  # fmt: skip
         assert text in page
 
-    assert verification["ran"] and verification["passed"]
+    assert verification["ran"] and verification["passed"] is None  # no tolerance set: compared, not passed
     scope = verification_scope(verification)
-    assert f"**Verification in onnxruntime: passed** on {scope}." in markdown
-    assert f'class="badge pass">passed</span> on {scope}.' in page
-    assert f"Verification in onnxruntime: PASSED on {scope}." in terminal
+    assert f"**Verification in onnxruntime: compared** on {scope}." in markdown
+    assert f'class="badge none">compared</span> on {scope}.' in page
+    assert f"Verification in onnxruntime: COMPARED on {scope}." in terminal
     md_outputs, html_outputs = md_rows(markdown, "output"), html_rows(page, "outputs")
     for output, md_row, html_row in zip(verification["outputs"], md_outputs, html_outputs, strict=True):
         stats = [fmt_stat(output["max_abs"]), fmt_stat(output["mean_abs"]), fmt_stat(output["max_rel"]), fmt_cosine(output["cosine"])]

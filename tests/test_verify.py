@@ -48,7 +48,8 @@ def test_a_real_difference_fails_and_reports_what_would_pass():
 def test_without_a_tolerance_only_structure_and_finiteness_are_checked():
     model = conv_model()
     result = verify(model, perturbed(model, 0.5), feeds(model), atol=None, rtol=None)
-    assert result.passed
+    assert result.passed is None  # compared: no tolerance, no claim
+    assert verify(model, perturbed(model, 0.5), feeds(model), atol=10.0, rtol=None).passed is True
     broken = perturbed(model, np.nan)
     assert verify(model, broken, feeds(model), atol=None, rtol=None).passed is False
 

@@ -184,7 +184,7 @@ def _print_verification(verification: Mapping[str, Any], console: Console) -> No
     if not verification.get("ran"):
         console.print(f"Verification: {verdict_text}.")
         return
-    style = "green" if verdict_text == "passed" else "red"
+    style = {"passed": "green", "compared": "cyan"}.get(verdict_text, "red")
     console.print(
         f"Verification in onnxruntime: [{style}]{verdict_text.upper()}[/{style}] "
         f"on {verification_scope(verification, rich_escape)}."

@@ -126,10 +126,11 @@ def _latency_cell(before: float | None, after: float | None) -> str:
 
 
 def verdict(verification: Mapping[str, Any]) -> str:
-    """'passed', 'FAILED' or 'not run'."""
+    """'passed' (a tolerance held), 'compared' (no tolerance: the figures speak), 'FAILED' or 'not run'."""
     if not verification.get("ran"):
         return "not run"
-    return "passed" if verification.get("passed") else "FAILED"
+    passed = verification.get("passed")
+    return "compared" if passed is None else ("passed" if passed else "FAILED")
 
 
 def tolerance_text(verification: Mapping[str, Any]) -> str:
