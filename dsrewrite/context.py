@@ -42,14 +42,13 @@ class RewriteContext:
     @classmethod
     def open(cls, model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions) -> "RewriteContext":
         """Load and check the model, analyse its shapes and open the calibration data."""
+        notes: list[str] = []  # a repair of a checker-only defect says so here
         if isinstance(model, (str, os.PathLike)):
-            source, original = str(model), load_model(model)
+            source, original = str(model), load_model(model, repairs=notes)
         elif isinstance(model, onnx.ModelProto):
-            check_model(model)
-            source, original = "<ModelProto>", model
+            source, original = "<ModelProto>", check_model(model, repairs=notes)
         else:
             raise UsageError(f"model must be a path or an onnx.ModelProto, not {type(model).__name__}")
-        notes: list[str] = []
         shapes = analysis_shapes(original, options.input_shapes, notes)
         calibration = None
         if options.calibration.data is not None:

@@ -115,3 +115,31 @@ def test_output_path_checks(tmp_path):
     check_output_path(model, input_path=model, overwrite=True)
     with pytest.raises(UsageError, match="directory"):
         check_output_path(tmp_path)
+
+
+def test_an_output_without_a_shape_is_repaired_with_a_note_and_the_result_passes_the_checker(tmp_path):
+    from conftest import dsrewrite_cli
+
+    model = conv_model(pads=(1, 1, 1, 1))
+    model.graph.output[0].type.tensor_type.ClearField("shape")  # what graphsurgeon writes for an unknown shape
+    with pytest.raises(Exception):
+        onnx.checker.check_model(model)
+    before = model.SerializeToString()
+    result = dsrewrite.rewrite(model, rank=1)
+    assert model.SerializeToString() == before  # the caller's model is never modified
+    assert any("fails the ONNX checker" in n and "filled the shape of output 'y'" in n for n in result.report.notes)
+    onnx.checker.check_model(result.model, full_check=True)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    code, _out, err = dsrewrite_cli(path, "-o", tmp_path / "slim.onnx", "--rank", "1", "--no-benchmark")
+    assert code == 0, err
+    onnx.checker.check_model(str(tmp_path / "slim.onnx"), full_check=True)
+
+
+def test_other_checker_defects_are_still_refused(tmp_path):
+    model = conv_model()
+    model.graph.node[0].op_type = "NoSuchOp"
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(InputError, match="fails the ONNX checker"):
+        load_model(path, repairs=[])

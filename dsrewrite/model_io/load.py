@@ -33,8 +33,11 @@ _DATA_TYPES = frozenset(onnx.TensorProto.DataType.values())
 _TYPED = {"onnx.TensorProto": "data_type", "onnx.TypeProto.Tensor": "elem_type", "onnx.TypeProto.SparseTensor": "elem_type"}
 
 
-def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike, *, check: bool = True, repairs: list[str] | None = None) -> onnx.ModelProto:
     """Load and validate a model file, external data included.
+
+    With ``repairs`` (a list), a model the checker rejects only for what onnxruntime accepts
+    (see :func:`repaired`) is repaired instead of refused, and what was done is appended.
 
     Raises :class:`InputError` with a one-line message for anything unusable:
     a missing file, a directory, bytes that are not an ONNX model, a missing or
@@ -78,19 +81,75 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     if external is not None:
         load_external_tensors(model, external)
     if check and not large:
-        _checked(lambda: run_checker(model), str(path))
+        return _checked_or_repaired(model, str(path), repairs)
     return model
 
 
-def check_model(model: onnx.ModelProto, *, source: str = "model") -> None:
+def check_model(model: onnx.ModelProto, *, source: str = "model", repairs: list[str] | None = None) -> onnx.ModelProto:
     """Validate an in-memory model as :func:`load_model` validates a file; InputError on failure.
 
     The ONNX checker, the IR/opset versions dsrewrite understands, and what the
-    checker lets through but breaks tools later (see ``_check_fields``).
+    checker lets through but breaks tools later (see ``_check_fields``). Returns the
+    model, or with ``repairs`` a repaired copy (the caller's model is never modified).
     """
     _check_versions(model, source)
     _check_fields(model, source)
-    _checked(lambda: run_checker(model), source)
+    return _checked_or_repaired(model, source, repairs)
+
+
+def _checked_or_repaired(model: onnx.ModelProto, source: str, repairs: list[str] | None) -> onnx.ModelProto:
+    try:
+        run_checker(model)
+        return model
+    except Exception as exc:  # ValidationError, and assorted C++ errors on garbage
+        problem = first_line(exc)
+    if repairs is not None:
+        fixed, done = repaired(model)
+        if done:
+            try:
+                run_checker(fixed)
+            except Exception:  # noqa: BLE001 - not the only defect: refuse it as it was
+                pass
+            else:
+                repairs.append(f"{source} fails the ONNX checker ({problem}); dsrewrite repaired it: {done}")
+                return fixed
+    raise InputError(f"{source} fails the ONNX checker: {problem}")
+
+
+def repaired(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """A copy of ``model`` without the checker-only defects onnxruntime accepts, and what was done ("" if nothing).
+
+    A graph output with an element type but no shape (what onnx-graphsurgeon writes for a new output of
+    unknown shape) gets its shape from ONNX shape inference; an intermediate ``value_info`` without a
+    shape, which is only a hint, is dropped.
+    """
+    from .external import without_large_tensors  # noqa: PLC0415
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+
+    def shapeless(value: onnx.ValueInfoProto) -> bool:
+        return value.type.HasField("tensor_type") and not value.type.tensor_type.HasField("shape")
+
+    done = []
+    outputs = [o for o in fixed.graph.output if shapeless(o)]
+    if outputs:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(without_large_tensors(fixed), strict_mode=False)
+        except Exception:  # noqa: BLE001 - nothing to fill from
+            inferred = None
+        known = {o.name: o for o in inferred.graph.output} if inferred is not None else {}
+        for output in outputs:
+            source = known.get(output.name)
+            if source is not None and not shapeless(source):
+                output.type.tensor_type.shape.CopyFrom(source.type.tensor_type.shape)
+                done.append(f"filled the shape of output '{output.name}' from shape inference")
+    hints = [v for v in fixed.graph.value_info if shapeless(v)]
+    for value in hints:
+        fixed.graph.value_info.remove(value)
+    if hints:
+        done.append(f"dropped {len(hints)} intermediate value_info without a shape")
+    return fixed, "; ".join(done)
 
 
 def run_checker(model: onnx.ModelProto, *, full_check: bool = False) -> None:
