@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -49,12 +50,14 @@ class RewriteContext:
             source, original = "<ModelProto>", check_model(model, repairs=notes)
         else:
             raise UsageError(f"model must be a path or an onnx.ModelProto, not {type(model).__name__}")
-        shapes = analysis_shapes(original, options.input_shapes, notes)
         calibration = None
+        overrides = dict(options.input_shapes)
         if options.calibration.data is not None:
             calibration = CalibrationSet(options.calibration.data, original, limit=options.calibration.samples)
             for name, (given, wanted) in calibration.casts.items():
                 notes.append(f"calibration input '{name}' was {given}: cast to the model's {wanted}")
+            overrides = shapes_from_calibration(original, calibration, overrides, notes)
+        shapes = analysis_shapes(original, overrides, notes)
         return cls(options, source, original, original, shapes, calibration, notes)
 
     @property
@@ -75,6 +78,33 @@ class RewriteContext:
         if self.calibration is not None:
             return next(iter(self.calibration))
         return random_feeds(self.original, feed_shapes(self.original, self.options.input_shapes), self.options.seed)
+
+
+def shapes_from_calibration(model: onnx.ModelProto, calibration: CalibrationSet, overrides: Mapping, notes: list[str]) -> dict:
+    """``overrides`` plus, for inputs whose non-batch dims are dynamic, the shape most calibration feeds have.
+
+    Costs then follow the data the user gave instead of staying unknown; ``--input-shape`` still wins. The batch
+    dim stays per sample (1) where the model leaves it dynamic.
+    """
+    result = dict(overrides)
+    initializers = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in initializers or vi.name in result or not dims:
+            continue
+        known = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+        if None not in known[1:]:
+            continue  # only the batch is dynamic: costed per sample as before
+        counts = Counter(tuple(int(d) for d in feed[vi.name].shape) for feed in calibration)
+        shape, count = counts.most_common(1)[0]
+        shape = ((known[0] or 1),) + shape[1:]
+        result[vi.name] = shape
+        also = f" ({count} of {sum(counts.values())} feeds; the rest differ)" if len(counts) > 1 else ""
+        notes.append(
+            f"dynamic dims of '{vi.name}' costed at the calibration feeds' shape {'x'.join(map(str, shape))}{also}; "
+            "--input-shape overrides"
+        )
+    return result
 
 
 def analysis_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[int, ...]], notes: list[str]) -> dict:

@@ -161,3 +161,20 @@ def test_float64_calibration_is_cast_to_the_models_float_type_with_a_note(tmp_pa
     assert all(feed["x"].dtype == np.float32 for feed in calibration)
     result = dsrewrite.rewrite(conv_model(pads=(1, 1, 1, 1)), rank=2, calibration=path)
     assert "calibration input 'x' was float64: cast to the model's float32" in result.report.notes
+
+
+def test_dynamic_dims_are_costed_at_the_calibration_shape(tmp_path):
+    import dsrewrite
+    from conftest import conv_model
+
+    model = conv_model(batch="N", spatial=(9, "W"), pads=(1, 1, 1, 1))  # like a CTC reader's 1x1x64xW
+    unknown = dsrewrite.rewrite(model, rank=2, verify=False)
+    assert unknown.report.totals.macs_before is None
+    path = tmp_path / "c.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((6, 1, 4, 9, 20)).astype(np.float32))
+    known = dsrewrite.rewrite(model, rank=2, calibration=path, verify=False)
+    (layer,) = known.report.layers
+    assert layer.macs_before == 6 * 4 * 9 * 9 * 20  # N·M·K per output pixel, 9x20 outputs, batch 1
+    assert any("costed at the calibration feeds' shape 1x4x9x20" in n for n in known.report.notes)
+    fixed = dsrewrite.rewrite(model, rank=2, calibration=path, verify=False, input_shapes={"x": (1, 4, 9, 10)})
+    assert fixed.report.layers[0].macs_before == 6 * 4 * 9 * 9 * 10  # --input-shape wins
