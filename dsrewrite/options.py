@@ -20,7 +20,7 @@ import onnx
 
 from .budget import DEFAULT_MAX_ERROR
 from .errors import InputError, UsageError
-from .verify import FULL_RANK_ATOL, FULL_RANK_RTOL
+from .verify import FULL_RANK_TOLERANCES
 
 
 def _fraction(value) -> bool:
@@ -246,11 +246,11 @@ class RewriteOptions:
             or (d.rank == "auto" and self.calibration.data is not None)
         )  # fmt: skip
 
-    def tolerances(self) -> tuple[float | None, float | None]:
-        """The tolerances verification applies: the given ones, else the full-rank defaults."""
+    def tolerances(self, precision: str = "float32") -> tuple[float | None, float | None]:
+        """The tolerances verification applies: the given ones, else the full-rank defaults for the outputs' type."""
         v = self.verify
         if v.atol is None and v.rtol is None and self.decompose.rank == "full":
-            return FULL_RANK_ATOL, FULL_RANK_RTOL
+            return FULL_RANK_TOLERANCES.get(precision, FULL_RANK_TOLERANCES["float32"])
         return v.atol, v.rtol
 
     def flat(self, name: str):
@@ -260,7 +260,7 @@ class RewriteOptions:
             return getattr(getattr(self, group), attribute)
         return getattr(self, name)
 
-    def to_settings(self) -> dict[str, Any]:
+    def to_settings(self, precision: str = "float32") -> dict[str, Any]:
         """The options as used, flat and JSON-able: the report's ``settings``."""
         d, c = self.decompose, self.calibration
         settings = {name: self.flat(name) for name in SETTINGS_ORDER}
@@ -273,7 +273,7 @@ class RewriteOptions:
         settings["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
         settings["include"] = list(d.include)
         settings["exclude"] = list(d.exclude)
-        settings["atol"], settings["rtol"] = self.tolerances()
+        settings["atol"], settings["rtol"] = self.tolerances(precision)
         settings["calibration"] = _label(c.data, "<feeds>")
         return settings
 

@@ -25,7 +25,7 @@ from .measure import measure
 from .pipeline import Pass, Pipeline, default_opset
 from .plan import LayerPlan
 from .report import Report, compute_totals
-from .verify import VerificationResult, verify
+from .verify import VerificationResult, output_precision, verify
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def verify_outputs(ctx: RewriteContext, rewritten: onnx.ModelProto) -> Verificat
     """Run both models in onnxruntime on the calibration feeds (else seeded random inputs) and compare."""
     if not ctx.options.verify.enabled or ctx.options.dry_run:
         return None
-    atol, rtol = ctx.options.tolerances()
+    atol, rtol = ctx.options.tolerances(output_precision(ctx.original))
     if ctx.calibration is not None:
         feeds, label = ctx.calibration, ctx.calibration.label
     else:
@@ -335,7 +335,7 @@ def report(ctx, plans, verification, bench, sweep_points) -> Report:
             "producer": original.producer_name,
             "dsrewrite_version": __version__,
         },
-        settings=ctx.options.to_settings(),
+        settings=ctx.options.to_settings(output_precision(original)),
         layers=list(plans),
         verification=verification,
         passes=[

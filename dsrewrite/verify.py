@@ -26,8 +26,23 @@ log = logging.getLogger(__name__)
 
 # Tolerances applied at --rank full when none are given: float32 rewrites
 # change the summation order, nothing else.
-FULL_RANK_ATOL = 1e-4
-FULL_RANK_RTOL = 1e-3
+# Full-rank defaults by the outputs' float type: the rewrite is exact in real arithmetic, so what is left is
+# rounding, which grows with the type's epsilon (float16 2^-10, bfloat16 2^-7, against float32's 2^-23).
+FULL_RANK_TOLERANCES = {
+    "float64": (1e-4, 1e-3), "float32": (1e-4, 1e-3), "float16": (2e-2, 2e-2), "bfloat16": (1.5e-1, 1.5e-1),
+}  # fmt: skip
+FULL_RANK_ATOL, FULL_RANK_RTOL = FULL_RANK_TOLERANCES["float32"]
+_PRECISION = {
+    onnx.TensorProto.DOUBLE: "float64", onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
+}  # fmt: skip
+
+
+def output_precision(model: onnx.ModelProto) -> str:
+    """The least precise float type among the model's outputs ("float32" when none is float)."""
+    found = [_PRECISION[o.type.tensor_type.elem_type] for o in model.graph.output if o.type.tensor_type.elem_type in _PRECISION]
+    order = list(FULL_RANK_TOLERANCES)
+    return max(found, key=order.index, default="float32")
 # Unknown non-batch dims get this size for the random verification feeds.
 DEFAULT_DYNAMIC_DIM = 64
 

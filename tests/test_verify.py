@@ -58,3 +58,31 @@ def test_dynamic_dims_get_concrete_feed_shapes():
     model = conv_model(batch="N", spatial=("H", 12))
     assert feed_shapes(model, {}) == {"x": [1, 4, 64, 12]}
     assert feed_shapes(model, {"x": (2, 4, 10, 12)}) == {"x": [2, 4, 10, 12]}
+
+
+def _as_float16(model):
+    from onnx import TensorProto, numpy_helper
+
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return model
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(in_channels=8, out_channels=16, pads=(1, 1, 1, 1)), dict(in_channels=8, out_channels=8, group=2, strides=(2, 2)),
+     dict(kernel=(5,), in_channels=6, out_channels=12)],  # fmt: skip
+)
+def test_float16_models_are_exact_at_full_rank_under_float16_tolerances(config):
+    import dsrewrite
+    from onnx import TensorProto
+
+    model = _as_float16(conv_model(**config))
+    result = dsrewrite.rewrite(model, rank="full")
+    verification = result.report.verification
+    assert result.ok and verification.passed is True
+    assert (verification.atol, verification.rtol) == (2e-2, 2e-2)  # float16's defaults, not float32's 1e-4
+    assert all(t.data_type == TensorProto.FLOAT16 for t in result.model.graph.initializer)
+    assert result.report.settings["atol"] == 2e-2
