@@ -57,8 +57,9 @@ class RewriteContext:
             for name, (given, wanted) in calibration.casts.items():
                 notes.append(f"calibration input '{name}' was {given}: cast to the model's {wanted}")
             overrides = shapes_from_calibration(original, calibration, overrides, notes)
-        shapes = analysis_shapes(original, overrides, notes)
-        return cls(options, source, original, original, shapes, calibration, notes)
+        working = inline_conv_functions(original, notes)
+        shapes = analysis_shapes(working, overrides, notes)
+        return cls(options, source, original, working, shapes, calibration, notes)
 
     @property
     def progress(self) -> Callable[[str, int, int], None] | None:
@@ -78,6 +79,28 @@ class RewriteContext:
         if self.calibration is not None:
             return next(iter(self.calibration))
         return random_feeds(self.original, feed_shapes(self.original, self.options.input_shapes), self.options.seed)
+
+
+def inline_conv_functions(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
+    """``model`` with its local functions inlined when any holds a conv, so those convs are analysed and rewritten.
+
+    The passes see graphs, not function bodies; inlining (``onnx.inliner``) puts the bodies in the graph. The
+    output model then has no local functions, and the report says so. Models without a conv in a function are
+    returned as they are.
+    """
+    conv_ops = ("Conv", "ConvInteger", "QLinearConv")
+    holding = [f for f in model.functions if any(node.op_type in conv_ops for node in f.node)]
+    if not holding:
+        return model
+    import onnx.inliner  # noqa: PLC0415
+
+    inlined = onnx.inliner.inline_local_functions(model)
+    names = ", ".join(sorted({f"{f.domain}.{f.name}" if f.domain else f.name for f in holding}))
+    notes.append(
+        f"inlined the model's local functions ({len(model.functions)}, convs in {names}) so their convs are "
+        "rewritten; the output model has no local functions"
+    )
+    return inlined
 
 
 def shapes_from_calibration(model: onnx.ModelProto, calibration: CalibrationSet, overrides: Mapping, notes: list[str]) -> dict:

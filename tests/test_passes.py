@@ -254,3 +254,25 @@ def test_option_groups_validate_themselves():
         RewriteOptions.of(rnak=2)
     settings = options.to_settings()
     assert settings["rank"] == 2 and settings["calibration"] == "c.npz" and settings["threads"] == 2
+
+
+def test_convs_inside_local_functions_are_inlined_rewritten_and_verified():
+    from onnx import TensorProto, helper, numpy_helper
+
+    body = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    function = helper.make_function("custom", "Block", ["x", "W"], ["y"], body, [helper.make_opsetid("", 17)])
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Block", ["x", "W"], ["y"], domain="custom", name="block")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 9, 9])], initializer=[weight],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)],
+                              functions=[function])  # fmt: skip
+    model.ir_version = 8
+    result = dsrewrite.rewrite(model, rank="full")
+    (layer,) = result.report.layers
+    assert layer.rewritten and layer.macs_before == 8 * 4 * 9 * 81
+    assert result.ok and result.report.verification.passed is True  # exact, against the original with its function
+    assert any("inlined the model's local functions (1, convs in custom.Block)" in n for n in result.report.notes)
+    assert not result.model.functions and len(model.functions) == 1  # the input is untouched
