@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import onnx
 
 from .calibration import CalibrationSet, capture
-from .errors import UsageError
+from .errors import InputError, UsageError
 from .graph import collect_shapes
 from .model_io import check_model, load_model
 from .options import RewriteOptions
@@ -57,6 +57,7 @@ class RewriteContext:
             for name, (given, wanted) in calibration.casts.items():
                 notes.append(f"calibration input '{name}' was {given}: cast to the model's {wanted}")
             overrides = shapes_from_calibration(original, calibration, overrides, notes)
+        refuse_bfloat16_convs(original)
         working = inline_conv_functions(original, notes)
         shapes = analysis_shapes(working, overrides, notes)
         return cls(options, source, original, working, shapes, calibration, notes)
@@ -79,6 +80,22 @@ class RewriteContext:
         if self.calibration is not None:
             return next(iter(self.calibration))
         return random_feeds(self.original, feed_shapes(self.original, self.options.input_shapes), self.options.seed)
+
+
+def refuse_bfloat16_convs(model: onnx.ModelProto) -> None:
+    """InputError for convs with bfloat16 weights: onnxruntime's CPU provider has no bfloat16 Conv, so no rewrite
+    of them could be verified (and numpy, which the factorisation runs in, has no bfloat16 either)."""
+    bf16 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16}
+    bf16 |= {
+        n.output[0] for n in model.graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].t.data_type == onnx.TensorProto.BFLOAT16
+    }  # fmt: skip
+    conv = next((n for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in bf16), None)
+    if conv is not None:
+        raise InputError(
+            f"conv '{conv.name or conv.output[0]}' has bfloat16 weights; onnxruntime's CPU provider runs no bfloat16 "
+            "Conv, so its rewrite could not be verified: convert the model to float16 or float32 first"
+        )
 
 
 def inline_conv_functions(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:

@@ -86,3 +86,18 @@ def test_float16_models_are_exact_at_full_rank_under_float16_tolerances(config):
     assert (verification.atol, verification.rtol) == (2e-2, 2e-2)  # float16's defaults, not float32's 1e-4
     assert all(t.data_type == TensorProto.FLOAT16 for t in result.model.graph.initializer)
     assert result.report.settings["atol"] == 2e-2
+
+
+def test_bfloat16_convs_are_refused_with_one_clear_line(tmp_path, tmp_model):
+    from conftest import dsrewrite_cli
+    from onnx import TensorProto, helper
+
+    model = conv_model()
+    for tensor in model.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        tensor.CopyFrom(helper.make_tensor(tensor.name, TensorProto.BFLOAT16, values.shape, values.flatten().tolist()))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.BFLOAT16
+    code, out, err = dsrewrite_cli(tmp_model(model), "-o", tmp_path / "out.onnx", "--rank", "full")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: conv 'conv' has bfloat16 weights")
+    assert not (tmp_path / "out.onnx").exists()
