@@ -101,3 +101,16 @@ def test_bfloat16_convs_are_refused_with_one_clear_line(tmp_path, tmp_model):
     code, out, err = dsrewrite_cli(tmp_model(model), "-o", tmp_path / "out.onnx", "--rank", "full")
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: conv 'conv' has bfloat16 weights")
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("name", ["vgg_small", "resnet_bn", "grouped_depthwise", "audio_conv1d", "dynamic_batch"])
+def test_float16_conversions_of_the_sample_models_are_exact_at_full_rank(name):
+    import dsrewrite
+    import onnx
+    from conftest import SAMPLES
+    from onnxconverter_common import float16
+
+    model = float16.convert_float_to_float16(onnx.load(SAMPLES / f"{name}.onnx"), keep_io_types=False)
+    result = dsrewrite.rewrite(model, rank="full")
+    assert result.ok and result.report.verification.passed is True
+    assert result.report.totals.rewritten > 0
