@@ -38,6 +38,7 @@ class RewriteContext:
     calibration: CalibrationSet | None = None
     notes: list[str] = field(default_factory=list)
     results: list[PassResult] = field(default_factory=list)  # of every pass that changed the model, in order
+    conv_pixels: dict[str, int] | None = None  # output positions per conv, averaged over calibration shapes
     _latency_cache: object = None
 
     @classmethod
@@ -56,11 +57,23 @@ class RewriteContext:
             calibration = CalibrationSet(options.calibration.data, original, limit=options.calibration.samples)
             for name, (given, wanted) in calibration.casts.items():
                 notes.append(f"calibration input '{name}' was {given}: cast to the model's {wanted}")
-            overrides = shapes_from_calibration(original, calibration, overrides, notes)
         refuse_bfloat16_convs(original)
         working = inline_conv_functions(original, notes)
+        conv_pixels = None
+        variants = shapes_from_calibration(working, calibration, overrides) if calibration is not None else []
+        if variants:
+            overrides = variants[0][0]  # the most common shapes: for inference and timing
+            described = ", ".join("x".join(map(str, dims)) for name, dims in overrides.items() if name not in options.input_shapes)
+            if len(variants) == 1:
+                notes.append(f"dynamic dims costed at the calibration feeds' shape ({described}); --input-shape overrides")
+            else:
+                conv_pixels = averaged_conv_pixels(working, variants)
+                notes.append(
+                    f"dynamic dims: MACs are the average over the calibration feeds' {len(variants)} shapes (the most "
+                    f"common: {described}, {variants[0][1]} of {sum(c for _, c in variants)} feeds); --input-shape overrides"
+                )
         shapes = analysis_shapes(working, overrides, notes)
-        return cls(options, source, original, working, shapes, calibration, notes)
+        return cls(options, source, original, working, shapes, calibration, notes, conv_pixels=conv_pixels)
 
     @property
     def progress(self) -> Callable[[str, int, int], None] | None:
@@ -120,31 +133,51 @@ def inline_conv_functions(model: onnx.ModelProto, notes: list[str]) -> onnx.Mode
     return inlined
 
 
-def shapes_from_calibration(model: onnx.ModelProto, calibration: CalibrationSet, overrides: Mapping, notes: list[str]) -> dict:
-    """``overrides`` plus, for inputs whose non-batch dims are dynamic, the shape most calibration feeds have.
+def shapes_from_calibration(
+    model: onnx.ModelProto, calibration: CalibrationSet, overrides: Mapping
+) -> list[tuple[dict, int]]:
+    """The input shapes the calibration feeds give, for inputs whose non-batch dims are dynamic: one
+    ``(overrides plus those shapes, number of feeds)`` per distinct combination, most common first.
 
-    Costs then follow the data the user gave instead of staying unknown; ``--input-shape`` still wins. The batch
-    dim stays per sample (1) where the model leaves it dynamic.
+    Empty when no such input is left dynamic (``--input-shape`` wins). The batch dim stays per sample (1)
+    where the model leaves it dynamic.
     """
-    result = dict(overrides)
     initializers = {i.name for i in model.graph.initializer}
+    dynamic = {}
     for vi in model.graph.input:
         dims = vi.type.tensor_type.shape.dim
-        if vi.name in initializers or vi.name in result or not dims:
+        if vi.name in initializers or vi.name in overrides or not dims:
             continue
         known = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
-        if None not in known[1:]:
-            continue  # only the batch is dynamic: costed per sample as before
-        counts = Counter(tuple(int(d) for d in feed[vi.name].shape) for feed in calibration)
-        shape, count = counts.most_common(1)[0]
-        shape = ((known[0] or 1),) + shape[1:]
-        result[vi.name] = shape
-        also = f" ({count} of {sum(counts.values())} feeds; the rest differ)" if len(counts) > 1 else ""
-        notes.append(
-            f"dynamic dims of '{vi.name}' costed at the calibration feeds' shape {'x'.join(map(str, shape))}{also}; "
-            "--input-shape overrides"
-        )
-    return result
+        if None in known[1:]:  # only the batch dynamic: costed per sample as before
+            dynamic[vi.name] = known[0] or 1
+    if not dynamic:
+        return []
+    counts = Counter(
+        tuple((name, (batch,) + tuple(int(d) for d in feed[name].shape[1:])) for name, batch in dynamic.items())
+        for feed in calibration
+    )
+    return [({**overrides, **dict(combination)}, count) for combination, count in counts.most_common()]
+
+
+def averaged_conv_pixels(model: onnx.ModelProto, variants: list[tuple[dict, int]]) -> dict[str, int]:
+    """Output positions per conv (by output tensor), averaged over the feed shapes weighted by their counts."""
+    import onnx_graphsurgeon as gs  # noqa: PLC0415
+
+    from .graph import ConvSpec, convs_by_output  # noqa: PLC0415
+
+    graph = gs.import_onnx(model)
+    totals: dict[str, float] = {}
+    for overrides, count in variants:
+        shapes = analysis_shapes(model, overrides, [])
+        for output, node in convs_by_output(graph).items():
+            pixels = ConvSpec.from_node(node, graph, shapes).output_pixels()
+            if pixels is None or totals.get(output, 0.0) is None:
+                totals[output] = None
+            else:
+                totals[output] = totals.get(output, 0.0) + pixels * count
+    feeds = sum(count for _, count in variants)
+    return {output: round(total / feeds) for output, total in totals.items() if total is not None}
 
 
 def analysis_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[int, ...]], notes: list[str]) -> dict:

@@ -71,10 +71,12 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may read besides the graph: tensor shapes of the analysed model."""
+    """What a pass may read besides the graph: tensor shapes of the analysed model, and when costs are averaged
+    over several input shapes, the output positions per conv (keyed by conv output) to cost with."""
 
     shapes: dict[str, Shape]
     opset: int
+    conv_pixels: dict[str, int] | None = None
 
 
 # -- conditions ---------------------------------------------------------------------------------
@@ -226,12 +228,14 @@ class Pipeline(PassBase):
             result.skips += inner.skips
         return result
 
-    def inspect(self, model: onnx.ModelProto, *, shapes: dict[str, Shape] | None = None) -> list[PassResult]:
+    def inspect(
+        self, model: onnx.ModelProto, *, shapes: dict[str, Shape] | None = None, conv_pixels: dict[str, int] | None = None
+    ) -> list[PassResult]:
         """Run read-only passes (analyses) on ``model``: their results, with no export and no model."""
         if shapes is None:
             shapes = collect_shapes(infer_shapes(model))
         check_value_types(model)
-        context = PassContext(shapes=shapes, opset=default_opset(model))
+        context = PassContext(shapes=shapes, opset=default_opset(model), conv_pixels=conv_pixels)
         results = self._run_passes(gs.import_onnx(model), context, source=model)
         return [leaf for r in results for leaf in r.leaves()]
 

@@ -60,7 +60,8 @@ def analyse(ctx: RewriteContext) -> list[LayerPlan]:
     from .passes import AnalyseConvs  # noqa: PLC0415
 
     decompose = ctx.options.decompose
-    (result,) = Pipeline([AnalyseConvs(decompose.include, decompose.exclude)]).inspect(ctx.model, shapes=ctx.shapes)
+    analysis = Pipeline([AnalyseConvs(decompose.include, decompose.exclude)])
+    (result,) = analysis.inspect(ctx.model, shapes=ctx.shapes, conv_pixels=ctx.conv_pixels)
     return result.facts
 
 

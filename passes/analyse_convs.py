@@ -48,15 +48,16 @@ class AnalyseConvs(PassBase):
             label = "main" if index == 0 else (g.name or f"subgraph{index}")
             for node in [n for n in g.nodes if n.op in CONV_OPS]:
                 spec = ConvSpec.from_node(node, g, context.shapes) if node.op == "Conv" else None
-                plan = base_plan(node, spec)
+                pixels = (context.conv_pixels or {}).get(node.outputs[0].name) if node.outputs else None
+                plan = base_plan(node, spec, pixels)
                 plan.graph = label
                 plan.reason = self.ineligible_reason(node, spec, graph)
                 if plan.reason is None:
-                    self._add_error_curve(plan, spec)
+                    self._add_error_curve(plan, spec, pixels)
                 result.facts.append(plan)
         return result
 
-    def _add_error_curve(self, plan: LayerPlan, spec: ConvSpec) -> None:
+    def _add_error_curve(self, plan: LayerPlan, spec: ConvSpec, pixels: int | None) -> None:
         spectra = lowrank.channel_spectra(spec.weight, spec.group)
         errors = lowrank.relative_errors(spectra)
         size = spectra.u.nbytes + spectra.s.nbytes + spectra.vt.nbytes
@@ -65,7 +66,8 @@ class AnalyseConvs(PassBase):
         plan.eligible = True
         plan.full_rank = spectra.full_rank
         plan.analysis = ConvAnalysis(
-            [float(e) for e in errors], spec.kernel_size, spec.output_pixels(), spec.has_bias, spectra if keep else None
+            [float(e) for e in errors], spec.kernel_size, spec.output_pixels() if pixels is None else pixels,
+            spec.has_bias, spectra if keep else None,
         )
         plan.error_at_rank = [float(e) ** 2 for e in errors[1:]]
         plan.error_source = "weights"
@@ -100,8 +102,8 @@ class AnalyseConvs(PassBase):
         return None
 
 
-def base_plan(node: gs.Node, spec: ConvSpec | None) -> LayerPlan:
-    """A 'skipped' plan with the layer's shape facts filled in."""
+def base_plan(node: gs.Node, spec: ConvSpec | None, pixels: int | None = None) -> LayerPlan:
+    """A 'skipped' plan with the layer's shape facts filled in (costed at ``pixels`` output positions if given)."""
     output = node.outputs[0].name if node.outputs else ""
     if spec is None or spec.weight_shape is None or spec.kernel_size is None:
         return LayerPlan(
@@ -111,7 +113,8 @@ def base_plan(node: gs.Node, spec: ConvSpec | None) -> LayerPlan:
             macs_before=None, macs_after=None, params_before=None, params_after=None,
         )  # fmt: skip
     before = conv_cost(
-        spec.in_channels, spec.out_channels, spec.kernel_size, spec.group, spec.output_pixels(), spec.has_bias
+        spec.in_channels, spec.out_channels, spec.kernel_size, spec.group,
+        spec.output_pixels() if pixels is None else pixels, spec.has_bias,
     )
     return LayerPlan(
         node=node.name, op=node.op, output=output, status=SKIPPED, reason=None, rank=None, form=None,

@@ -175,6 +175,23 @@ def test_dynamic_dims_are_costed_at_the_calibration_shape(tmp_path):
     known = dsrewrite.rewrite(model, rank=2, calibration=path, verify=False)
     (layer,) = known.report.layers
     assert layer.macs_before == 6 * 4 * 9 * 9 * 20  # N·M·K per output pixel, 9x20 outputs, batch 1
-    assert any("costed at the calibration feeds' shape 1x4x9x20" in n for n in known.report.notes)
+    assert any("costed at the calibration feeds' shape (1x4x9x20)" in n for n in known.report.notes)
     fixed = dsrewrite.rewrite(model, rank=2, calibration=path, verify=False, input_shapes={"x": (1, 4, 9, 10)})
     assert fixed.report.layers[0].macs_before == 6 * 4 * 9 * 9 * 10  # --input-shape wins
+
+
+def test_feeds_of_several_shapes_are_costed_at_their_average(tmp_path):
+    import dsrewrite
+    from conftest import conv_model
+
+    model = conv_model(batch="N", spatial=(9, "W"), pads=(1, 1, 1, 1))
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    rng = np.random.default_rng(0)
+    for i, width in enumerate([20, 20, 11]):  # a directory: one feed per file, sizes may differ
+        np.savez(feeds / f"{i}.npz", x=rng.standard_normal((1, 4, 9, width)).astype(np.float32))
+    result = dsrewrite.rewrite(model, rank=2, calibration=feeds, verify=False)
+    (layer,) = result.report.layers
+    pixels = round((2 * 9 * 20 + 9 * 11) / 3)
+    assert layer.macs_before == 6 * 4 * 9 * pixels and layer.macs_after == layer.macs_per_pixel_after * pixels
+    assert any("average over the calibration feeds' 2 shapes" in n and "2 of 3 feeds" in n for n in result.report.notes)
