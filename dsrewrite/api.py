@@ -8,7 +8,7 @@ It runs the stages of ``dsrewrite.stages`` top to bottom on one
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 
@@ -26,6 +26,7 @@ __all__ = ["RewriteOptions", "RewriteResult", "rewrite"]
 class RewriteResult:
     model: onnx.ModelProto
     report: Report
+    warnings: list[str] = field(default_factory=list)  # also in the report's notes; the CLI prints them on stderr
 
     @property
     def verification(self) -> VerificationResult | None:
@@ -66,4 +67,5 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
     stages.explain(ctx, plans)
     verification = stages.verify_outputs(ctx, rewritten)
     benchmark = stages.benchmark(ctx, rewritten, plans)
-    return RewriteResult(model=rewritten, report=stages.report(ctx, plans, verification, benchmark, sweep))
+    report = stages.report(ctx, plans, verification, benchmark, sweep)
+    return RewriteResult(model=rewritten, report=report, warnings=list(ctx.warnings))

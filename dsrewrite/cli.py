@@ -204,7 +204,7 @@ def command(model, output, rank, max_error, target_macs, target_latency, plan_in
         return 1
     if not quiet:
         slower = slowness_warnings(report.benchmark, options) if report.benchmark is not None else []
-        for warning in fidelity_warnings(report.verification, options) + slower:
+        for warning in result.warnings + fidelity_warnings(report.verification, options) + slower:
             sys.stderr.write(f"warning: {warning}\n")
         sys.stderr.flush()
     if written and not quiet:

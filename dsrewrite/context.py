@@ -39,18 +39,20 @@ class RewriteContext:
     notes: list[str] = field(default_factory=list)
     results: list[PassResult] = field(default_factory=list)  # of every pass that changed the model, in order
     conv_pixels: dict[str, int] | None = None  # output positions per conv, averaged over calibration shapes
+    warnings: list[str] = field(default_factory=list)  # notes the CLI also prints as warning lines
     _latency_cache: object = None
 
     @classmethod
     def open(cls, model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions) -> "RewriteContext":
         """Load and check the model, analyse its shapes and open the calibration data."""
-        notes: list[str] = []  # a repair of a checker-only defect says so here
+        repairs: list[str] = []  # what was repaired of a checker-only defect: a note and a warning line
         if isinstance(model, (str, os.PathLike)):
-            source, original = str(model), load_model(model, repairs=notes)
+            source, original = str(model), load_model(model, repairs=repairs)
         elif isinstance(model, onnx.ModelProto):
-            source, original = "<ModelProto>", check_model(model, repairs=notes)
+            source, original = "<ModelProto>", check_model(model, repairs=repairs)
         else:
             raise UsageError(f"model must be a path or an onnx.ModelProto, not {type(model).__name__}")
+        notes = list(repairs)
         calibration = None
         overrides = dict(options.input_shapes)
         if options.calibration.data is not None:
@@ -73,7 +75,7 @@ class RewriteContext:
                     f"common: {described}, {variants[0][1]} of {sum(c for _, c in variants)} feeds); --input-shape overrides"
                 )
         shapes = analysis_shapes(working, overrides, notes)
-        return cls(options, source, original, working, shapes, calibration, notes, conv_pixels=conv_pixels)
+        return cls(options, source, original, working, shapes, calibration, notes, conv_pixels=conv_pixels, warnings=repairs)
 
     @property
     def progress(self) -> Callable[[str, int, int], None] | None:
