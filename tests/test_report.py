@@ -606,3 +606,13 @@ def _assert_screenshot_shows_a_page(shot):
     # the bar chart's teal "after" bars were drawn
     teal = np.all(np.abs(pixels.astype(int) - (0x1F, 0x9D, 0x8B)) < 12, axis=2).sum()
     assert teal > 500
+
+
+def test_top1_agreement_reads_the_same_in_every_view():
+    output = OutputComparison("logits", [8, 10], 0.5, 0.1, 2.0, 0.97, True, 0.5, 2.0, True, 0.83)
+    report = synthetic_report(3, verification=VerificationResult(ran=True, passed=None, samples=8, outputs=[output]))
+    markdown, page, terminal = report.to_markdown(), report.to_html(), terminal_text(report)
+    assert "top-1 agreement=83.0%" in terminal
+    assert md_rows(markdown, "output")[0][-1] == "83.0%"
+    assert list(html_rows(page, "outputs")[0].values())[-1][0] == "83.0%"
+    assert json.loads(report.to_json())["verification"]["outputs"][0]["argmax_agreement"] == 0.83

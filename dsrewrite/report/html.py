@@ -124,13 +124,14 @@ def _verification(verification: Mapping[str, Any]) -> list[str]:
         parts.append("<p>Not run.</p>")
     if verification.get("outputs"):
         header = [("output", False), ("shape", False), ("max_abs", True), ("mean_abs", True), ("max_rel", True),
-                  ("cosine", True), ("passes at atol ≥", True), ("or rtol ≥", True), ("passed", False)]  # fmt: skip
-        keys = ["name", "shape", "max_abs", "mean_abs", "max_rel", "cosine", "min_atol", "min_rtol", "passed"]
+                  ("cosine", True), ("passes at atol ≥", True), ("or rtol ≥", True), ("passed", False),
+                  ("top-1 agreement", True)]  # fmt: skip
+        keys = ["name", "shape", "max_abs", "mean_abs", "max_rel", "cosine", "min_atol", "min_rtol", "passed", "agreement"]
         rows = []
         for index, output in enumerate(verification["outputs"]):
             cells = output_cells(output)
             tds = "".join(
-                _td(cells[k], col=k, numeric=num, sort=_sort_value(output.get(k)) if num else None)
+                _td(cells[k], col=k, numeric=num, sort=_sort_value(output.get(_JSON_KEY.get(k, k))) if num else None)
                 for k, (_, num) in zip(keys, header)
             )
             rows.append(f'<tr data-index="{index}">{tds}</tr>')
@@ -138,6 +139,9 @@ def _verification(verification: Mapping[str, Any]) -> list[str]:
     if verification.get("problems"):
         parts.append('<ul class="notes problems">' + "".join(f"<li>{_e(p)}</li>" for p in verification["problems"]) + "</ul>")
     return parts
+
+
+_JSON_KEY = {"agreement": "argmax_agreement"}  # output cells whose JSON field has another name
 
 
 def _layers(data: Mapping[str, Any]) -> list[str]:

@@ -118,13 +118,14 @@ def _verification(verification: Mapping[str, Any]) -> list[str]:
         line += f" on {verification_scope(verification, md_text)}."
     lines = [line, ""]
     if verification.get("outputs"):
-        keys = ["name", "shape", "max_abs", "mean_abs", "max_rel", "cosine", "min_atol", "min_rtol", "passed"]
-        header = ["output", "shape", "max_abs", "mean_abs", "max_rel", "cosine", "passes at atol ≥", "or rtol ≥", "passed"]
+        keys = ["name", "shape", "max_abs", "mean_abs", "max_rel", "cosine", "min_atol", "min_rtol", "passed", "agreement"]
+        header = ["output", "shape", "max_abs", "mean_abs", "max_rel", "cosine", "passes at atol ≥", "or rtol ≥", "passed",
+                  "top-1 agreement"]  # fmt: skip
         out_rows = []
         for output in verification["outputs"]:
             cells = output_cells(output)
             out_rows.append([md_code(cells["name"])] + [md_text(cells[k]) for k in keys[1:]])
-        lines += _md_table(header, out_rows, "llrrrrrrl") + [""]
+        lines += _md_table(header, out_rows, "llrrrrrrlr") + [""]
     for problem in verification.get("problems") or []:
         lines.append(f"- :x: {md_text(problem)}")
     if verification.get("problems"):

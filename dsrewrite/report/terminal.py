@@ -193,8 +193,9 @@ def _print_verification(verification: Mapping[str, Any], console: Console) -> No
         cells = output_cells(output)
         console.print(
             f"  {rich_escape(cells['name'])}: max_abs={cells['max_abs']} mean_abs={cells['mean_abs']} "
-            f"max_rel={cells['max_rel']} cosine={cells['cosine']}; "
-            f"would pass with atol>={cells['min_atol']} or rtol>={cells['min_rtol']}"
+            f"max_rel={cells['max_rel']} cosine={cells['cosine']}"
+            + (f" top-1 agreement={cells['agreement']}" if output.get("argmax_agreement") is not None else "")
+            + f"; would pass with atol>={cells['min_atol']} or rtol>={cells['min_rtol']}"
         )
     for problem in verification.get("problems") or []:
         console.print(f"  [red]{rich_escape(problem)}[/red]")

@@ -161,6 +161,8 @@ def output_cells(output: Mapping[str, Any]) -> dict[str, str]:
         "min_atol": fmt_stat(output.get("min_atol")),
         "min_rtol": fmt_stat(output.get("min_rtol")),
         "passed": "yes" if output.get("passed") else "no",
+        # Top-1 agreement with the original (argmax over the last axis of class/sequence scores): a figure users read.
+        "agreement": "–" if output.get("argmax_agreement") is None else f"{output['argmax_agreement']:.1%}",
     }
 
 
