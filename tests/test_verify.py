@@ -114,3 +114,17 @@ def test_float16_conversions_of_the_sample_models_are_exact_at_full_rank(name):
     result = dsrewrite.rewrite(model, rank="full")
     assert result.ok and result.report.verification.passed is True
     assert result.report.totals.rewritten > 0
+
+
+def test_float16_models_go_through_the_latency_aware_budget_and_calibration(tmp_path):
+    import dsrewrite
+    import onnx
+    from conftest import SAMPLES
+    from onnxconverter_common import float16
+
+    model = float16.convert_float_to_float16(onnx.load(SAMPLES / "vgg_small.onnx"), keep_io_types=False)
+    path = tmp_path / "c.npz"
+    np.savez(path, input=np.random.default_rng(0).random((4, 1, 3, 64, 64)).astype(np.float32))
+    result = dsrewrite.rewrite(model, target_macs=0.5, calibration=path, latency_cache=None)  # timed in float16
+    assert result.ok and any(layer.latency_before_ms is not None for layer in result.report.layers)
+    assert any("cast to the model's float16" in note for note in result.report.notes)
