@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from typing import Sequence
 
 import onnx
@@ -25,6 +24,7 @@ from .measure import measure
 from .pipeline import Pass, Pipeline, default_opset
 from .plan import LayerPlan
 from .report import Report, compute_totals
+from .report.text import speedups
 from .verify import VerificationResult, output_precision, verify
 
 log = logging.getLogger(__name__)
@@ -288,20 +288,14 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
     return result
 
 
-# speedup, speedup_vs_int8_without_rewrite, speedup_2_threads, speedup_vs_int8_without_rewrite_2_threads; not
-# speedup_vs_predicted
-_SPEEDUP_KEY = re.compile(r"^speedup(?:_vs_(?P<versus>(?!predicted).+?))?(?:_(?P<threads>\d+)_threads)?$")
-
-
 def slowness_warnings(bench: dict, options) -> list[str]:
     """One line for every measured setting in which the rewritten model is slower than what it replaces."""
     warnings = []
-    for key, value in bench.items():
-        match = _SPEEDUP_KEY.match(key)
-        if match is None or value is None or value >= latency.SLOWER_BELOW:
+    for _key, value, reference, count in speedups(bench):
+        if value >= latency.SLOWER_BELOW:
             continue
-        versus = (match["versus"] or "original").replace("_", " ")
-        threads = int(match["threads"] or bench.get("threads") or options.latency.threads)
+        versus = (reference or "original").replace("_", " ")
+        threads = int(count or bench.get("threads") or options.latency.threads)
         warnings.append(
             f"the rewritten model is slower than the {versus} in onnxruntime ({value:.2f}x at {threads} thread(s)); "
             + _slowness_hint(threads, options, bench, versus)

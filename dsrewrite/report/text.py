@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -192,21 +193,30 @@ def benchmark_figures(benchmark: Mapping[str, Any] | None) -> dict[str, Any] | N
     return {"before_ms": before, "after_ms": after, "speedup": speedup, "extras": extras}
 
 
+# A benchmark's speedups: "speedup" (against the original, at its "threads"), "speedup_vs_<reference>" and either
+# with "_<N>_threads" for another thread count. "speedup_vs_predicted" is a ratio of ratios, not a speedup.
+_SPEEDUP_KEY = re.compile(r"^speedup(?:_vs_(?P<versus>(?!predicted).+?))?(?:_(?P<threads>\d+)_threads)?$")
+
+
+def speedups(benchmark: Mapping[str, Any] | None) -> list[tuple[str, float, str | None, int | None]]:
+    """``(key, value, reference or None for the original, thread count or None for the headline one)`` of each
+    measured speedup in ``benchmark``: the one reading of its keys, for the report and for the warnings."""
+    found = []
+    for key, value in (benchmark or {}).items():
+        match = _SPEEDUP_KEY.match(key)
+        if match is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            found.append((key, float(value), match["versus"], int(match["threads"]) if match["threads"] else None))
+    return found
+
+
 def comparisons_text(benchmark: Mapping[str, Any] | None) -> str | None:
     """The speedups beyond the headline one, e.g. "1.02× at 2 threads; 1.06× against the int8 without rewrite", or None."""
-    if not benchmark:
-        return None
-    parts = []
-    for key, value in benchmark.items():
-        if not (key.startswith("speedup_") and isinstance(value, (int, float))) or key == "speedup_vs_predicted":
-            continue
-        name = key[len("speedup_"):]
-        threads = ""
-        if name.endswith("_threads"):
-            name, _, count = name[: -len("_threads")].rpartition("_")
-            threads = f" at {count} threads"
-        versus = f" against the {name[len('vs_'):].replace('_', ' ')}" if name.startswith("vs_") else ""
-        parts.append(f"{fmt_speedup(value)}{versus}{threads}")
+    parts = [
+        fmt_speedup(value) + (f" against the {versus.replace('_', ' ')}" if versus else "")
+        + (f" at {threads} threads" if threads else "")
+        for key, value, versus, threads in speedups(benchmark)
+        if key != "speedup"
+    ]  # fmt: skip
     return "; ".join(parts) or None
 
 
