@@ -37,7 +37,6 @@ from .options import (
 from .report import FORMATS as REPORT_FORMATS
 from .sensitivity import default_cache_path, load_eval_script
 from .signals import signals_raise_interrupted
-from .stages import fidelity_warnings, slowness_warnings
 
 log = logging.getLogger("dsrewrite")
 
@@ -203,8 +202,7 @@ def command(model, output, rank, max_error, target_macs, target_latency, plan_in
         Console(stderr=True).print("[red]error:[/red] verification failed; no model written")
         return 1
     if not quiet:
-        slower = slowness_warnings(report.benchmark, options) if report.benchmark is not None else []
-        for warning in result.warnings + fidelity_warnings(report.verification, options) + slower:
+        for warning in result.warnings:
             sys.stderr.write(f"warning: {warning}\n")
         sys.stderr.flush()
     if written and not quiet:

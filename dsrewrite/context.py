@@ -39,7 +39,7 @@ class RewriteContext:
     notes: list[str] = field(default_factory=list)
     results: list[PassResult] = field(default_factory=list)  # of every pass that changed the model, in order
     conv_pixels: dict[str, int] | None = None  # output positions per conv, averaged over calibration shapes
-    warnings: list[str] = field(default_factory=list)  # notes the CLI also prints as warning lines
+    warnings: list[str] = field(default_factory=list)  # the notes the CLI also prints as warning lines (see warn)
     _latency_cache: object = None
 
     @classmethod
@@ -75,7 +75,12 @@ class RewriteContext:
                     f"common: {described}, {variants[0][1]} of {sum(c for _, c in variants)} feeds); --input-shape overrides"
                 )
         shapes = analysis_shapes(working, overrides, notes)
-        return cls(options, source, original, working, shapes, calibration, notes, conv_pixels=conv_pixels, warnings=repairs)
+        return cls(options, source, original, working, shapes, calibration, notes, conv_pixels=conv_pixels, warnings=list(repairs))
+
+    def warn(self, messages) -> None:
+        """Notes that also deserve a warning line: the report has them, and the CLI prints them on stderr."""
+        self.notes.extend(messages)
+        self.warnings.extend(messages)
 
     @property
     def progress(self) -> Callable[[str, int, int], None] | None:

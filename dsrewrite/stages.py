@@ -238,7 +238,7 @@ def verify_outputs(ctx: RewriteContext, rewritten: onnx.ModelProto) -> Verificat
     else:
         feeds, label = [ctx.one_feed()], f"random (seed {ctx.options.seed})"
     result = verify(ctx.original, rewritten, feeds, atol=atol, rtol=rtol, inputs_label=label)
-    ctx.notes.extend(fidelity_warnings(result, ctx.options))
+    ctx.warn(fidelity_warnings(result, ctx.options))
     return result
 
 
@@ -284,7 +284,7 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
         result["speedup_vs_predicted"] = (measured - 1.0) / (predicted - 1.0) if measured and predicted > 1.0 else None
     if ctx.progress:
         ctx.progress("benchmarking", steps, steps)
-    ctx.notes.extend(slowness_warnings(result, options))
+    ctx.warn(slowness_warnings(result, options))
     return result
 
 
