@@ -41,6 +41,7 @@ class RewriteContext:
     conv_pixels: dict[str, int] | None = None  # output positions per conv, averaged over calibration shapes
     warnings: list[str] = field(default_factory=list)  # the notes the CLI also prints as warning lines (see warn)
     _latency_cache: object = None
+    _deployed_model: onnx.ModelProto | None = None
 
     @classmethod
     def open(cls, model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions) -> "RewriteContext":
@@ -94,6 +95,17 @@ class RewriteContext:
             path = self.options.latency.cache
             self._latency_cache = LatencyCache(Path(path) if path else None)
         return self._latency_cache
+
+    def deployed_model(self) -> onnx.ModelProto:
+        """The working model in the precision it will run in (quantized once per rewrite with ``--quantize``):
+        what the rewrite is timed against and compared with."""
+        if self.options.deploy.quantize is None:
+            return self.model
+        if self._deployed_model is None:
+            from .quantize import quantize_int8  # noqa: PLC0415
+
+            self._deployed_model = quantize_int8(self.model, self.calibration)
+        return self._deployed_model
 
     def one_feed(self) -> dict:
         """The first calibration feed, else seeded random inputs at the analysed shapes."""

@@ -31,7 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from .cache import cache_path, read_json, write_json
-from .verify import session
+from .verify import random_feeds, session
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +256,7 @@ def measure_layer(
         # share its noise: one candidate at a time, so only two sessions and their intermediate tensors are alive
         # at once whatever the number of ranks (a rank-10 concat of a 64-channel conv at 224x224 holds 128 MB).
         # The time budget is split over the pairs; the original's median is over all its rounds.
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(models["original"].graph.input[0].type.tensor_type.elem_type)
-        feed = {"x": np.random.default_rng(seed).standard_normal(tuple(input_shape)).astype(dtype)}  # e.g. float16
+        feed = random_feeds(models["original"], {"x": list(input_shape)}, seed)  # in the model's float type
         candidates = [name for name in models if name != "original"]
         budget = LAYER_BUDGET_SECONDS * 2 / (len(candidates) + 1)
         original: list[float] = []

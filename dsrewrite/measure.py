@@ -31,7 +31,8 @@ from . import latency
 from .decide import ERROR_CURVES, MODEL_TIME, RANK_LADDERS
 from .graph import constant_value, find_conv
 from .plan import Decision, Decisions, LayerPlan, valid_forms
-from .quantize import quantize_int8, random_feeds
+from .quantize import quantize_int8, timing_label
+from .verify import random_feeds
 
 if TYPE_CHECKING:
     from .context import RewriteContext
@@ -73,8 +74,7 @@ class Measured:
     @property
     def where(self) -> str:
         """Where the timings come from, for the report: "onnxruntime" or e.g. "onnxruntime, INT8"."""
-        precision = self.timer.precision
-        return "onnxruntime" if precision is None else f"onnxruntime, {precision.upper()}"
+        return timing_label(self.timer.precision)
 
 
 def measure(ctx: "RewriteContext", plans: Sequence[LayerPlan], needs: frozenset[str]) -> Measured:
@@ -88,8 +88,7 @@ def measure(ctx: "RewriteContext", plans: Sequence[LayerPlan], needs: frozenset[
     )  # fmt: skip
     measured = Measured(timer)
     if MODEL_TIME in needs:
-        model = ctx.model if precision is None else quantize_int8(ctx.model, ctx.calibration)
-        session = latency.make_session(model, ctx.options.latency.threads)
+        session = latency.make_session(ctx.deployed_model(), ctx.options.latency.threads)
         (times,) = latency.interleaved_medians([session], ctx.one_feed(), budget_seconds=1.0)
         measured.model_ms = latency.Timing.of(times).median_ms
     if RANK_LADDERS in needs:
@@ -192,8 +191,8 @@ class ConvTimer:
             candidate = replace(analysed, notes=[])
             apply_decisions([candidate], Decisions({plan.output: Decision(int(rank), form=form)}))
             models[name] = Pipeline([DecomposeConv(plans=[candidate]), Cleanup()]).run(single).model
-        if self.precision is not None:
-            feeds = random_feeds("x", input_shape)
+        if self.precision is not None:  # calibrated on random feeds: a candidate's speed does not depend on its ranges
+            feeds = [random_feeds(single, {"x": input_shape}, seed) for seed in range(4)]
             models = {name: quantize_int8(candidate, feeds) for name, candidate in models.items()}
         return latency.measure_layer(models, input_shape, layer_key, self.cache, threads=self.threads)
 

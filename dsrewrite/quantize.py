@@ -57,9 +57,16 @@ def quantize_int8(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarra
         return onnx.load(path)
 
 
+def timing_label(precision: str | None) -> str:
+    """Where timings come from, for the report: "onnxruntime", or e.g. "onnxruntime, INT8"."""
+    return "onnxruntime" if precision is None else f"onnxruntime, {precision.upper()}"
+
+
 def with_min_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     """``model`` itself when its default-domain opset is at least ``version``, else a converted copy."""
-    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    from .pipeline import default_opset  # noqa: PLC0415
+
+    current = default_opset(model)
     if current >= version:
         return model
     try:
@@ -71,12 +78,6 @@ def with_min_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
         ) from None
     log.info("converted the model from opset %d to %d for per-channel INT8", current, version)
     return converted
-
-
-def random_feeds(input_name: str, shape, count: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Feeds for quantizing a timing candidate: its speed does not depend on the calibrated ranges."""
-    rng = np.random.default_rng(seed)
-    return [{input_name: rng.standard_normal(tuple(shape)).astype(np.float32)} for _ in range(count)]
 
 
 @contextlib.contextmanager

@@ -95,7 +95,7 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 2)
     from .decide import MIN_SPEEDUP, revert  # noqa: PLC0415
     from .measure import in_model_times  # noqa: PLC0415
     from .passes import Cleanup, DecomposeConv  # noqa: PLC0415
-    from .quantize import quantize_int8  # noqa: PLC0415
+    from .quantize import quantize_int8, timing_label  # noqa: PLC0415
 
     options = ctx.options
     todo = [p for p in plans if p.rewritten and p.graph == "main"]
@@ -104,10 +104,10 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 2)
     threads, precision = options.latency.threads, options.deploy.quantize
     deployed = (lambda model: model) if precision is None else (lambda model: quantize_int8(model, ctx.calibration))
     feed = ctx.one_feed()
-    original = deployed(ctx.model)
+    original = ctx.deployed_model()
     keys = {p.output: p.output for p in todo} | {p.node: p.output for p in todo if p.node}
     before, _ = in_model_times(original, latency.node_times(original, feed, threads=threads), keys)
-    where = "onnxruntime" if precision is None else f"onnxruntime, {precision.upper()}"
+    where = timing_label(precision)
     reverted, attributed = [], set()
     for _ in range(rounds):
         emission = DecomposeConv(plans=plans)
@@ -260,9 +260,7 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
         ctx.progress("benchmarking", 0, steps)
     references = {}
     if options.deploy.quantize is not None:  # INT8 alone: no conv rewritten, prepared and quantized alike
-        from .quantize import quantize_int8  # noqa: PLC0415
-
-        references[f"{options.deploy.quantize}_without_rewrite"] = quantize_int8(ctx.model, ctx.calibration)
+        references[f"{options.deploy.quantize}_without_rewrite"] = ctx.deployed_model()
     result = latency.benchmark_models(ctx.original, rewritten, feed, threads=threads, references=references)
     if ctx.progress:
         ctx.progress("benchmarking", 1, steps)
