@@ -19,7 +19,7 @@ import onnx
 
 from .calibration import CalibrationSet, capture
 from .errors import InputError, UsageError
-from .graph import collect_shapes
+from .graph import CONV_OPS, collect_shapes
 from .model_io import check_model, load_model
 from .options import RewriteOptions
 from .pipeline import PassResult, infer_shapes
@@ -137,8 +137,7 @@ def inline_conv_functions(model: onnx.ModelProto, notes: list[str]) -> onnx.Mode
     output model then has no local functions, and the report says so. Models without a conv in a function are
     returned as they are.
     """
-    conv_ops = ("Conv", "ConvInteger", "QLinearConv")
-    holding = [f for f in model.functions if any(node.op_type in conv_ops for node in f.node)]
+    holding = [f for f in model.functions if any(node.op_type in CONV_OPS for node in f.node)]
     if not holding:
         return model
     import onnx.inliner  # noqa: PLC0415

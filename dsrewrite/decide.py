@@ -279,8 +279,7 @@ def apply_decisions(plans: Sequence[LayerPlan], decisions: Decisions) -> None:
         if decision.latency_ms is not None:
             plan.latency_before_ms = decision.latency_ms[0]
         if decision.rank is None:
-            plan.status, plan.rank, plan.form = SKIPPED, None, None
-            plan.reason = decision.reason or decisions.default_reason
+            revert(plan, decision.reason or decisions.default_reason)
             continue
         rank = min(int(decision.rank), plan.full_rank)
         info = plan.analysis
@@ -297,15 +296,19 @@ def apply_decisions(plans: Sequence[LayerPlan], decisions: Decisions) -> None:
         if decision.latency_ms is not None:
             plan.latency_after_ms = decision.latency_ms[1]
         if rank == plan.full_rank and after.macs_per_pixel >= plan.macs_per_pixel_before:
-            plan.notes.append("full rank is exact but saves no MACs")
+            plan.notes.append(FULL_RANK_SAVES_NOTHING)
+
+
+FULL_RANK_SAVES_NOTHING = "full rank is exact but saves no MACs"
 
 
 def revert(plan: LayerPlan, reason: str) -> None:
-    """Leave a decided conv alone after all: the plan goes back to the original's costs, with ``reason``."""
+    """Leave a conv alone: the plan takes the original's costs and ``reason`` (a fresh one, or one decided before)."""
     plan.status, plan.rank, plan.form, plan.reason = SKIPPED, None, None, reason
     plan.macs_after, plan.params_after, plan.macs_per_pixel_after = plan.macs_before, plan.params_before, plan.macs_per_pixel_before
     plan.weight_error = None
     plan.latency_after_ms = None
+    plan.notes = [note for note in plan.notes if note != FULL_RANK_SAVES_NOTHING]
 
 
 # -- MAC budgets and sweeps ---------------------------------------------------------------------

@@ -26,6 +26,9 @@ from .geometry import ConvGeometry, output_elements
 
 Shape = tuple  # of int | None
 
+# The conv-like ops: each gets a plan (the quantized ones only to say why they stay).
+CONV_OPS = ("Conv", "ConvInteger", "QLinearConv")
+
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     """The node that computes ``tensor``, or None for inputs and constants."""

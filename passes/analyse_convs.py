@@ -22,11 +22,10 @@ import onnx_graphsurgeon as gs
 
 from dsrewrite import lowrank
 from dsrewrite.cost import conv_cost
-from dsrewrite.graph import ConvSpec, consumers, is_graph_output, iter_graphs
+from dsrewrite.graph import CONV_OPS, ConvSpec, consumers, is_graph_output, iter_graphs
 from dsrewrite.pipeline import PassBase, PassContext, PassResult
 from dsrewrite.plan import SKIPPED, ConvAnalysis, LayerPlan
 
-CONV_OPS = ("Conv", "ConvInteger", "QLinearConv")
 
 
 # The per-channel SVDs of all convs are kept for emission up to this many bytes (float64); past it they are

@@ -59,11 +59,11 @@ import onnx_graphsurgeon as gs
 from dsrewrite import lowrank
 from dsrewrite.budget import DEFAULT_MAX_ERROR
 from dsrewrite.decide import DataFreeAuto, UniformRank, apply_decisions
-from dsrewrite.graph import ConvSpec, NameAllocator, iter_graphs
+from dsrewrite.graph import CONV_OPS, ConvSpec, NameAllocator, iter_graphs
 from dsrewrite.pipeline import ONNX_CHECKER, Change, PassBase, PassContext, PassResult, Skip
 from dsrewrite.plan import FORM_BRANCHES, FORM_MULTIPLIER, Decisions, LayerPlan
 
-from .analyse_convs import CONV_OPS, AnalyseConvs
+from .analyse_convs import AnalyseConvs
 
 log = logging.getLogger(__name__)
 
