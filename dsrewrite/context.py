@@ -70,12 +70,14 @@ class RewriteContext:
             if len(variants) == 1:
                 notes.append(f"dynamic dims costed at the calibration feeds' shape ({described}); --input-shape overrides")
             else:
-                conv_pixels = averaged_conv_pixels(working, variants)
                 notes.append(
                     f"dynamic dims: MACs are the average over the calibration feeds' {len(variants)} shapes (the most "
                     f"common: {described}, {variants[0][1]} of {sum(c for _, c in variants)} feeds); --input-shape overrides"
                 )
         shapes = analysis_shapes(working, overrides, notes)
+        if len(variants) > 1:
+            others = [(analysis_shapes(working, more, []), count) for more, count in variants[1:]]
+            conv_pixels = averaged_conv_pixels(working, [(shapes, variants[0][1]), *others])
         return cls(options, source, original, working, shapes, calibration, notes, conv_pixels=conv_pixels, warnings=list(repairs))
 
     def warn(self, messages) -> None:
@@ -179,23 +181,21 @@ def shapes_from_calibration(
 
 
 def averaged_conv_pixels(model: onnx.ModelProto, variants: list[tuple[dict, int]]) -> dict[str, int]:
-    """Output positions per conv (by output tensor), averaged over the feed shapes weighted by their counts."""
+    """Output positions per conv (by output tensor), averaged over analysed shapes weighted by their feed counts;
+    a conv whose positions are unknown at any of them is left out."""
     import onnx_graphsurgeon as gs  # noqa: PLC0415
 
     from .graph import ConvSpec, convs_by_output  # noqa: PLC0415
 
     graph = gs.import_onnx(model)
-    totals: dict[str, float] = {}
-    for overrides, count in variants:
-        shapes = analysis_shapes(model, overrides, [])
-        for output, node in convs_by_output(graph).items():
-            pixels = ConvSpec.from_node(node, graph, shapes).output_pixels()
-            if pixels is None or totals.get(output, 0.0) is None:
-                totals[output] = None
-            else:
-                totals[output] = totals.get(output, 0.0) + pixels * count
-    feeds = sum(count for _, count in variants)
-    return {output: round(total / feeds) for output, total in totals.items() if total is not None}
+    convs = convs_by_output(graph)
+    pixels = {output: [ConvSpec.from_node(node, graph, shapes).output_pixels() for shapes, _ in variants] for output, node in convs.items()}
+    counts = [count for _, count in variants]
+    return {
+        output: round(sum(p * c for p, c in zip(values, counts)) / sum(counts))
+        for output, values in pixels.items()
+        if None not in values
+    }
 
 
 def analysis_shapes(model: onnx.ModelProto, overrides: Mapping[str, tuple[int, ...]], notes: list[str]) -> dict:

@@ -232,10 +232,7 @@ class Pipeline(PassBase):
         self, model: onnx.ModelProto, *, shapes: dict[str, Shape] | None = None, conv_pixels: dict[str, int] | None = None
     ) -> list[PassResult]:
         """Run read-only passes (analyses) on ``model``: their results, with no export and no model."""
-        if shapes is None:
-            shapes = collect_shapes(infer_shapes(model))
-        check_value_types(model)
-        context = PassContext(shapes=shapes, opset=default_opset(model), conv_pixels=conv_pixels)
+        context = _context(model, shapes, conv_pixels)
         results = self._run_passes(gs.import_onnx(model), context, source=model)
         return [leaf for r in results for leaf in r.leaves()]
 
@@ -245,11 +242,9 @@ class Pipeline(PassBase):
             if problem:
                 owner = next(p.name for p in self.passes if condition in requires_of(p))
                 raise InputError(f"the model does not meet what pass '{owner}' requires ({condition.name}): {problem}")
-        if shapes is None:
-            shapes = collect_shapes(infer_shapes(model))
-        check_value_types(model)  # what onnx-graphsurgeon cannot export is an input error, not a crash
+        context = _context(model, shapes)
         graph = gs.import_onnx(model)
-        results = self._run_passes(graph, PassContext(shapes=shapes, opset=default_opset(model)), source=model)
+        results = self._run_passes(graph, context, source=model)
         rewritten = export_model(graph, model)
         for condition in self.ensures:
             problem = condition.check(rewritten)
@@ -278,6 +273,14 @@ class Pipeline(PassBase):
                 instrument.after_pass(p, result)
             results.append(result)
         return results
+
+
+def _context(model: onnx.ModelProto, shapes: dict[str, Shape] | None, conv_pixels: dict[str, int] | None = None) -> PassContext:
+    """What the passes get to read; the model must hold only values onnx-graphsurgeon can import and export."""
+    if shapes is None:
+        shapes = collect_shapes(infer_shapes(model))
+    check_value_types(model)  # what onnx-graphsurgeon cannot export is an input error, not a crash
+    return PassContext(shapes=shapes, opset=default_opset(model), conv_pixels=conv_pixels)
 
 
 def _inconsistency(model: onnx.ModelProto) -> str | None:
