@@ -54,7 +54,6 @@ from .calibration import (
     sample_positions,
 )
 from .cost import separable_cost
-from .geometry import ConvGeometry
 from .graph import ConvSpec, convs_by_output, with_dense_kernels
 from .plan import LayerPlan
 
@@ -91,7 +90,6 @@ class FittedLayer:
 class _Target:
     plan: LayerPlan
     spec: ConvSpec
-    geometry: ConvGeometry
     x_name: str
     y_name: str
     wave: int = 0
@@ -150,7 +148,7 @@ def distill(
                         positions, y = _sample_targets(t, values, accumulators[t.y_name], rng, count)
                     else:
                         positions, y = _load_targets(spill, t, index)
-                    accumulators[t.y_name].add(extract_patches(values[t.x_name], t.geometry, positions).astype(np.float64), y)
+                    accumulators[t.y_name].add(extract_patches(values[t.x_name], t.spec.geometry, positions).astype(np.float64), y)
                     t.seconds += time.perf_counter() - start
                 for t in later:
                     start = time.perf_counter()
@@ -270,7 +268,7 @@ def _targets(graph: gs.Graph, plans: Sequence[LayerPlan], eligible: bool = False
     for output, node in convs_by_output(graph).items():
         if output in wanted:
             spec = ConvSpec.from_node(node, graph, {})
-            targets.append(_Target(wanted[output], spec, spec.geometry, node.inputs[0].name, output))
+            targets.append(_Target(wanted[output], spec, node.inputs[0].name, output))
     return targets
 
 
@@ -293,7 +291,7 @@ def _accumulate(
 ) -> None:
     """Add one batch of the original model's inputs and outputs of ``t``, at sampled positions."""
     positions, y = _sample_targets(t, values, accumulator, rng, feeds)
-    accumulator.add(extract_patches(values[t.x_name], t.geometry, positions).astype(np.float64), y)
+    accumulator.add(extract_patches(values[t.x_name], t.spec.geometry, positions).astype(np.float64), y)
 
 
 def _fit(t: _Target, stats: lowrank.RegressionStats, options: DistillOptions, wave: int, method: str) -> FittedLayer:
