@@ -100,6 +100,8 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
               help="Measure whole-model latency before and after in onnxruntime (interleaved medians). "
                    "Default: on whenever a model is written.")
 @click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime threads for timing.")
+@click.option("--in-place-timing/--alone-timing", "in_place_timing", default=True, show_default=True,
+              help="Latency-aware decisions from convs timed inside the whole model (profiled), or alone only.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Deliver an INT8 model (QDQ, per-channel) via onnxruntime.quantization, calibrated on --calibration; "
                    "rewrite decisions are timed in INT8.")
@@ -134,7 +136,7 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv) to stderr.")
 @click.version_option(__version__, "--version", prog_name="dsrewrite")
 def command(model, output, rank, max_error, target_macs, target_latency, plan_in, plan_out, eval_script, latency_aware, benchmark,
-            threads, quantize, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential,
+            threads, in_place_timing, quantize, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential,
             fold_batchnorm, pass_list, verify, atol, rtol, reports, top, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
     """Rewrite the standard convolutions of MODEL into depthwise + pointwise convolutions."""
     _configure_logging(verbose, quiet)
@@ -169,7 +171,8 @@ def command(model, output, rank, max_error, target_macs, target_latency, plan_in
         ),
         calibration=CalibrationSettings(data=calibration, samples=calibration_samples, sequential=sequential),
         latency=LatencySettings(
-            aware=latency_aware, benchmark=(output is not None and not dry_run) if benchmark is None else benchmark, threads=threads
+            aware=latency_aware, benchmark=(output is not None and not dry_run) if benchmark is None else benchmark, threads=threads,
+            in_place=in_place_timing,
         ),
         verify=VerifySettings(enabled=verify, atol=atol, rtol=rtol),
         report=ReportSettings(sweep=sweep),

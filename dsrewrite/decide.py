@@ -36,13 +36,13 @@ if TYPE_CHECKING:
 
 # Measurements a strategy can ask for (see dsrewrite.measure).
 ERROR_CURVES = "error_curves"  # calibration or task-evaluation error per rank, replacing the spectrum's
-RANK_LADDERS = "rank_ladders"  # every eligible conv timed alone at its candidate ranks, in every form
+RANK_LADDERS = "rank_ladders"  # every eligible conv timed at its candidate ranks (in place, or alone in every form)
 MODEL_TIME = "model_time"  # the whole model's median latency
 
 # A rewrite must beat the original conv by this factor in its microbenchmark to be kept:
 # medians of interleaved runs still carry a few percent of noise on a shared machine.
 MIN_SPEEDUP = 1.05
-# Under a MAC budget, a rank is used only if, timed alone, it saves at least this share of the time its MACs
+# Under a MAC budget, a rank is used only if, as timed, it saves at least this share of the time its MACs
 # predict: depthwise convs are memory-bound, and a rank that saves MACs but little time spends the accuracy
 # budget for nothing.
 MIN_EFFICIENCY = 0.5
@@ -121,7 +121,7 @@ class CalibratedAuto:
 class MacBudget:
     """``--target-macs``: the eligible convs keep at most ``target`` of their MACs.
 
-    Latency-aware: every eligible conv is timed alone at its candidate ranks first;
+    Latency-aware: every eligible conv is timed at its candidate ranks first (in place in the model);
     ranks that save under ``MIN_EFFICIENCY`` of their MAC-predicted time are only used
     to fill what the allocation leaves of the budget, and slower ranks never.
     """
@@ -148,11 +148,11 @@ class MacBudget:
             if decision is not None and decision.rank is None and plan.output in timings and not any(
                 math.isfinite(e) for e in plan.error_at_rank
             ):
-                decision.reason = f"no rank measured faster than the original conv ({measured.where}, conv alone)"
+                how = "in place" if timings[plan.output].in_place else "conv alone"
+                decision.reason = f"no rank measured faster than the original conv ({measured.where}, {how})"
         _attach_timings(decisions, timings)
         decisions.notes = decisions.notes + [
-            f"latency-aware: {len(timings)} conv(s) timed alone in {measured.where} at their candidate ranks "
-            f"({self.threads} thread(s)); {removed} rank(s) that save under "
+            f"latency-aware: {measured.describe(timings)}, at their candidate ranks; {removed} rank(s) that save under "
             f"{MIN_EFFICIENCY:.0%} of their MAC-predicted time were only used to fill the budget's remainder"
         ]
         return decisions
@@ -181,7 +181,7 @@ class LatencyBudget:
         allocation = allocate(curves, max(eligible_ms - (1.0 - self.target) * model_ms, 0.0) / eligible_ms)
         predicted_ms = model_ms - eligible_ms + allocation.macs_after / 1e6
         notes = [
-            f"--target-latency {self.target:g}: model {model_ms:.3f} ms, eligible convs {eligible_ms:.3f} ms alone; "
+            f"--target-latency {self.target:g}: model {model_ms:.3f} ms, eligible convs {eligible_ms:.3f} ms as timed; "
             f"predicted {predicted_ms:.3f} ms ({predicted_ms / model_ms:.2f} of the original)"
         ]
         if predicted_ms > self.target * model_ms * 1.02:
@@ -236,7 +236,7 @@ class NeverSlower:
             if best * MIN_SPEEDUP > original:
                 reason = (
                     f"rank {rank} measured no faster than the original conv "
-                    f"({best:.3f} ms vs {original:.3f} ms in {measured.where})"
+                    f"({best:.3f} ms vs {original:.3f} ms in {measured.where}, {'in place' if timing.in_place else 'conv alone'})"
                 )
                 decisions.layers[key] = Decision(None, reason, latency_ms=(original, best))
             else:
@@ -245,7 +245,7 @@ class NeverSlower:
             decisions.layers[key] = replace(decisions.layers[key], form=None)
         if timings:
             decisions.notes.append(
-                f"latency-aware: {len(timings)} conv(s) timed alone in {measured.where} ({self.threads} thread(s)); "
+                f"latency-aware: {measured.describe(timings)}; "
                 "each kept rewrite is the fastest emission form and beats its original conv"
             )
         return decisions
@@ -385,7 +385,7 @@ def _copies(plans: Sequence[LayerPlan]) -> list[LayerPlan]:
 def restrict_to_efficient_ranks(plans: Sequence[LayerPlan], timings: dict[str, "RankTimings"], efficiency: float) -> int:
     """Take out of each conv's error curve the ranks that do not pay in time; return how many.
 
-    A rank stays only if, timed alone, it is faster than the conv by ``MIN_SPEEDUP`` and
+    A rank stays only if, as timed, it is faster than the conv by ``MIN_SPEEDUP`` and
     saves at least ``efficiency`` of the time its MAC count says it should save
     (``efficiency=0``: only "faster" is required).
     """

@@ -19,7 +19,7 @@ A strategy that needs timings of what it decided (``NeverSlower``) asks
 from __future__ import annotations
 
 import logging
-import re
+import os
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -36,6 +36,7 @@ from .verify import random_feeds
 
 if TYPE_CHECKING:
     from .context import RewriteContext
+    from .in_model import InPlaceTimer
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,14 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class RankTimings:
-    """One conv timed alone: the original, and the fastest form at each measured rank (median ms)."""
+    """One conv timed: the original, and the fastest form at each measured rank (ms).
+
+    ``in_place``: timed inside the whole model (``dsrewrite.in_model``), else alone (median ms).
+    """
 
     original_ms: float
     best: dict[int, tuple[str, float]]  # rank -> (form, ms)
+    in_place: bool = False
 
     @classmethod
     def of(cls, times: dict[str, float], ranks: Sequence[int]) -> "RankTimings":
@@ -67,7 +72,7 @@ class RankTimings:
 class Measured:
     """What the measure stage found; ``timer`` measures more on request."""
 
-    timer: "ConvTimer"
+    timer: "ConvTimer | InPlaceTimer"
     ladders: dict[str, RankTimings] = field(default_factory=dict)
     model_ms: float | None = None
 
@@ -75,6 +80,19 @@ class Measured:
     def where(self) -> str:
         """Where the timings come from, for the report: "onnxruntime" or e.g. "onnxruntime, INT8"."""
         return timing_label(self.timer.precision)
+
+    def describe(self, timings: dict[str, RankTimings]) -> str:
+        """How ``timings`` were measured, for the notes: "3 conv(s) timed in onnxruntime: 2 in place ... 1 alone"."""
+        in_place = sum(t.in_place for t in timings.values())
+        counts = list(getattr(self.timer, "thread_counts", [self.timer.threads]))
+        threads = " and ".join(str(t) for t in counts) + " thread(s)"
+        if in_place == len(timings):
+            how = f"in place in the whole model (profiled at {threads}; a rank must pay at each)"
+        elif in_place == 0:
+            how = f"alone ({counts[0]} thread(s))"
+        else:
+            how = f"{in_place} in place in the whole model (profiled at {threads}), {len(timings) - in_place} alone"
+        return f"{len(timings)} conv(s) timed in {self.where}, {how}"
 
 
 def measure(ctx: "RewriteContext", plans: Sequence[LayerPlan], needs: frozenset[str]) -> Measured:
@@ -86,6 +104,10 @@ def measure(ctx: "RewriteContext", plans: Sequence[LayerPlan], needs: frozenset[
         ctx.model, ctx.shapes, ctx.latency_cache(), threads=ctx.options.latency.threads, progress=ctx.progress,
         precision=precision,
     )  # fmt: skip
+    if ctx.options.latency.in_place:
+        from .in_model import InPlaceTimer  # noqa: PLC0415
+
+        timer = InPlaceTimer(ctx, timer, [ctx.options.latency.threads, os.cpu_count() or 1])
     measured = Measured(timer)
     if MODEL_TIME in needs:
         session = latency.make_session(ctx.deployed_model(), ctx.options.latency.threads)
@@ -214,68 +236,3 @@ def single_conv_model(model: onnx.ModelProto, output: str, input_shape: Sequence
     conv = gs.Node("Conv", node.name or "conv", dict(node.attrs), inputs, [y])
     single = gs.Graph(nodes=[conv], inputs=[x], outputs=[y], opset=graph.opset)
     return export_model(single, model)
-
-
-# -- in-model attribution -----------------------------------------------------------------------
-
-# Ops onnxruntime fuses into the conv before them (activations, a constant Mul/Add, Add/Sum in NCHWc). A fused node is
-# named after the fused op's output, so its time is walked back to the conv.
-FUSED_AFTER_CONV = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "Add", "Sum", "Mul", "BatchNormalization"}
-
-
-def in_model_times(
-    model: onnx.ModelProto, times: dict[str, tuple[str, float]], owners: dict[str, str]
-) -> tuple[dict[str, float], float]:
-    """Profiled node times summed per owner, and what no owner claims (reorders, other ops).
-
-    ``owners`` maps a node's name, or its first output tensor, to its owner (a conv's plan key).
-    Profile names are node names; onnxruntime names an NCHWc node ``<output tensor>_nchwc`` and a
-    fused QDQ node ``<node name>_token_<n>``.
-    """
-    producers = {out: node for node in model.graph.node for out in node.output}
-    by_name = {node.name: node for node in model.graph.node if node.name}
-    resolved = {name: _profiled_node(name, by_name, producers) for name in times}
-    direct = {owner for node in resolved.values() if (owner := _own(node, owners)) is not None}
-    per_owner: dict[str, float] = {}
-    other = 0.0
-    for name, (_op, ms) in times.items():
-        owner = _owner(resolved[name], producers, owners, direct)
-        if owner is None:
-            other += ms
-        else:
-            per_owner[owner] = per_owner.get(owner, 0.0) + ms
-    return per_owner, other
-
-
-def _profiled_node(name: str, by_name: dict, producers: dict):
-    """The graph node a profile entry stands for, or None."""
-    for base in (name, name[: -len("_nchwc")] if name.endswith("_nchwc") else None, _TOKEN.sub("", name)):
-        if base and (base in by_name or base in producers):
-            return by_name.get(base) or producers[base]
-    return None
-
-
-def _own(node, owners: dict[str, str]) -> str | None:
-    if node is None:
-        return None
-    return owners.get(node.name) if node.name in owners else owners.get(node.output[0]) if node.output else None
-
-
-def _owner(node, producers, owners, direct, depth: int = 4) -> str | None:
-    """The owner of ``node``, walking back through ops fused after a conv."""
-    for _ in range(depth):
-        if node is None or not node.output:
-            return None
-        owner = _own(node, owners)
-        if owner is not None:
-            return owner
-        if node.op_type not in FUSED_AFTER_CONV:
-            return None
-        feeding = [producers[i] for i in node.input if i in producers]
-        claimed = [p for p in feeding if _own(p, owners) is not None]
-        # Conv + Add fused: the conv that does not also run on its own is the one inside the fused node.
-        node = next((p for p in claimed if _own(p, owners) not in direct), claimed[0] if claimed else (feeding or [None])[0])
-    return None
-
-
-_TOKEN = re.compile(r"_token_\d+$")

@@ -123,6 +123,8 @@ class LatencySettings:
     benchmark: bool = False
     threads: int = 1
     cache: str | os.PathLike | None = field(default_factory=_default_latency_cache)
+    # Decide from timings inside the whole model (dsrewrite.in_model); False: from each conv timed alone only.
+    in_place: bool = True
 
     def validate(self) -> None:
         if not _positive_int(self.threads):
@@ -171,7 +173,7 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "calibration": ("calibration", "data"), "calibration_samples": ("calibration", "samples"),
     "sequential": ("calibration", "sequential"), "distill": ("calibration", "distill"),
     "latency_aware": ("latency", "aware"), "benchmark": ("latency", "benchmark"), "threads": ("latency", "threads"),
-    "latency_cache": ("latency", "cache"),
+    "latency_cache": ("latency", "cache"), "in_place_timing": ("latency", "in_place"),
     "verify": ("verify", "enabled"), "atol": ("verify", "atol"), "rtol": ("verify", "rtol"),
     "sweep": ("report", "sweep"), "quantize": ("deploy", "quantize"),
 }  # fmt: skip
@@ -180,7 +182,7 @@ SETTINGS_ORDER = (
     "rank", "max_error", "include", "exclude", "input_shapes", "fold_batchnorm", "verify", "atol", "rtol", "seed",
     "dry_run", "calibration", "calibration_samples", "sequential", "distill", "target_macs", "target_latency", "plan",
     "evaluate", "eval_key", "sensitivity_cache", "sweep", "latency_aware", "benchmark", "threads", "latency_cache",
-    "quantize",
+    "in_place_timing", "quantize",
 )  # fmt: skip
 GROUPS = {
     "decompose": DecomposeSettings, "calibration": CalibrationSettings, "latency": LatencySettings,

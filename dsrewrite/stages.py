@@ -89,11 +89,11 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 2)
 
     A conv timed alone misses what the model around it does: onnxruntime's NCHWc layout chains, Conv+activation
     and Conv+Add fusions. Both models are profiled (in the deployed precision); each node's kernel time is
-    attributed to the conv it came from (``measure.in_model_times``), and a rewrite slower than its original
+    attributed to the conv it came from (``in_model.in_model_times``), and a rewrite slower than its original
     conv in place is reverted. Repeated once, since a revert changes the layout around it.
     """
     from .decide import MIN_SPEEDUP, revert  # noqa: PLC0415
-    from .measure import in_model_times  # noqa: PLC0415
+    from .in_model import in_model_times  # noqa: PLC0415
     from .passes import Cleanup, DecomposeConv  # noqa: PLC0415
     from .quantize import quantize_int8, timing_label  # noqa: PLC0415
 

@@ -59,6 +59,9 @@ def test_never_slower_reverts_what_does_not_pay(monkeypatch):
         timer = Timer()
         where = "onnxruntime"
 
+        def describe(self, timings):
+            return f"{len(timings)} conv(s) timed"
+
     decisions = NeverSlower(UniformRank(1)).decide(plans, Measured())
     assert decisions.layers[slow].rank is None and "no faster" in decisions.layers[slow].reason
     assert all(decisions.layers[p.output].rank == 1 for p in eligible[1:])

@@ -73,7 +73,8 @@ def test_explicit_ranks_are_not_timed_unless_asked():
 def test_real_microbenchmark_and_its_cache(tmp_path):
     cache_path = tmp_path / "latency.json"
     model = conv_model(in_channels=16, out_channels=32, spatial=(16, 16), pads=(1, 1, 1, 1))
-    result = dsrewrite.rewrite(model, rank=1, latency_aware=True, verify=False, latency_cache=cache_path)
+    timing = dict(latency_aware=True, verify=False, latency_cache=cache_path, in_place_timing=False)
+    result = dsrewrite.rewrite(model, rank=1, **timing)
     (layer,) = result.report.layers
     assert layer.latency_before_ms > 0
     entries = json.loads(cache_path.read_text())
@@ -82,11 +83,60 @@ def test_real_microbenchmark_and_its_cache(tmp_path):
     original = latency.make_session
     latency.make_session = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
-        again = dsrewrite.rewrite(model, rank=1, latency_aware=True, verify=False, latency_cache=cache_path)
+        again = dsrewrite.rewrite(model, rank=1, **timing)
     finally:
         latency.make_session = original
     assert not calls, "cached measurements are reused"
     assert again.report.layers[0].latency_before_ms == layer.latency_before_ms
+
+
+def fake_profile(conv_ms, rewrite_ms):
+    """A stand-in for onnxruntime's profiler: the original conv takes ``conv_ms(threads)``, each node of its
+    rewrite ``rewrite_ms(threads)``, every other node 0.01 ms."""
+
+    def node_times(model, feed, *, threads=1, runs=20):
+        def ms(node):
+            if node.op_type == "Conv" and "/" not in node.name:
+                return conv_ms(threads)
+            return rewrite_ms(threads) if "/" in node.name else 0.01
+
+        return {node.name: (node.op_type, ms(node)) for node in model.graph.node}
+
+    return node_times
+
+
+def test_a_rank_slower_alone_but_faster_in_place_is_rewritten(monkeypatch):
+    # Alone, rank 1 looks slower; inside the model its two convs take 0.2 ms each against the original's 1.0 ms.
+    monkeypatch.setattr(ConvTimer, "candidates", fake_timer(lambda p, c: 1.0 if c == "original" else 2.0))
+    monkeypatch.setattr(latency, "node_times", fake_profile(lambda t: 1.0, lambda t: 0.2))
+    model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
+    result = dsrewrite.rewrite(model, rank=1, latency_aware=True, verify=False, latency_cache=None)
+    (layer,) = result.report.layers
+    assert layer.rewritten and (layer.latency_before_ms, layer.latency_after_ms) == (1.0, pytest.approx(0.4))
+    assert any("in place in the whole model" in note for note in result.report.notes)
+    # Alone-only timing keeps the old verdict.
+    alone = dsrewrite.rewrite(model, rank=1, latency_aware=True, verify=False, latency_cache=None, in_place_timing=False)
+    assert not alone.report.layers[0].rewritten
+
+
+def test_a_rank_must_pay_at_every_thread_count(monkeypatch):
+    monkeypatch.setattr(ConvTimer, "candidates", fake_timer(lambda p, c: 1.0 if c == "original" else 0.5))
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    # Faster at 1 thread (0.4 vs 1.0 ms), slower at 4 (1.2 vs 1.0 ms).
+    monkeypatch.setattr(latency, "node_times", fake_profile(lambda t: 1.0, lambda t: 0.2 if t == 1 else 0.6))
+    model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
+    result = dsrewrite.rewrite(model, rank=1, latency_aware=True, verify=False, latency_cache=None)
+    (layer,) = result.report.layers
+    assert not layer.rewritten and "no faster" in layer.reason
+    assert any("1 and 4 thread(s)" in note for note in result.report.notes)
+
+
+def test_in_place_ladders_on_a_real_model_time_every_conv_in_place():
+    result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_macs=0.6, verify=False, latency_cache=None)
+    timed = [layer for layer in result.report.layers if layer.latency_before_ms is not None]
+    assert timed and all(layer.in_model_before_ms is not None or not layer.rewritten for layer in timed)
+    assert any("in place in the whole model" in note for note in result.report.notes)
+    assert result.report.totals.eligible_macs_ratio <= 0.6
 
 
 def test_benchmark_reports_measured_and_predicted_speedup():
@@ -218,7 +268,7 @@ def test_slowness_is_reported_for_every_thread_count_and_reference():
 def test_in_model_times_follow_fusions_and_layout_names_back_to_the_conv():
     from onnx import TensorProto, helper
 
-    from dsrewrite.measure import in_model_times
+    from dsrewrite.in_model import in_model_times
 
     nodes = [
         helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
@@ -246,7 +296,8 @@ def test_a_rewrite_slower_in_the_whole_model_is_reverted(faked, monkeypatch):
         return {node.name: (node.op_type, 1.0) for node in model.graph.node} if rewritten else {"conv": ("Conv", 1.0)}
 
     monkeypatch.setattr(latency, "node_times", profile)
-    result = dsrewrite.rewrite(model, rank=2, latency_aware=True, verify=False, latency_cache=None)
+    # Alone-only decisions, so the final in-model check is what catches it.
+    result = dsrewrite.rewrite(model, rank=2, latency_aware=True, verify=False, latency_cache=None, in_place_timing=False)
     (layer,) = result.report.layers
     assert layer.status == "skipped" and "slower in the whole model" in layer.reason
     assert (layer.in_model_before_ms, layer.in_model_after_ms) == (1.0, 5.0)  # branches: dw0, pw0, dw1, pw1, sum
