@@ -46,6 +46,8 @@ MIN_SPEEDUP = 1.05
 # predict: depthwise convs are memory-bound, and a rank that saves MACs but little time spends the accuracy
 # budget for nothing.
 MIN_EFFICIENCY = 0.5
+# ... unless that raises the allocation's estimated error by more than this factor over using every faster rank.
+EFFICIENCY_ERROR_SLACK = 1.25
 
 
 class Strategy(Protocol):
@@ -143,6 +145,20 @@ class MacBudget:
         efficient = _copies(plans)
         removed = restrict_to_efficient_ranks(efficient, timings, MIN_EFFICIENCY)
         decisions = budget_decisions(efficient, self.target, fill_plans=faster, where=measured.where)
+        # Preferring efficient ranks must not cost much accuracy: when it raises the estimated error by more than
+        # EFFICIENCY_ERROR_SLACK over the best allocation of merely faster ranks, that one is used instead.
+        plain = budget_decisions(faster, self.target, where=measured.where)
+        preferred_error, plain_error = _estimated_error(faster, decisions), _estimated_error(faster, plain)
+        efficiency_note = (
+            f"{removed} rank(s) that save under {MIN_EFFICIENCY:.0%} of their MAC-predicted time were only used to "
+            "fill the budget's remainder"
+        )
+        if preferred_error > EFFICIENCY_ERROR_SLACK * plain_error:
+            decisions = plain
+            efficiency_note = (
+                f"preferring the {MIN_EFFICIENCY:.0%}-efficient ranks would have raised the estimated error "
+                f"{preferred_error / max(plain_error, 1e-12):.1f}-fold, so every rank faster than its conv was a candidate"
+            )
         for plan in faster:  # say so where no rank is faster at all, rather than "cheaper error elsewhere"
             decision = decisions.layers.get(plan.output)
             if decision is not None and decision.rank is None and plan.output in timings and not any(
@@ -152,8 +168,7 @@ class MacBudget:
                 decision.reason = f"no rank measured faster than the original conv ({measured.where}, {how})"
         _attach_timings(decisions, timings)
         decisions.notes = decisions.notes + [
-            f"latency-aware: {measured.describe(timings)}, at their candidate ranks; {removed} rank(s) that save under "
-            f"{MIN_EFFICIENCY:.0%} of their MAC-predicted time were only used to fill the budget's remainder"
+            f"latency-aware: {measured.describe(timings)}, at their candidate ranks; {efficiency_note}"
         ]
         return decisions
 
@@ -314,6 +329,16 @@ def revert(plan: LayerPlan, reason: str) -> None:
 # -- MAC budgets and sweeps ---------------------------------------------------------------------
 
 SWEEP_TARGETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def _estimated_error(plans: Sequence[LayerPlan], decisions: Decisions) -> float:
+    """The sum of the decided ranks' errors on ``plans``' curves (inf where a curve has no finite error there)."""
+    total = 0.0
+    for plan in plans:
+        decision = decisions.layers.get(plan.output)
+        if decision is not None and decision.rank is not None and plan.error_at_rank:
+            total += plan.error_at_rank[min(decision.rank, len(plan.error_at_rank)) - 1]
+    return total
 
 
 def budget_decisions(

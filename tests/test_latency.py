@@ -178,7 +178,22 @@ def test_inefficient_but_faster_ranks_fill_the_mac_budget(faked):
     result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_macs=0.5, verify=False, latency_cache=None)
     ratio = result.report.totals.eligible_macs_ratio
     assert 0.49 <= ratio <= 0.5
+    # Rank 1 everywhere would be efficient but costs far more estimated error than the faster higher ranks: the
+    # preference for efficient ranks gives way, and the notes say so.
+    assert any("every rank faster than its conv was a candidate" in note for note in result.report.notes)
+    assert any(layer.rank > 1 for layer in result.report.layers if layer.rewritten)
+
+
+def test_efficient_ranks_are_preferred_when_they_cost_little_error(monkeypatch):
+    from dsrewrite import decide
+
+    monkeypatch.setattr(decide, "EFFICIENCY_ERROR_SLACK", float("inf"))  # any error increase is acceptable
+    monkeypatch.setattr(ConvTimer, "candidates", fake_timer(lambda p, c: 1.0 if c == "original" else (0.2 if c.startswith("1:") else 0.9)))
+    monkeypatch.setattr(latency, "node_times", lambda *args, **kwargs: {})
+    result = dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", target_macs=0.5, verify=False, latency_cache=None)
+    assert 0.49 <= result.report.totals.eligible_macs_ratio <= 0.5
     assert any(layer.rank == 1 for layer in result.report.layers if layer.rewritten)
+    assert any("were only used to fill the budget's remainder" in note for note in result.report.notes)
 
 
 def test_the_cli_benchmarks_every_written_model_and_warns_when_slower(tmp_path, tmp_model, monkeypatch):
