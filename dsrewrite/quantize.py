@@ -34,6 +34,11 @@ MIN_OPSET = 13  # per-channel DequantizeLinear (axis attribute)
 def quantize_int8(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]]) -> onnx.ModelProto:
     """``model`` with QDQ INT8 convs (and every other op onnxruntime quantizes), calibrated on ``feeds``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static  # noqa: PLC0415
+    import onnxruntime  # noqa: PLC0415
+
+    # quantize_static's own calibration sessions log every initializer they drop at WARNING; dsrewrite's sessions
+    # already run at FATAL, so only errors of these reach stderr.
+    onnxruntime.set_default_logger_severity(3)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
