@@ -84,17 +84,19 @@ def measure_and_decide(ctx: RewriteContext, plans: list[LayerPlan]) -> list[dict
     return points
 
 
-def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 2) -> None:
+def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3) -> None:
     """Profile the rewrite inside the whole model and revert the convs that do not pay in place.
 
     A conv timed alone misses what the model around it does: onnxruntime's NCHWc layout chains, Conv+activation
     and Conv+Add fusions. Both models are profiled (in the deployed precision); each node's kernel time is
-    attributed to the conv it came from (``in_model.in_model_times``), and a rewrite slower than its original
-    conv in place is reverted. Repeated once, since a revert changes the layout around it.
+    attributed to the conv it came from (``in_model.in_model_times``). A rewrite slower than its original conv in
+    place gets another emission form of its rank, and is reverted when none is left (or in the last round); the
+    rounds repeat while something changed, since a change moves the layout around it.
     """
     from .decide import MIN_SPEEDUP, revert  # noqa: PLC0415
     from .in_model import in_model_times  # noqa: PLC0415
     from .passes import Cleanup, DecomposeConv  # noqa: PLC0415
+    from .plan import valid_forms  # noqa: PLC0415
     from .quantize import quantize_int8, timing_label  # noqa: PLC0415
 
     options = ctx.options
@@ -102,14 +104,15 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 2)
     if options.dry_run or not options.uses_latency() or not todo:
         return
     threads, precision = options.latency.threads, options.deploy.quantize
-    deployed = (lambda model: model) if precision is None else (lambda model: quantize_int8(model, ctx.calibration))
+    # One feed calibrates a timing candidate: its speed does not depend on the ranges.
+    deployed = (lambda model: model) if precision is None else (lambda model: quantize_int8(model, [ctx.one_feed()]))
     feed = ctx.one_feed()
     original = ctx.deployed_model()
     keys = {p.output: p.output for p in todo} | {p.node: p.output for p in todo if p.node}
     before, _ = in_model_times(original, latency.node_times(original, feed, threads=threads), keys)
     where = timing_label(precision)
-    reverted, attributed = [], set()
-    for _ in range(rounds):
+    reverted, attributed, reformed, tried = [], set(), set(), {}
+    for index in range(rounds):
         emission = DecomposeConv(plans=plans)
         candidate = deployed(Pipeline([emission, Cleanup()], name="in-model check").run(ctx.model, shapes=ctx.shapes).model)
         owners = {name: key for key, names in emission.emitted.items() for name in names}
@@ -121,16 +124,25 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 2)
                 plan.in_model_before_ms, plan.in_model_after_ms = before[plan.output], after[plan.output]
                 if plan.in_model_after_ms * MIN_SPEEDUP > plan.in_model_before_ms:
                     slower.append(plan)
-        for plan in slower:
-            revert(plan, f"slower in the whole model than the original conv ({plan.in_model_after_ms:.3f} ms vs "
-                         f"{plan.in_model_before_ms:.3f} ms, {where} profile)")  # fmt: skip
-        reverted += slower
         if not slower:
             break
+        for plan in slower:
+            # Another emission form of the same rank first (same function, same MACs); revert when none is left.
+            tried.setdefault(plan.output, {plan.form})
+            untried = [f for f in valid_forms(plan.rank, plan.group) if f not in tried[plan.output]]
+            if untried and index < rounds - 1:
+                plan.form = untried[0]
+                tried[plan.output].add(plan.form)
+                reformed.add(plan.output)
+                continue
+            revert(plan, f"slower in the whole model than the original conv ({plan.in_model_after_ms:.3f} ms vs "
+                         f"{plan.in_model_before_ms:.3f} ms, {where} profile)")  # fmt: skip
+            reverted.append(plan)
     unattributed = len(todo) - len(attributed)
     ctx.notes.append(
         f"in-model check: {len(attributed)} of {len(todo)} rewritten conv(s) timed inside the whole model ({where} "
         f"profile, {threads} thread(s)); {len(reverted)} reverted as slower in place than the original conv"
+        + (f"; {len(reformed)} given another emission form after a slower first one" if reformed else "")
         + (f"; {unattributed} could not be told apart in the profile and keep their per-conv timing" if unattributed else "")
     )
 

@@ -315,9 +315,27 @@ def test_a_rewrite_slower_in_the_whole_model_is_reverted(faked, monkeypatch):
     result = dsrewrite.rewrite(model, rank=2, latency_aware=True, verify=False, latency_cache=None, in_place_timing=False)
     (layer,) = result.report.layers
     assert layer.status == "skipped" and "slower in the whole model" in layer.reason
-    assert (layer.in_model_before_ms, layer.in_model_after_ms) == (1.0, 5.0)  # branches: dw0, pw0, dw1, pw1, sum
+    # Every form was tried first: branches (5 nodes), concat (4), then multiplier (2 nodes: 2.0 ms, still slower).
+    assert (layer.in_model_before_ms, layer.in_model_after_ms) == (1.0, 2.0)
     assert ops(result.model) == ["Conv"]
     assert any("1 of 1 rewritten conv(s) timed inside the whole model" in note and "1 reverted" in note for note in result.report.notes)
+
+
+def test_a_rewrite_slower_in_place_gets_another_form_before_it_is_reverted(faked, monkeypatch):
+    faked(lambda p, c: 1.0 if c == "original" else (0.4 if c.endswith("branches") else 0.5))  # alone: branches
+    model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
+
+    def profile(model, feed, **kwargs):  # in place, the Sum of the branches form is slow; concat pays
+        def ms(node):
+            return 2.0 if node.op_type == "Sum" else 0.1 if "/" in node.name else 1.0
+
+        return {node.name: (node.op_type, ms(node)) for node in model.graph.node}
+
+    monkeypatch.setattr(latency, "node_times", profile)
+    result = dsrewrite.rewrite(model, rank=2, latency_aware=True, verify=False, latency_cache=None, in_place_timing=False)
+    (layer,) = result.report.layers
+    assert layer.rewritten and layer.form == "concat" and "Concat" in ops(result.model)
+    assert any("1 given another emission form" in note for note in result.report.notes)
 
 
 def test_a_mac_budget_that_no_faster_rank_can_meet_says_so(faked):
