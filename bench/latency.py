@@ -5,13 +5,19 @@ the rewritten model in onnxruntime (``ORT_ENABLE_ALL``, interleaved runs, median
 speedup with ``1 / ((1 - f) + f·ratio)``, where ``f`` is the original's conv share of run time (onnxruntime
 profiler) and ``ratio`` the conv MAC ratio. Also reports the task score.
 
+Each model is rewritten once per ``--timing`` mode: ``in-place`` (decisions from whole models profiled at
+``--threads`` and at the core count, the default) and ``alone`` (each conv timed alone). Speed is measured at
+``--threads`` and at the core count; the score comes with paired agreement with the original.
+
 Usage:
     python bench/latency.py [--models captcha_crnn ...] [--target 0.5] [--threads 1] [--no-latency-aware]
+                            [--timing in-place alone] [--n N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill import INPUT_SHAPES  # noqa: E402
-from evaluations import EVALUATIONS, calibration_feeds, evaluate  # noqa: E402
+from evaluations import EVALUATIONS, agreement, calibration_feeds, predict  # noqa: E402
 from models import fetch  # noqa: E402
 
 import dsrewrite  # noqa: E402
@@ -35,33 +41,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--n", type=int, default=None)
+    parser.add_argument("--timing", nargs="+", default=["in-place", "alone"], choices=["in-place", "alone"])
     args = parser.parse_args(argv)
+    cores = os.cpu_count() or 1
 
-    print("| model | eligible MAC ratio | conv MAC ratio | conv share of time | latency before → after (ms) | speedup | Amdahl | of Amdahl | score before → after |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | timing | eligible MAC ratio | conv share of time | latency before → after (ms) | speedup | Amdahl | "
+        f"of Amdahl | speedup at {cores} threads | score before → after | agreement | rewrite took |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         path = fetch(name)
         feeds = calibration_feeds(name, n=args.samples)
-        start = time.perf_counter()
-        result = dsrewrite.rewrite(
-            path, target_macs=args.target, calibration=feeds, verify=False, input_shapes=INPUT_SHAPES[name],
-            latency_aware=args.latency_aware, threads=args.threads,
-        )  # fmt: skip
-        took = time.perf_counter() - start
         original = dsrewrite.load_model(path)
         feed = feeds[0]
-        bench = latency.benchmark_models(original, result.model, feed, threads=args.threads, budget_seconds=10.0)
         share = latency.conv_time_share(original, feed, threads=args.threads)
-        totals = result.report.totals
-        predicted = 1.0 / ((1.0 - share) + share * totals.macs_ratio)
-        of_amdahl = (bench["speedup"] - 1.0) / (predicted - 1.0) if predicted > 1 else float("nan")
-        before, after = evaluate(name, path, n=args.n), evaluate(name, result.model, n=args.n)
-        print(
-            f"| {name} | {totals.eligible_macs_ratio:.3f} | {totals.macs_ratio:.3f} | {share:.2f} | "
-            f"{bench['latency_before_ms']:.2f} → {bench['latency_after_ms']:.2f} | {bench['speedup']:.2f}× | "
-            f"{predicted:.2f}× | {of_amdahl:.0%} | {before:.3f} → {after:.3f} |  (rewrite took {took:.0f}s)",
-            flush=True,
-        )
+        reference = predict(name, path, n=args.n)
+        for timing in args.timing:
+            start = time.perf_counter()
+            result = dsrewrite.rewrite(
+                path, target_macs=args.target, calibration=feeds, verify=False, input_shapes=INPUT_SHAPES[name],
+                latency_aware=args.latency_aware, threads=args.threads, in_place_timing=timing == "in-place",
+            )  # fmt: skip
+            took = time.perf_counter() - start
+            bench = latency.benchmark_models(original, result.model, feed, threads=args.threads, budget_seconds=10.0)
+            more = latency.benchmark_models(original, result.model, feed, threads=cores, budget_seconds=10.0)
+            totals = result.report.totals
+            predicted = 1.0 / ((1.0 - share) + share * totals.macs_ratio)
+            of_amdahl = (bench["speedup"] - 1.0) / (predicted - 1.0) if predicted > 1 else float("nan")
+            rewritten = predict(name, result.model, n=args.n)
+            print(
+                f"| {name} | {timing} | {totals.eligible_macs_ratio:.3f} | {share:.2f} | "
+                f"{bench['latency_before_ms']:.2f} → {bench['latency_after_ms']:.2f} | {bench['speedup']:.2f}× | "
+                f"{predicted:.2f}× | {of_amdahl:.0%} | {more['speedup']:.2f}× | {reference.score:.3f} → "
+                f"{rewritten.score:.3f} | {agreement(reference, rewritten):.3f} | {took:.0f} s |",
+                flush=True,
+            )
     return 0
 
 
