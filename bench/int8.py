@@ -154,7 +154,7 @@ class Probe:
 def install_probe() -> Probe:
     probe = Probe()
     # rewrite() calls the stages through the module, so these wrappers see every call.
-    for stage in ("measure_and_decide", "fit", "emit", "deploy", "check"):
+    for stage in ("measure_and_decide", "check_in_model", "fit", "emit", "deploy", "verify_outputs"):
         probe.wrap(dsrewrite.stages, stage, f"stage.{stage}", phase=True)
     # Candidates (and the MODEL_TIME model) are quantized through dsrewrite.measure's import of the function;
     # the deploy stage imports it from dsrewrite.quantize at call time.
