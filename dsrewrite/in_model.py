@@ -92,11 +92,12 @@ class InPlaceTimer:
         """In-place timings of one conv: the original at ``--threads``, each rank at its worst ratio to the original
         over the thread counts (so a rank slower at any count is slower here).
 
-        A conv the profile could not attribute (at the original or at any rank it was given) keeps ``timing``.
+        A conv given no rank here, or that the profile could not attribute (at the original or at any rank it was
+        given), keeps ``timing``.
         """
         wanted = {a[key][0] for a in assignments if key in a}
         attributed = all(key in original[t] and wanted <= set(times[t].get(key, {})) for t in self.thread_counts)
-        if not attributed:
+        if not wanted or not attributed:
             log.info("%s: not attributable in the profile; keeps its per-conv timing", key)
             return timing
         base = original[self.threads][key]
