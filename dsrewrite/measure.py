@@ -147,6 +147,7 @@ class ConvTimer:
         self.model, self.shapes, self.cache = model, shapes, cache
         self.threads, self.progress, self.precision = threads, progress, precision
         self._conv_inputs: dict[str, str] | None = None
+        self._graph: gs.Graph | None = None
 
     def ladders(self, plans: Sequence[LayerPlan]) -> dict[str, RankTimings]:
         """Every eligible main-graph conv at every candidate rank (up to 10), in every form."""
@@ -194,7 +195,9 @@ class ConvTimer:
         from .passes import AnalyseConvs, Cleanup, DecomposeConv  # noqa: PLC0415
         from .pipeline import Pipeline  # noqa: PLC0415
 
-        single = single_conv_model(self.model, plan.output, input_shape)
+        if self._graph is None:  # imported once per timer, not once per timed conv
+            self._graph = gs.import_onnx(self.model)
+        single = single_conv_model(self.model, plan.output, input_shape, graph=self._graph)
         layer_key = {
             "kernel": plan.kernel, "in": plan.in_channels, "out": plan.out_channels, "group": plan.group,
             "input_shape": list(input_shape), "attrs": {a.name: str(onnx.helper.get_attribute_value(a)) for a in single.graph.node[0].attribute},
@@ -219,11 +222,16 @@ class ConvTimer:
         return latency.measure_layer(models, input_shape, layer_key, self.cache, threads=self.threads)
 
 
-def single_conv_model(model: onnx.ModelProto, output: str, input_shape: Sequence[int]) -> onnx.ModelProto:
-    """A model holding only the conv that writes ``output``, fed at ``input_shape``."""
+def single_conv_model(
+    model: onnx.ModelProto, output: str, input_shape: Sequence[int], graph: gs.Graph | None = None
+) -> onnx.ModelProto:
+    """A model holding only the conv that writes ``output``, fed at ``input_shape``.
+
+    ``graph``: ``model`` already imported into onnx-graphsurgeon (it is only read).
+    """
     from .graph import ConvSpec, export_model  # noqa: PLC0415
 
-    graph = gs.import_onnx(model)
+    graph = gs.import_onnx(model) if graph is None else graph
     node = find_conv(graph, output)
     weight = constant_value(node.inputs[1])
     spec = ConvSpec.from_node(node, graph, {node.inputs[0].name: tuple(input_shape)})
