@@ -146,7 +146,7 @@ class MacBudget:
         changed = sum(1 for key, decision in final.layers.items() if decision.rank != first.get(key))
         final.notes.append(
             f"output-level errors re-measured once around the first allocation, with every other conv at its "
-            f"allocated rank: {changed} conv(s) changed rank"
+            f"allocated rank: {changed} conv(s) changed rank ({outputs.cost()} for output-level errors in all)"
         )
         return final
 

@@ -85,6 +85,9 @@ class OutputLevel:
     def remeasure(self, plans: Sequence[LayerPlan], ranks: dict[str, int | None]) -> list[LayerPlan]:
         return self.probe.remeasure(plans, ranks, self.fits)
 
+    def cost(self) -> str:
+        return f"{self.probe.runs} runs, {self.probe.seconds:.1f} s"
+
     @property
     def where(self) -> str:
         """Where the timings come from, for the report: "onnxruntime" or e.g. "onnxruntime, INT8"."""
