@@ -64,18 +64,6 @@ class RankTimings:
 
 
 @dataclass
-class Measured:
-    """What the measure stage found; ``timer`` measures more on request."""
-
-    timer: "ConvTimer"
-    ladders: dict[str, RankTimings] = field(default_factory=dict)
-    model_ms: float | None = None
-    # Output-level error curves (allocate by the model's outputs): the probe that measures them and the
-    # calibration fits it feeds, for a strategy's re-measure round; None when the curves are layer-level.
-    outputs: "OutputLevel | None" = None
-
-
-@dataclass
 class OutputLevel:
     """The output probe and the fitted factors of every eligible conv at every candidate rank."""
 
@@ -87,6 +75,18 @@ class OutputLevel:
 
     def cost(self) -> str:
         return f"{self.probe.runs} runs, {self.probe.seconds:.1f} s"
+
+
+@dataclass
+class Measured:
+    """What the measure stage found; ``timer`` measures more on request."""
+
+    timer: "ConvTimer"
+    ladders: dict[str, RankTimings] = field(default_factory=dict)
+    model_ms: float | None = None
+    # Output-level error curves (allocate by the model's outputs): the probe that measures them and the
+    # calibration fits it feeds, for a strategy's re-measure round; None when the curves are layer-level.
+    outputs: OutputLevel | None = None
 
     @property
     def where(self) -> str:
