@@ -155,3 +155,10 @@ def test_report_views_show_the_output_level_error(tmp_path):
         result.report.write(tmp_path / f"r{suffix}")
         assert "model-output err" in (tmp_path / f"r{suffix}").read_text()
 
+
+
+def test_allocate_by_is_validated():
+    from dsrewrite.errors import UsageError  # noqa: PLC0415
+
+    with pytest.raises(UsageError, match="--allocate-by"):
+        dsrewrite.rewrite(two_branch_model(), target_macs=0.5, allocate_by="task", verify=False)
