@@ -83,6 +83,9 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
               help="Per-layer bound on the estimated relative output error (--rank auto).")
 @click.option("--target-macs", type=float, default=None, metavar="F",
               help="Allocate ranks so the eligible convs keep at most F (0 < F <= 1) of their MACs.")
+@click.option("--allocate-by", type=click.Choice(["output", "layer"]), default="output", show_default=True,
+              help="With --target-macs and --calibration: allocate on each conv's effect on the model's outputs "
+                   "(output) or on each conv's own output error (layer).")
 @click.option("--target-latency", type=float, default=None, metavar="F",
               help="Allocate ranks from measured per-conv latencies so the model runs in about F (0 < F <= 1) "
                    "of its time.")
@@ -135,7 +138,7 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv) to stderr.")
 @click.version_option(__version__, "--version", prog_name="dsrewrite")
-def command(model, output, rank, max_error, target_macs, target_latency, plan_in, plan_out, eval_script, latency_aware, benchmark,
+def command(model, output, rank, max_error, target_macs, allocate_by, target_latency, plan_in, plan_out, eval_script, latency_aware, benchmark,
             threads, in_place_timing, quantize, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential,
             fold_batchnorm, pass_list, verify, atol, rtol, reports, top, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
     """Rewrite the standard convolutions of MODEL into depthwise + pointwise convolutions."""
@@ -167,7 +170,7 @@ def command(model, output, rank, max_error, target_macs, target_latency, plan_in
         decompose=DecomposeSettings(
             rank=rank, max_error=max_error, include=tuple(include), exclude=tuple(exclude), fold_batchnorm=fold_batchnorm,
             target_macs=target_macs, target_latency=target_latency, plan=plan_in, evaluate=evaluate, eval_key=eval_key,
-            sensitivity_cache=default_cache_path() if evaluate is not None else None,
+            sensitivity_cache=default_cache_path() if evaluate is not None else None, allocate_by=allocate_by,
         ),
         calibration=CalibrationSettings(data=calibration, samples=calibration_samples, sequential=sequential),
         latency=LatencySettings(

@@ -137,6 +137,22 @@ class MacBudget:
         return frozenset({ERROR_CURVES, RANK_LADDERS} if self.latency_aware else {ERROR_CURVES})
 
     def decide(self, plans, measured=None) -> Decisions:
+        decisions = self._allocate(plans, measured)
+        outputs = getattr(measured, "outputs", None)
+        if outputs is None:
+            return decisions
+        # Output-level curves were measured one conv at a time; measure again around this allocation, with every
+        # other conv at its allocated rank, so interactions between convs enter the final allocation.
+        first = {key: decision.rank for key, decision in decisions.layers.items()}
+        final = self._allocate(outputs.remeasure(plans, first), measured)
+        changed = sum(1 for key, decision in final.layers.items() if decision.rank != first.get(key))
+        final.notes.append(
+            f"output-level errors re-measured once around the first allocation, with every other conv at its "
+            f"allocated rank: {changed} conv(s) changed rank ({outputs.cost()} for output-level errors in all)"
+        )
+        return final
+
+    def _allocate(self, plans, measured) -> Decisions:
         if not self.latency_aware:
             return budget_decisions(plans, self.target)
         timings = measured.ladders
@@ -308,6 +324,9 @@ def apply_decisions(plans: Sequence[LayerPlan], decisions: Decisions) -> None:
         plan.macs_per_pixel_after = after.macs_per_pixel
         plan.params_after = after.params
         plan.weight_error = info.kernel_errors[rank]
+        if plan.layer_error_at_rank is not None:  # the curve is output-level: this conv alone at its rank
+            error = plan.error_at_rank[rank - 1] if rank <= len(plan.error_at_rank) else math.inf
+            plan.model_output_error = error if math.isfinite(error) else None
         if decision.latency_ms is not None:
             plan.latency_after_ms = decision.latency_ms[1]
         if rank == plan.full_rank and after.macs_per_pixel >= plan.macs_per_pixel_before:
@@ -322,6 +341,7 @@ def revert(plan: LayerPlan, reason: str) -> None:
     plan.status, plan.rank, plan.form, plan.reason = SKIPPED, None, None, reason
     plan.macs_after, plan.params_after, plan.macs_per_pixel_after = plan.macs_before, plan.params_before, plan.macs_per_pixel_before
     plan.weight_error = None
+    plan.model_output_error = None
     plan.latency_after_ms = None
     plan.notes = [note for note in plan.notes if note != FULL_RANK_SAVES_NOTHING]
 

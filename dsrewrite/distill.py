@@ -207,8 +207,11 @@ def calibrated_error_curves(
     calibration: CalibrationSet,
     options: DistillOptions = DistillOptions(),
     progress: Progress | None = None,
+    fits: dict | None = None,
 ) -> None:
     """Replace each eligible main-graph conv's ``error_at_rank`` by errors measured on calibration data.
+
+    ``fits``, when given, collects every fit: ``fits[output][rank] = (factors, bias)``.
 
     Every conv is fitted on the original model's inputs (independent), at
     every rank that saves MACs, with one alternating round: an estimate of
@@ -254,6 +257,8 @@ def calibrated_error_curves(
                     t.spec.weight, t.spec.group, t.spec.bias, stats, r, rounds=1, ridge=options.ridge, whiten=options.whiten
                 )
                 errors[r - 1] = fit.squared_error / stats.centred_energy
+                if fits is not None:
+                    fits.setdefault(t.y_name, {})[r] = (fit.factors, fit.bias)
             t.plan.error_at_rank = errors
             t.plan.error_source = "calibration"
 

@@ -69,12 +69,29 @@ class RankTimings:
 
 
 @dataclass
+class OutputLevel:
+    """The output probe and the fitted factors of every eligible conv at every candidate rank."""
+
+    probe: object  # output_effect.OutputProbe
+    fits: dict  # conv output -> rank -> (factors, bias)
+
+    def remeasure(self, plans: Sequence[LayerPlan], ranks: dict[str, int | None]) -> list[LayerPlan]:
+        return self.probe.remeasure(plans, ranks, self.fits)
+
+    def cost(self) -> str:
+        return f"{self.probe.runs} runs, {self.probe.seconds:.1f} s"
+
+
+@dataclass
 class Measured:
     """What the measure stage found; ``timer`` measures more on request."""
 
     timer: "ConvTimer | InPlaceTimer"
     ladders: dict[str, RankTimings] = field(default_factory=dict)
     model_ms: float | None = None
+    # Output-level error curves (allocate by the model's outputs): the probe that measures them and the
+    # calibration fits it feeds, for a strategy's re-measure round; None when the curves are layer-level.
+    outputs: OutputLevel | None = None
 
     @property
     def where(self) -> str:
@@ -97,8 +114,7 @@ class Measured:
 
 def measure(ctx: "RewriteContext", plans: Sequence[LayerPlan], needs: frozenset[str]) -> Measured:
     """Make the measurements in ``needs``; error curves are written into ``plans``."""
-    if ERROR_CURVES in needs:
-        measure_error_curves(ctx, plans)
+    outputs = measure_error_curves(ctx, plans) if ERROR_CURVES in needs else None
     precision = ctx.options.deploy.quantize
     timer = ConvTimer(
         ctx.model, ctx.shapes, ctx.latency_cache(), threads=ctx.options.latency.threads, progress=ctx.progress,
@@ -108,7 +124,7 @@ def measure(ctx: "RewriteContext", plans: Sequence[LayerPlan], needs: frozenset[
         from .in_model import InPlaceTimer  # noqa: PLC0415
 
         timer = InPlaceTimer(ctx, timer, [ctx.options.latency.threads, os.cpu_count() or 1])
-    measured = Measured(timer)
+    measured = Measured(timer, outputs=outputs)
     if MODEL_TIME in needs:
         session = latency.make_session(ctx.deployed_model(), ctx.options.latency.threads)
         (times,) = latency.interleaved_medians([session], ctx.one_feed(), budget_seconds=1.0)
@@ -118,20 +134,61 @@ def measure(ctx: "RewriteContext", plans: Sequence[LayerPlan], needs: frozenset[
     return measured
 
 
-def measure_error_curves(ctx: "RewriteContext", plans: Sequence[LayerPlan]) -> None:
-    """Calibration-data curves when there is data, then task-sensitivity curves when there is an evaluation."""
+def measure_error_curves(ctx: "RewriteContext", plans: Sequence[LayerPlan]) -> "OutputLevel | None":
+    """Calibration-data curves when there is data, then task-sensitivity curves when there is an evaluation.
+
+    Under a MAC budget with calibration data (and no evaluation), the calibration curves are then replaced by
+    output-level ones (``output_effect``), unless ``allocate_by="layer"`` or the outputs cannot be compared.
+    """
     from .distill import calibrated_error_curves  # noqa: PLC0415
     from .sensitivity import measure_sensitivity  # noqa: PLC0415
 
     options = ctx.options
-    if ctx.calibration is not None:
-        calibrated_error_curves(ctx.model, plans, ctx.calibration, options.calibration.fit_options(options.seed), ctx.progress)
     decompose = options.decompose
+    output_level = (
+        ctx.calibration is not None and decompose.target_macs is not None and decompose.evaluate is None
+        and decompose.allocate_by == "output"
+    )  # fmt: skip
+    fits: dict | None = {} if output_level else None
+    outputs = None
+    if ctx.calibration is not None:
+        calibrated_error_curves(
+            ctx.model, plans, ctx.calibration, options.calibration.fit_options(options.seed), ctx.progress, fits=fits
+        )  # fmt: skip
+    if output_level:
+        outputs = measure_output_curves(ctx, plans, fits)
     if decompose.evaluate is not None:
         measure_sensitivity(
             ctx.model, plans, decompose.evaluate, cache_path=decompose.sensitivity_cache_path(),
             cache_key=decompose.eval_key, progress=ctx.progress,
         )  # fmt: skip
+    return outputs
+
+
+def measure_output_curves(ctx: "RewriteContext", plans: Sequence[LayerPlan], fits: dict) -> "OutputLevel | None":
+    """Output-level error curves from the calibration fits; None (with a note) when the outputs cannot be compared."""
+    import os  # noqa: PLC0415
+
+    from .output_effect import NotComparable, OutputProbe, probe_feeds  # noqa: PLC0415
+
+    keys = [p.output for p in plans if p.eligible and p.graph == "main" and fits.get(p.output)]
+    if not keys:
+        return None
+    feeds = probe_feeds(ctx.calibration, len(ctx.calibration))
+    try:
+        probe = OutputProbe.open(ctx.model, keys, feeds, threads=os.cpu_count() or 1)
+        probe.curves(plans, fits, ctx.progress)
+    except NotComparable as exc:
+        for plan in plans:  # a curve half replaced goes back to its layer-level values
+            if plan.layer_error_at_rank is not None:
+                plan.error_at_rank, plan.layer_error_at_rank, plan.error_source = plan.layer_error_at_rank, None, "calibration"
+        ctx.notes.append(f"allocated on layer-level errors: the model's outputs cannot be compared ({exc})")
+        return None
+    ctx.notes.append(
+        f"errors for the allocation: the model's outputs with one conv at a time replaced by its fitted factors, "
+        f"{probe.describe()}, on {len(feeds)} calibration feed(s) ({probe.runs} runs, {probe.seconds:.1f} s)"
+    )
+    return OutputLevel(probe, fits)
 
 
 class ConvTimer:

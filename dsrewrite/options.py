@@ -37,6 +37,9 @@ def _default_latency_cache() -> Path:
     return default_cache_path()
 
 
+ALLOCATE_BY = ("output", "layer")
+
+
 @dataclass(frozen=True)
 class DecomposeSettings:
     """Which convs to rewrite and how ranks are decided."""
@@ -52,8 +55,13 @@ class DecomposeSettings:
     evaluate: Callable[[onnx.ModelProto], float] | None = None  # task score, higher is better
     eval_key: str = ""  # identifies `evaluate` in the sensitivity cache
     sensitivity_cache: str | os.PathLike | None = None
+    # What a MAC budget is allocated on with calibration data: "output" (each conv's effect on the model's
+    # outputs, output_effect) or "layer" (each conv's own output NMSE).
+    allocate_by: str = "output"
 
     def validate(self) -> None:
+        if self.allocate_by not in ALLOCATE_BY:
+            raise UsageError(f"--allocate-by must be one of {', '.join(ALLOCATE_BY)}, not {self.allocate_by!r}")
         rank = self.rank
         if isinstance(rank, bool) or not (rank in ("auto", "full") or (isinstance(rank, int) and rank >= 1)):
             raise UsageError(f"--rank must be a positive integer, 'full' or 'auto', not {rank!r}")
@@ -168,7 +176,7 @@ class ReportSettings:
 FLAT_NAMES: dict[str, tuple[str, str]] = {
     **{name: ("decompose", name) for name in (
         "rank", "max_error", "include", "exclude", "fold_batchnorm", "target_macs", "target_latency", "plan",
-        "evaluate", "eval_key", "sensitivity_cache",
+        "evaluate", "eval_key", "sensitivity_cache", "allocate_by",
     )},
     "calibration": ("calibration", "data"), "calibration_samples": ("calibration", "samples"),
     "sequential": ("calibration", "sequential"), "distill": ("calibration", "distill"),
@@ -182,7 +190,7 @@ SETTINGS_ORDER = (
     "rank", "max_error", "include", "exclude", "input_shapes", "fold_batchnorm", "verify", "atol", "rtol", "seed",
     "dry_run", "calibration", "calibration_samples", "sequential", "distill", "target_macs", "target_latency", "plan",
     "evaluate", "eval_key", "sensitivity_cache", "sweep", "latency_aware", "benchmark", "threads", "latency_cache",
-    "in_place_timing", "quantize",
+    "in_place_timing", "quantize", "allocate_by",
 )  # fmt: skip
 GROUPS = {
     "decompose": DecomposeSettings, "calibration": CalibrationSettings, "latency": LatencySettings,

@@ -81,6 +81,10 @@ class LayerPlan:
     # ("weights": kernel spectrum, i.e. white inputs; "calibration": fitted on data; "evaluation": task score drop).
     error_at_rank: list[float] | None = None
     error_source: str | None = None
+    # When the allocation read output-level errors (error_source "model outputs"): the layer-level curve it replaced,
+    # and the output-level error of this conv alone at its decided rank.
+    layer_error_at_rank: list[float] | None = None
+    model_output_error: float | None = None
     # Measured in onnxruntime (conv alone, at its input shape, median ms), when latency-aware.
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None

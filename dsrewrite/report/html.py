@@ -238,6 +238,9 @@ def layers_table_html(layers: Sequence[Mapping[str, Any]]) -> str:
               ("params before", True), ("params after", True), ("weight err", True)]  # fmt: skip
     if with_output_error:
         header.append(("output err", True))
+    with_model_output_error = any(layer.get("model_output_error") is not None for layer in layers)
+    if with_model_output_error:
+        header.append(("model-output err", True))
     with_latency = any(layer.get("latency_before_ms") is not None for layer in layers)
     if with_latency:
         header += [("conv ms before", True), ("conv ms after", True)]
@@ -269,6 +272,9 @@ def layers_table_html(layers: Sequence[Mapping[str, Any]]) -> str:
         if with_output_error:
             tds.append(_td(cells["output_error"], col="output_error",
                            sort=_sort_value(layer.get("output_error")) if rewritten else "", numeric=True))  # fmt: skip
+        if with_model_output_error:
+            tds.append(_td(cells["model_output_error"], col="model_output_error",
+                           sort=_sort_value(layer.get("model_output_error")) if rewritten else "", numeric=True))  # fmt: skip
         if with_latency:
             for key in ("latency_before_ms", "latency_after_ms"):
                 value = layer.get(key)

@@ -151,6 +151,7 @@ def _layers(layers: Sequence[Mapping[str, Any]]) -> list[str]:
     if not layers:
         return lines + [NO_CONVS]
     with_output_error = any(layer.get("output_error") is not None for layer in layers)
+    with_model_output_error = any(layer.get("model_output_error") is not None for layer in layers)
     with_latency = any(layer.get("latency_before_ms") is not None for layer in layers)
     many = len(layers) > COLLAPSE_OVER
     if many:
@@ -159,6 +160,8 @@ def _layers(layers: Sequence[Mapping[str, Any]]) -> list[str]:
               "params before→after", "weight err"]  # fmt: skip
     if with_output_error:
         header.append("output err")
+    if with_model_output_error:
+        header.append("model-output err")
     if with_latency:
         header.append("conv latency")
     layer_rows = []
@@ -170,6 +173,8 @@ def _layers(layers: Sequence[Mapping[str, Any]]) -> list[str]:
         ]
         if with_output_error:
             row.append(md_text(cells["output_error"]))
+        if with_model_output_error:
+            row.append(md_text(cells["model_output_error"]))
         if with_latency:
             row.append(md_text(cells["latency"]))
         layer_rows.append(row)

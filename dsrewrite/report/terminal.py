@@ -21,6 +21,7 @@ from .text import (
     comparisons_text,
     convs_text,
     fmt_error,
+    fmt_model_output_error,
     fmt_ms,
     fmt_ratio,
     fmt_speedup,
@@ -79,6 +80,7 @@ def _top_layers(layers: list[dict[str, Any]], top: int | None) -> list[dict[str,
 
 def _layers_table(report: Report, layers: list[dict[str, Any]], rows: list[tuple[dict[str, Any], int]]) -> Table:
     with_output_error = any(layer.get("output_error") is not None for layer in layers)
+    with_model_output_error = any(layer.get("model_output_error") is not None for layer in layers)
     table = Table(title=f"dsrewrite: {rich_escape(str(report.model.get('input', '')))}", title_justify="left")
     columns = [
         ("conv", "left"),
@@ -93,6 +95,8 @@ def _layers_table(report: Report, layers: list[dict[str, Any]], rows: list[tuple
     ]
     if with_output_error:
         columns.append(("output err", "right"))
+    if with_model_output_error:
+        columns.append(("model-output err", "right"))
     for column, justify in columns:
         table.add_column(column, justify=justify, overflow="fold")
     for layer, count in rows:
@@ -106,6 +110,8 @@ def _layers_table(report: Report, layers: list[dict[str, Any]], rows: list[tuple
                cells["ratio"], cells["params"], weight_error]  # fmt: skip
         if with_output_error:
             row.append(layer.get("_output_error_text", cells["output_error"]))
+        if with_model_output_error:
+            row.append(layer.get("_model_output_error_text", cells["model_output_error"]))
         table.add_row(*row)
     return table
 
@@ -165,10 +171,11 @@ def _collapse(layers: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int]]:
             values = [m.get(key) for m in members]
             merged[key] = None if any(v is None for v in values) else sum(values)
         merged["macs_ratio"] = ratio_of(merged["macs_per_pixel_after"], merged["macs_per_pixel_before"])
-        for key in ("weight_error", "output_error"):
+        for key in ("weight_error", "output_error", "model_output_error"):
             values = [m[key] for m in members if m.get(key) is not None]
             if values:
-                low, high = fmt_error(min(values)), fmt_error(max(values))
+                fmt = fmt_model_output_error if key == "model_output_error" else fmt_error
+                low, high = fmt(min(values)), fmt(max(values))
                 merged[f"_{key}_text"] = low if low == high else f"{low}–{high}"
         rows.append((merged, len(members)))
     return rows

@@ -48,6 +48,11 @@ def fmt_error(value: float | None) -> str:
     return "" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
 
+def fmt_model_output_error(value: float | None) -> str:
+    """Output-level errors span decades (1e-4 … 1): three significant digits, '' when there is none."""
+    return "" if value is None or not math.isfinite(value) else f"{value:.3g}"
+
+
 def fmt_stat(value: float | None) -> str:
     """Verification statistics (max_abs, mean_abs, max_rel, min_atol, min_rtol)."""
     return "?" if value is None or not math.isfinite(value) else f"{value:.3g}"
@@ -82,7 +87,8 @@ def layer_cells(layer: Mapping[str, Any]) -> dict[str, str]:
     """The display text of one layer, from its JSON dict (``Report.data()["layers"][i]``).
 
     Keys: node, channels, kernel, group, decision, macs, macs_before, macs_after, ratio,
-    params, params_before, params_after, weight_error, output_error, latency (per-conv timing, when measured).
+    params, params_before, params_after, weight_error, output_error, model_output_error (this conv alone,
+    effect on the model's outputs, when the allocation measured it), latency (per-conv timing, when measured).
     """
     rewritten = layer.get("status") == REWRITTEN
     in_channels, out_channels = layer.get("in_channels"), layer.get("out_channels")
@@ -113,6 +119,7 @@ def layer_cells(layer: Mapping[str, Any]) -> dict[str, str]:
         "params_after": params_after,
         "weight_error": fmt_error(layer.get("weight_error")) if rewritten else "",
         "output_error": output_error if rewritten else "",
+        "model_output_error": fmt_model_output_error(layer.get("model_output_error")) if rewritten else "",
         "latency": _latency_cell(layer.get("latency_before_ms"), layer.get("latency_after_ms")),
     }
 

@@ -1,0 +1,304 @@
+"""Output-level error: how far the model's own outputs move when one conv is replaced by its fitted factors.
+
+The layer-level error curves (``distill.calibrated_error_curves``) say how well
+each conv's factors reproduce that conv's output. They do not say how much the
+model's outputs care: an error in a conv whose output is mostly discarded
+downstream costs nothing, one before a narrow bottleneck costs a lot. Here each
+eligible conv, at each candidate rank, is replaced *alone* by the dense kernel
+its calibration-fitted factors compute (``lowrank.reconstruct``, the same
+function the separable rewrite computes), and the model's final outputs on a
+handful of calibration feeds are compared with the original's.
+
+**Measure**, per float output, on the reference run of the original model:
+
+* the output is a probability distribution over its last axis (every value in
+  [0, 1], every last-axis slice sums to 1 within 1e-3, at least 2 classes):
+  mean ``KL(p ‖ p̂)`` over those distributions, in nats (the divergence of the
+  decisions the model's consumers read);
+* otherwise (logits, regressions, maps): relative MSE
+  ``Σ‖o − ô‖² / Σ‖o − ō‖²`` (``ō`` the output's mean).
+
+Several compared outputs: the mean of their measures. Both are zero at full
+rank and grow like the square of a small perturbation, so, like layer NMSEs,
+they add across convs to first order: the MAC-budget allocation can spend a
+budget on their sum. Non-float outputs are not compared; a model with no float
+output, or whose outputs change shape, cannot be measured (:class:`NotComparable`).
+
+**Cost**: every eligible conv's kernel and bias become graph inputs of one copy
+of the model, so ONE onnxruntime session serves every (conv, rank) candidate:
+each candidate is one run over the probe feeds (batched on axis 0 when the
+model's batch dim is dynamic), fed the reconstructed kernel for the conv under
+test and the original kernels for the rest.
+
+**Re-measure** (:meth:`OutputProbe.remeasure`): after a first allocation, each
+conv's error is measured again around its allocated rank with every *other*
+conv at its allocated rank, as the increase over that conv left original: so
+interactions (errors that compound or cancel) enter the second allocation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import lowrank
+from .graph import NameAllocator, constant_value, convs_by_output, export_model
+from .plan import LayerPlan
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+Feed = dict[str, np.ndarray]
+# (factors, bias) of one conv at one rank, as fitted to calibration data.
+Fit = tuple[lowrank.SeparableFactors, np.ndarray]
+
+# Calibration feeds the outputs are compared on: enough to average over inputs, few enough that each
+# candidate is one cheap run.
+PROBE_FEEDS = 8
+# The re-measure round looks this many ranks either side of each conv's allocated rank.
+REMEASURE_WIDTH = 2
+# A distribution's probabilities are floored here before the logarithm (a rewritten model may output exact zeros).
+_PROBABILITY_FLOOR = 1e-12
+
+SOURCE = "model outputs"  # plans' error_source when their curve is output-level
+
+
+class NotComparable(Exception):
+    """The model's outputs cannot be compared between runs; the reason is the message."""
+
+
+@dataclass(frozen=True)
+class OutputMeasure:
+    """How one output is compared: "kl" (a distribution over its last axis) or "relative_mse"."""
+
+    name: str
+    kind: str
+    scale: float  # relative MSE: Σ‖o − ō‖² of the reference; KL: the number of distributions
+
+    def describe(self) -> str:
+        return f"KL divergence on {self.name!r}" if self.kind == "kl" else f"relative MSE on {self.name!r}"
+
+
+def choose_measure(name: str, references: Sequence[np.ndarray]) -> OutputMeasure:
+    """KL for an output that is a distribution over its last axis (in every reference batch), relative MSE otherwise."""
+    arrays = [np.asarray(r, dtype=np.float64) for r in references]
+
+    def distribution(values: np.ndarray) -> bool:
+        if values.ndim < 1 or values.shape[-1] < 2 or not values.size:
+            return False
+        sums = values.sum(axis=-1)
+        return values.min() >= -1e-6 and values.max() <= 1 + 1e-6 and bool(np.all(np.abs(sums - 1.0) <= 1e-3))
+
+    if arrays and all(distribution(a) for a in arrays):
+        return OutputMeasure(name, "kl", float(sum(a.size // a.shape[-1] for a in arrays)))
+    flat = np.concatenate([a.ravel() for a in arrays])
+    spread = float(np.sum((flat - flat.mean()) ** 2))
+    # A constant output: relative to its energy instead (or absolute, for an all-zero one).
+    return OutputMeasure(name, "relative_mse", spread if spread > 0 else float(np.sum(flat**2)) or 1.0)
+
+
+def divergence(measure: OutputMeasure, reference: np.ndarray, candidate: np.ndarray) -> float:
+    """The unnormalised measure (KL summed over distributions, or Σ‖o − ô‖²) of one batch; divide by ``scale``."""
+    if candidate.shape != reference.shape:
+        raise NotComparable(f"output {measure.name!r} changes shape ({reference.shape} → {candidate.shape})")
+    p = reference.astype(np.float64)
+    q = candidate.astype(np.float64)
+    if not np.all(np.isfinite(q)):
+        return math.inf
+    if measure.kind == "kl":
+        p = np.clip(p, 0.0, None)
+        q = np.clip(q, _PROBABILITY_FLOOR, None)
+        terms = np.where(p > 0, p * (np.log(np.clip(p, _PROBABILITY_FLOOR, None)) - np.log(q)), 0.0)
+        return max(float(terms.sum()), 0.0)
+    return float(np.sum((p - q) ** 2))
+
+
+@dataclass
+class OutputProbe:
+    """One onnxruntime session of the model with every probed conv's kernel and bias as graph inputs."""
+
+    session: object
+    feeds: list[Feed]  # batched probe feeds
+    originals: dict[str, tuple[np.ndarray, np.ndarray]]  # conv output -> (kernel, bias) as in the model
+    inputs: dict[str, tuple[str, str]]  # conv output -> (kernel input name, bias input name)
+    dtypes: dict[str, np.dtype]
+    output_names: list[str]
+    measures: list[OutputMeasure]
+    references: list[list[np.ndarray]]  # per batch, the compared outputs of the original model
+    runs: int = 0
+    seconds: float = 0.0
+    ignored: list[str] = field(default_factory=list)  # outputs not compared (not float)
+
+    @classmethod
+    def open(cls, model: onnx.ModelProto, outputs: Iterable[str], feeds: Iterable[Feed], *, threads: int = 1) -> "OutputProbe":
+        """Build the probe for the convs writing ``outputs``; :class:`NotComparable` when the outputs cannot be compared."""
+        from .calibration import model_inputs  # noqa: PLC0415
+        from .verify import session  # noqa: PLC0415
+
+        start = time.perf_counter()
+        float_outputs = [
+            o.name for o in model.graph.output
+            if o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+        ]  # fmt: skip
+        ignored = [o.name for o in model.graph.output if o.name not in float_outputs]
+        if not float_outputs:
+            raise NotComparable("no float output to compare (" + ", ".join(repr(n) for n in ignored) + ")")
+        probed, originals, inputs, dtypes = _weights_as_inputs(model, set(outputs))
+        sess = session(probed, threads=threads)
+        can_batch = all(spec.dims and spec.dims[0] is None for spec in model_inputs(model))
+        batches = _batched(list(feeds), can_batch)
+        weights = {name: value for key in originals for name, value in zip(inputs[key], originals[key])}
+        references: list[list[np.ndarray]] = []
+        try:
+            for batch in batches:
+                references.append(sess.run(float_outputs, {**batch, **weights}))
+        except Exception:  # noqa: BLE001 - a model that hard-codes batch 1 inside: one feed at a time
+            if not can_batch:
+                raise
+            batches, references = _batched(list(feeds), False), []
+            for batch in batches:
+                references.append(sess.run(float_outputs, {**batch, **weights}))
+        measures = [choose_measure(name, [r[index] for r in references]) for index, name in enumerate(float_outputs)]
+        probe = cls(sess, batches, originals, inputs, dtypes, float_outputs, measures, references, ignored=ignored)
+        probe.seconds = time.perf_counter() - start
+        return probe
+
+    def describe(self) -> str:
+        """The measure in words, for the report's notes."""
+        parts = ", ".join(m.describe() for m in self.measures)
+        if len(self.measures) > 1:
+            parts = f"mean of {parts}"
+        if self.ignored:
+            parts += " (not compared: " + ", ".join(repr(n) for n in self.ignored) + ", not float)"
+        return parts
+
+    def error(self, replaced: Mapping[str, Fit]) -> float:
+        """The outputs' measure with the convs in ``replaced`` computing their factors, every other conv original."""
+        start = time.perf_counter()
+        weights = {}
+        for key, (kernel, bias) in self.originals.items():
+            if key in replaced:
+                factors, fitted_bias = replaced[key]
+                kernel, bias = lowrank.reconstruct(factors).astype(self.dtypes[key]), np.asarray(fitted_bias).astype(self.dtypes[key])
+            kernel_name, bias_name = self.inputs[key]
+            weights[kernel_name], weights[bias_name] = kernel, bias
+        sums = [0.0] * len(self.measures)
+        for batch, reference in zip(self.feeds, self.references):
+            got = self.session.run(self.output_names, {**batch, **weights})
+            for index, measure in enumerate(self.measures):
+                sums[index] += divergence(measure, reference[index], got[index])
+        self.runs += 1
+        self.seconds += time.perf_counter() - start
+        return float(np.mean([total / measure.scale for total, measure in zip(sums, self.measures)]))
+
+    # -- curves --------------------------------------------------------------------------------
+
+    def curves(self, plans: Sequence[LayerPlan], fits: Mapping[str, Mapping[int, Fit]], progress: Progress | None = None) -> None:
+        """Each probed conv's ``error_at_rank`` becomes its output-level curve, measured alone at every fitted rank.
+
+        The layer-level curve is kept in ``layer_error_at_rank`` for the report.
+        """
+        todo = [p for p in plans if p.output in self.originals and fits.get(p.output)]
+        jobs = sum(len(fits[p.output]) for p in todo)
+        done = 0
+        for plan in todo:
+            errors = [math.inf] * len(plan.error_at_rank or [])
+            for rank, fit in sorted(fits[plan.output].items()):
+                errors[rank - 1] = self.error({plan.output: fit})
+                done += 1
+                if progress:
+                    progress("measuring output-level errors", done, jobs)
+            plan.layer_error_at_rank = list(plan.error_at_rank or [])
+            plan.error_at_rank = errors
+            plan.error_source = SOURCE
+
+    def remeasure(
+        self, plans: Sequence[LayerPlan], ranks: Mapping[str, int | None], fits: Mapping[str, Mapping[int, Fit]],
+        width: int = REMEASURE_WIDTH,
+    ) -> list[LayerPlan]:  # fmt: skip
+        """Copies of ``plans`` whose curves are re-measured with every other conv at its rank in ``ranks``.
+
+        For conv ``i`` at rank ``r`` (``REMEASURE_WIDTH`` ranks either side of its
+        allocated one; the cheapest few for a conv left alone) the error is
+        ``E(others at their ranks, i at r) − E(others at their ranks, i original)``.
+        Each conv's other ranks keep their alone-measured errors, scaled by the
+        median ratio of re-measured to alone errors: the conv's interaction factor.
+        """
+        base = {k: fits[k][r] for k, r in ranks.items() if r is not None and r in fits.get(k, {})}
+        copies = []
+        for plan in plans:
+            copy = replace(plan, error_at_rank=list(plan.error_at_rank or []), notes=list(plan.notes))
+            copies.append(copy)
+            available = sorted(fits.get(plan.output, {}))
+            if plan.output not in self.originals or not available or not plan.error_at_rank:
+                continue
+            allocated = ranks.get(plan.output)
+            if allocated is None:
+                around = available[: 2 * width + 1]
+            else:
+                around = [r for r in available if abs(r - allocated) <= width]
+            others = {k: v for k, v in base.items() if k != plan.output}
+            without = self.error(others)
+            ratios = []
+            for r in around:
+                marginal = max(self.error({**others, plan.output: fits[plan.output][r]}) - without, 0.0)
+                alone = plan.error_at_rank[r - 1]
+                copy.error_at_rank[r - 1] = marginal
+                if alone > 0 and math.isfinite(alone):
+                    ratios.append(marginal / alone)
+            factor = float(np.median(ratios)) if ratios else 1.0
+            for r in available:
+                if r not in around and math.isfinite(plan.error_at_rank[r - 1]):
+                    copy.error_at_rank[r - 1] = plan.error_at_rank[r - 1] * factor
+        return copies
+
+
+def probe_feeds(calibration: Iterable[Feed], total: int, count: int = PROBE_FEEDS) -> list[Feed]:
+    """``count`` feeds spread evenly over the calibration set (one pass, keeping only those)."""
+    wanted = set(np.linspace(0, max(total - 1, 0), num=min(count, total)).round().astype(int).tolist())
+    return [feed for index, feed in enumerate(calibration) if index in wanted]
+
+
+def _batched(feeds: list[Feed], can_batch: bool) -> list[Feed]:
+    """Feeds of equal shapes concatenated on axis 0 when the batch dim is dynamic, else one by one."""
+    if not can_batch:
+        return feeds
+    groups: list[list[Feed]] = []
+    for feed in feeds:
+        shapes = {k: v.shape for k, v in feed.items()}
+        if groups and {k: v.shape for k, v in groups[-1][0].items()} == shapes:
+            groups[-1].append(feed)
+        else:
+            groups.append([feed])
+    return [{k: np.concatenate([f[k] for f in group], axis=0) for k in group[0]} for group in groups]
+
+
+def _weights_as_inputs(model: onnx.ModelProto, wanted: set[str]):
+    """A copy of ``model`` whose wanted convs read kernel and bias from new graph inputs; and their original values."""
+    graph = gs.import_onnx(model)
+    names = NameAllocator(graph)
+    originals, inputs, dtypes = {}, {}, {}
+    for output, node in convs_by_output(graph).items():
+        if output not in wanted:
+            continue
+        kernel = constant_value(node.inputs[1])
+        if kernel is None:
+            continue
+        bias = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        bias = np.zeros(kernel.shape[0], kernel.dtype) if bias is None else bias.astype(kernel.dtype)
+        kernel_in = gs.Variable(names.fresh(f"{output}/probe_W"), dtype=kernel.dtype, shape=list(kernel.shape))
+        bias_in = gs.Variable(names.fresh(f"{output}/probe_B"), dtype=kernel.dtype, shape=list(bias.shape))
+        node.inputs = [node.inputs[0], kernel_in, bias_in]
+        graph.inputs.extend([kernel_in, bias_in])
+        originals[output] = (kernel, bias)
+        inputs[output] = (kernel_in.name, bias_in.name)
+        dtypes[output] = kernel.dtype
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return export_model(graph, model), originals, inputs, dtypes

@@ -1,0 +1,164 @@
+"""Output-level errors: each conv's effect on the model's outputs, and the MAC budget allocated on it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import pytest
+from conftest import OPSET
+from onnx import TensorProto, helper, numpy_helper
+
+import dsrewrite
+from dsrewrite import lowrank
+from dsrewrite.output_effect import NotComparable, OutputProbe, choose_measure, divergence
+
+
+def two_branch_model(loud: float = 10.0, quiet: float = 0.1, softmax: bool = False) -> onnx.ModelProto:
+    """y = loud·conv_a(x) + quiet·conv_b(x): conv_a's errors reach the output 100× louder than conv_b's."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((6, 4, 3, 3)).astype(np.float32), "Wa"),
+        numpy_helper.from_array(rng.standard_normal((6, 4, 3, 3)).astype(np.float32), "Wb"),
+        numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "Ba"),
+        numpy_helper.from_array(np.array(loud, np.float32), "loud"),
+        numpy_helper.from_array(np.array(quiet, np.float32), "quiet"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "Wa", "Ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "Wb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["a", "loud"], ["a2"]),
+        helper.make_node("Mul", ["b", "quiet"], ["b2"]),
+        helper.make_node("Add", ["a2", "b2"], ["sum"]),
+    ]
+    if softmax:
+        nodes.append(helper.make_node("Transpose", ["sum"], ["t"], perm=[0, 2, 3, 1]))
+        nodes.append(helper.make_node("Softmax", ["t"], ["y"], axis=-1))
+    else:
+        nodes.append(helper.make_node("Identity", ["sum"], ["y"]))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=inits), opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model
+
+
+def feeds(n=4, seed=0, name="x", shape=(1, 4, 8, 8)):
+    rng = np.random.default_rng(seed)
+    return [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
+
+
+def data_free_fit(model, output, rank):
+    weight = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}["Wa" if output == "a" else "Wb"]
+    bias = np.zeros(6) if output == "b" else {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}["Ba"]
+    return lowrank.factorize(lowrank.channel_spectra(weight), rank), bias
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_a_conv_that_moves_the_outputs_more_has_the_larger_error_and_full_rank_none(softmax):
+    model = two_branch_model(softmax=softmax)
+    probe = OutputProbe.open(model, ["a", "b"], feeds())
+    assert [m.kind for m in probe.measures] == (["kl"] if softmax else ["relative_mse"])
+    assert len(probe.feeds) == 1, "feeds of a dynamic batch dim run as one batch"
+    loud = probe.error({"a": data_free_fit(model, "a", 1)})
+    quiet = probe.error({"b": data_free_fit(model, "b", 1)})
+    assert loud > 10 * quiet > 0
+    assert probe.error({"a": data_free_fit(model, "a", 6), "b": data_free_fit(model, "b", 6)}) < 1e-9
+    assert probe.error({}) == 0.0
+
+
+def test_measures_kl_for_distributions_relative_mse_otherwise():
+    p = np.array([[0.2, 0.8], [0.5, 0.5]])
+    assert choose_measure("p", [p]).kind == "kl"
+    assert choose_measure("logits", [np.log(p)]).kind == "relative_mse"
+    measure = choose_measure("p", [p])
+    q = np.array([[0.3, 0.7], [0.5, 0.5]])
+    expected = 0.2 * math.log(0.2 / 0.3) + 0.8 * math.log(0.8 / 0.7)
+    assert divergence(measure, p, q) == pytest.approx(expected)
+    with pytest.raises(NotComparable):
+        divergence(measure, p, q[:1])
+
+
+def test_remeasure_sees_the_other_convs_at_their_ranks():
+    model = two_branch_model(loud=1.0, quiet=1.0)
+    probe = OutputProbe.open(model, ["a", "b"], feeds())
+    fits = {key: {r: data_free_fit(model, key, r) for r in (1, 2)} for key in ("a", "b")}
+    plans = [_Plan("a", [probe.error({"a": fits["a"][1]}), probe.error({"a": fits["a"][2]}), math.inf]),
+             _Plan("b", [probe.error({"b": fits["b"][1]}), probe.error({"b": fits["b"][2]}), math.inf])]  # fmt: skip
+    runs = probe.runs
+    copies = probe.remeasure(plans, {"a": 1, "b": 1}, fits, width=1)
+    assert probe.runs > runs and [p.error_at_rank for p in plans] != [c.error_at_rank for c in copies]
+    # Conv a's error at rank 1, with b at rank 1: E(a1, b1) - E(b1).
+    expected = probe.error({"a": fits["a"][1], "b": fits["b"][1]}) - probe.error({"b": fits["b"][1]})
+    assert copies[0].error_at_rank[0] == pytest.approx(max(expected, 0.0))
+
+
+@dataclass
+class _Plan:
+    """The fields remeasure reads, without a whole LayerPlan."""
+
+    output: str
+    error_at_rank: list
+    notes: list = field(default_factory=list)
+
+
+def test_target_macs_with_calibration_allocates_on_the_outputs_and_remeasures():
+    result = dsrewrite.rewrite(
+        two_branch_model(), target_macs=0.5, calibration=feeds(8), verify=False, latency_aware=False
+    )  # fmt: skip
+    layers = {layer.output: layer for layer in result.report.layers}
+    assert {layer.error_source for layer in layers.values()} == {"model outputs"}
+    assert all(layer.layer_error_at_rank is not None for layer in layers.values())
+    # The loud conv's errors cost 100× more at the output, so it keeps the higher rank.
+    assert (layers["a"].rank or 99) > (layers["b"].rank or 0)
+    for layer in layers.values():
+        if layer.rewritten:
+            assert layer.model_output_error == pytest.approx(layer.error_at_rank[layer.rank - 1])
+    notes = " ".join(result.report.notes)
+    assert "relative MSE on 'y'" in notes and "re-measured once" in notes and "errors from model outputs" in notes
+    data = result.report.data()
+    assert all("model_output_error" in layer and "layer_error_at_rank" in layer for layer in data["layers"])
+
+    layer_level = dsrewrite.rewrite(
+        two_branch_model(), target_macs=0.5, calibration=feeds(8), verify=False, latency_aware=False, allocate_by="layer"
+    )  # fmt: skip
+    assert {layer.error_source for layer in layer_level.report.layers} == {"calibration"}
+    assert all(layer.model_output_error is None for layer in layer_level.report.layers)
+
+
+def test_a_model_without_float_outputs_falls_back_to_layer_errors_with_a_note():
+    model = two_branch_model()
+    model.graph.node.append(helper.make_node("ArgMax", ["y"], ["cls"], axis=1))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("cls", TensorProto.INT64, None))
+    result = dsrewrite.rewrite(model, target_macs=0.5, calibration=feeds(8), verify=False, latency_aware=False)
+    assert {layer.error_source for layer in result.report.layers} == {"calibration"}
+    assert any("cannot be compared" in note and "no float output" in note for note in result.report.notes)
+    assert result.report.totals.eligible_macs_ratio <= 0.5
+
+
+def test_report_views_show_the_output_level_error(tmp_path):
+    result = dsrewrite.rewrite(two_branch_model(), target_macs=0.5, calibration=feeds(8), verify=False, latency_aware=False)
+    import io  # noqa: PLC0415
+
+    from rich.console import Console  # noqa: PLC0415
+
+    from dsrewrite.report import render_terminal  # noqa: PLC0415
+
+    buffer = io.StringIO()
+    render_terminal(result.report, Console(file=buffer, width=250, no_color=True))
+    text = buffer.getvalue()
+    assert "model-output err" in text
+    for suffix in (".md", ".html"):
+        result.report.write(tmp_path / f"r{suffix}")
+        assert "model-output err" in (tmp_path / f"r{suffix}").read_text()
+
+
+
+def test_allocate_by_is_validated():
+    from dsrewrite.errors import UsageError  # noqa: PLC0415
+
+    with pytest.raises(UsageError, match="--allocate-by"):
+        dsrewrite.rewrite(two_branch_model(), target_macs=0.5, allocate_by="task", verify=False)
