@@ -99,6 +99,7 @@ def allocate(curves: Sequence[ErrorCurve], target: float, fill_curves: Sequence[
        that removes the most error per MAC spent. ``fill_curves`` (same convs, same
        order) may offer more states for this step than ``curves`` did for the first,
        e.g. ranks that save time less efficiently but still fit the budget.
+    3. No worse than a uniform rank: a uniform rank within the budget with less estimated error replaces the result.
     Deterministic: ties go to the earlier conv.
     """
     total_before = sum(c.macs_before for c in curves)
@@ -139,12 +140,28 @@ def allocate(curves: Sequence[ErrorCurve], target: float, fill_curves: Sequence[
             chosen[i] = state
             total += extra
             improved = True
+    chosen, total = _no_worse_than_uniform(fill_curves or curves, chosen, total, budget)
     return Allocation(
         ranks={c.key: state[2] for c, state in zip(curves, chosen)},
         macs_before=total_before,
         macs_after=int(total),
         estimated_error=float(sum(state[1] for state in chosen)),
     )
+
+
+def _no_worse_than_uniform(curves: Sequence[ErrorCurve], chosen: list, total: float, budget: float) -> tuple[list, float]:
+    """The greedy descent can step past a uniform-rank state that the fill-up cannot climb back to (one conv at
+    rank 1 before another leaves its original). So every uniform rank that fits the budget (a conv without that
+    rank stays original) is a candidate too; the lowest estimated error wins, ties to the allocation."""
+    best_error = sum(state[1] for state in chosen)
+    ranks = sorted({state[2] for curve in curves for state in curve.states() if state[2] is not None})
+    for rank in ranks:
+        states = [next((s for s in curve.states() if s[2] == rank), curve.states()[0]) for curve in curves]
+        macs = sum(s[0] for s in states)
+        error = sum(s[1] for s in states)
+        if macs <= budget and error < best_error:
+            chosen, total, best_error = states, macs, error
+    return chosen, total
 
 
 def _lower_hull(states: list[tuple[int, float, int | None]]) -> list[tuple[int, float, int | None]]:

@@ -60,6 +60,19 @@ def test_allocation_beats_any_uniform_rank_at_equal_macs(curves, rank):
     assert allocation.estimated_error <= uniform_error + 1e-12
 
 
+def test_the_allocation_is_no_worse_than_a_uniform_rank_the_greedy_descent_steps_past():
+    # Non-convex curves: the descent takes c1 to rank 1 (steepest MAC cut) and the fill-up cannot climb back to
+    # rank 2 everywhere, which fits the same budget with less error.
+    curves = [
+        ErrorCurve("c0", 100, (0, 65, 86), (0.0, 0.74, 0.46)),
+        ErrorCurve("c1", 100, (0, 20, 85), (0.0, 1.34, 0.38)),
+        ErrorCurve("c2", 100, (0, 71, 82), (0.0, 1.2, 0.13)),
+    ]
+    allocation = allocate(curves, (86 + 85 + 82) / 300)
+    assert allocation.ranks == {"c0": 2, "c1": 2, "c2": 2}
+    assert allocation.estimated_error == pytest.approx(0.97)
+
+
 def test_the_allocation_spends_the_budget_where_error_is_expensive():
     sensitive = curve("sensitive", 1000, 8, 1.0, 0.9)
     robust = curve("robust", 1000, 8, 0.01, 0.5)
