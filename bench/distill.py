@@ -1,19 +1,24 @@
-"""Task score against eligible-MAC ratio: data-free SVD versus fitting to calibration data.
+"""Task score at 2×, 3× and 4× eligible-MAC cuts: data-free SVD, the linear fit and the activation-aware fit.
 
-For each real pretrained model and each uniform rank, rewrite with
+For each real pretrained model and each setting (``--target-macs`` 0.5, 0.333,
+0.25, and the uniform ranks given), rewrite with
 
 * ``data-free``: plain per-channel SVD (no calibration);
-* ``whitened``: whitened per-channel SVD, original pointwise/bias (independent);
-* ``refit``: whitened SVD + pointwise/bias least squares + ALS rounds, every conv
-  fitted on the original model's inputs (independent);
-* ``sequential``: the same fitted wave by wave on the rewritten model's inputs
-  (dsrewrite's default with ``--calibration``);
+* ``linear``: whitened SVD + pointwise/bias least squares + ALS rounds, fitted
+  wave by wave on the rewritten model's inputs against each conv's own output
+  (sequential; ``--linear-fit``);
+* ``activation-aware``: the same, then refined so each conv's *activated* output
+  matches the original's where an activation follows (dsrewrite's default with
+  ``--calibration``);
 
-and score each on its labelled evaluation. Calibration feeds and evaluation
-sets come from different seeds.
+and score each on its labelled evaluation, with the share of decisions that
+agree with the original model's next to it. Calibration feeds and evaluation
+sets come from different seeds. ``--target-macs`` settings are allocated once
+(on the linear fit's error curves) and reused, so all methods compare at the
+same ranks.
 
 Usage:
-    python bench/distill.py [--models captcha_crnn ppocr_rec ...] [--ranks 1 2 4] [--samples 64]
+    python bench/distill.py [--models captcha_crnn ...] [--targets 0.5 0.333 0.25] [--ranks 2 4] [--samples 64] [--n 1000]
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluations import EVALUATIONS, calibration_feeds, evaluate  # noqa: E402
+from evaluations import EVALUATIONS, agreement, calibration_feeds, predict  # noqa: E402
 from models import fetch  # noqa: E402
 
 import dsrewrite  # noqa: E402
@@ -42,43 +47,55 @@ INPUT_SHAPES = {
 
 METHODS = {
     "data-free": None,
-    "whitened": DistillOptions(sequential=False, refit=False),
-    "refit": DistillOptions(sequential=False),
-    "sequential": DistillOptions(sequential=True),
+    "linear": DistillOptions(sequential=True, activation_aware=False),
+    "activation-aware": DistillOptions(sequential=True, activation_aware=True),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(EVALUATIONS), choices=list(EVALUATIONS))
-    parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.333, 0.25])
+    parser.add_argument("--ranks", nargs="+", type=int, default=[])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--n", type=int, default=None, help="evaluation set size (default per model)")
     args = parser.parse_args(argv)
 
-    print("| model | rank | eligible MAC ratio | " + " | ".join(args.methods) + " | fit time (sequential) |")
+    print("| model | setting | eligible MAC ratio | " + " | ".join(args.methods) + " | fit time (linear → aware) |")
     print("|---|---|---|" + "---|" * len(args.methods) + "---|")
     for name in args.models:
         path = fetch(name)
-        original = evaluate(name, path, n=args.n)
-        print(f"| {name} | original | 1.000 | " + " | ".join(f"{original:.3f}" for _ in args.methods) + " | |", flush=True)
+        shapes = INPUT_SHAPES[name]
+        original = predict(name, path, n=args.n)
+        print(f"| {name} | original | 1.000 | " + " | ".join(f"{original.score:.3f}" for _ in args.methods) + " | |", flush=True)
         feeds = calibration_feeds(name, n=args.samples)
-        for rank in args.ranks:
-            scores, ratio, fit_time = [], None, ""
+        settings = [(f"--target-macs {t:g}", {"target_macs": t}) for t in args.targets]
+        settings += [(f"--rank {r}", {"rank": r}) for r in args.ranks]
+        for label, setting in settings:
+            if "target_macs" in setting:
+                # Allocate once, then fit every method at those ranks.
+                allocated = dsrewrite.rewrite(path, **setting, verify=False, input_shapes=shapes, calibration=feeds,
+                                              distill=METHODS["linear"], latency_aware=False, benchmark=False)  # fmt: skip
+                setting = {"plan": allocated.plan_document()}
+            cells, ratio, times = [], None, {}
             for method in args.methods:
                 options = METHODS[method]
                 start = time.perf_counter()
                 result = dsrewrite.rewrite(
-                    path, rank=rank, verify=False, input_shapes=INPUT_SHAPES[name],
+                    path, **setting, verify=False, input_shapes=shapes, benchmark=False,
                     calibration=None if options is None else feeds, distill=options,
                 )  # fmt: skip
-                elapsed = time.perf_counter() - start
-                if method == "sequential":
-                    fit_time = f"{elapsed:.1f}s"
+                times[method] = time.perf_counter() - start
                 ratio = result.report.totals.eligible_macs_ratio
-                scores.append(evaluate(name, result.model, n=args.n))
-            print(f"| {name} | {rank} | {ratio:.3f} | " + " | ".join(f"{s:.3f}" for s in scores) + f" | {fit_time} |", flush=True)
+                scored = predict(name, result.model, n=args.n)
+                cells.append(f"{scored.score:.3f} ({agreement(scored, original):.3f})")
+                if method == "activation-aware":
+                    kept = sum(1 for p in result.report.layers if p.fit_target == "activated")
+                    aware = sum(1 for p in result.report.layers if p.activated_error is not None)
+                    cells[-1] += f" [{kept}/{aware}]"
+            fit_time = " → ".join(f"{times[m]:.0f}s" for m in ("linear", "activation-aware") if m in times)
+            print(f"| {name} | {label} | {ratio:.3f} | " + " | ".join(cells) + f" | {fit_time} |", flush=True)
     return 0
 
 

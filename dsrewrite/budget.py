@@ -140,7 +140,7 @@ def allocate(curves: Sequence[ErrorCurve], target: float, fill_curves: Sequence[
             chosen[i] = state
             total += extra
             improved = True
-    chosen, total = _no_worse_than_uniform(fill_curves or curves, chosen, total, budget)
+    chosen, total = _no_worse_than_uniform(curves, chosen, total, budget)
     return Allocation(
         ranks={c.key: state[2] for c, state in zip(curves, chosen)},
         macs_before=total_before,

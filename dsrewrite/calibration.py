@@ -35,6 +35,8 @@ Feed = dict[str, np.ndarray]
 # Patch positions sampled per feed and conv: beyond a few thousand per feed the
 # second moments change little while their cost keeps growing.
 MAX_POSITIONS_PER_FEED = 4096
+# Up to this many feeds every feed gets the full per-feed sample; beyond, the total positions stay fixed.
+REFERENCE_FEEDS = 64
 # Input bytes per batched capture run (activations scale with it).
 BATCH_BYTES = 32 * 2**20
 
@@ -323,17 +325,22 @@ def flatten_output(y: np.ndarray) -> np.ndarray:
     return y.reshape(b, n, -1).transpose(1, 0, 2).reshape(n, -1)
 
 
-def positions_per_feed(features: int, groups: int) -> int:
+def positions_per_feed(features: int, groups: int, feeds: int = REFERENCE_FEEDS) -> float:
     """How many patch positions per feed to sample for a conv with ``features`` (= (M/g)·K) per group.
 
     Accumulating ``Σ x̄ x̄ᵀ`` costs ``g·(F+1)²`` per position, so wide layers get
-    fewer positions per feed (never fewer than 256) and narrow layers more (up to 4096).
-    With 64 feeds even the widest layers see ``16·F`` positions or more for
-    ``F ≤ 1024``; where positions are still scarce the kernel prior of the fit
-    (``RegressionStats.with_kernel_prior``) takes over.
+    fewer positions per feed (never fewer than 256) and narrow layers more (up to
+    4096), at ``REFERENCE_FEEDS`` feeds. Beyond that the total is held at
+    ``REFERENCE_FEEDS`` feeds' worth, spread over all feeds: more feeds bring more
+    diverse positions at the same accumulation time and memory. With 64 feeds
+    even the widest layers see ``16·F`` positions or more for ``F ≤ 1024``;
+    where positions are still scarce the kernel prior of the fit
+    (``RegressionStats.with_kernel_prior``) takes over. May be fractional: the
+    caller rounds per batch of feeds.
     """
     budget = 2.5e8 / (groups * (features + 1) ** 2)
-    return int(min(MAX_POSITIONS_PER_FEED, max(256, budget)))
+    per_feed = min(MAX_POSITIONS_PER_FEED, max(256, budget))
+    return per_feed * min(1.0, REFERENCE_FEEDS / max(int(feeds), 1))
 
 
 def sample_positions(count: int, rng: np.random.Generator, limit: int) -> np.ndarray | slice:
@@ -375,3 +382,48 @@ class RegressionAccumulator:
     def finish(self) -> RegressionStats:
         centred = self.energy - float((self.y_sum**2).sum()) / max(self.count, 1)
         return RegressionStats(s=self.s, t=self.t, energy=self.energy, centred_energy=max(centred, 1e-30), count=self.count)
+
+
+class RowSample:
+    """A uniform sample, without replacement, of at most ``capacity`` positions' patches and outputs, streamed.
+
+    Each position gets a random key and the ``capacity`` smallest keys are kept
+    (priority sampling), so every position seen is equally likely to be in the
+    sample whatever the batching. Held as float32: ``capacity·(M·K + N)·4`` bytes.
+    """
+
+    def __init__(self, capacity: int, rng: np.random.Generator):
+        self.capacity = int(capacity)
+        self.rng = rng
+        self.keys = np.empty(0)
+        self.x: np.ndarray | None = None  # (rows, M·K)
+        self.y: np.ndarray | None = None  # (rows, N)
+
+    @staticmethod
+    def rows_within(in_channels: int, out_channels: int, taps: int, byte_budget: int, max_rows: int) -> int:
+        """Rows of a float32 sample of ``M·K`` patch values and ``N`` outputs that fit in ``byte_budget``."""
+        return int(max(0, min(max_rows, byte_budget // (4 * (in_channels * taps + out_channels)))))
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.x is None else self.x.nbytes + self.y.nbytes
+
+    def add(self, patches: np.ndarray, y: np.ndarray) -> None:
+        """``patches (M, K, P)`` and outputs ``y (N, P)`` at the same positions."""
+        count = patches.shape[2]
+        keys = self.rng.random(count)
+        if len(self.keys) >= self.capacity:
+            keep = np.flatnonzero(keys < self.keys.max())  # only these can enter
+        else:
+            keep = np.arange(count)
+        if not len(keep):
+            return
+        x_new = patches.reshape(-1, count)[:, keep].T.astype(np.float32)
+        y_new = y[:, keep].T.astype(np.float32)
+        keys = np.concatenate([self.keys, keys[keep]])
+        x = x_new if self.x is None else np.concatenate([self.x, x_new])
+        y = y_new if self.y is None else np.concatenate([self.y, y_new])
+        if len(keys) > self.capacity:
+            chosen = np.sort(np.argpartition(keys, self.capacity - 1)[: self.capacity])
+            keys, x, y = keys[chosen], x[chosen], y[chosen]
+        self.keys, self.x, self.y = keys, x, y

@@ -119,6 +119,10 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("--sequential/--independent", default=True, show_default=True,
               help="With calibration: fit each conv on the inputs of the already-rewritten model (sequential) "
                    "or on the original model's inputs (independent).")
+@click.option("--linear-fit", is_flag=True,
+              help="With calibration: fit every conv's own output only. By default a conv that feeds an activation "
+                   "(Relu, LeakyRelu, PRelu, Clip, HardSwish, HardSigmoid·x, SiLU, Gelu) is fitted so the activated "
+                   "output matches, where that measures better.")
 @click.option("--fold-batchnorm/--no-fold-batchnorm", default=True, show_default=True,
               help="Fold inference BatchNormalization into the preceding conv first.")
 @click.option("--passes", "pass_list", default=None, metavar="NAME,...",
@@ -139,7 +143,7 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv) to stderr.")
 @click.version_option(__version__, "--version", prog_name="dsrewrite")
 def command(model, output, rank, max_error, target_macs, allocate_by, target_latency, plan_in, plan_out, eval_script, latency_aware, benchmark,
-            threads, in_place_timing, quantize, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential,
+            threads, in_place_timing, quantize, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential, linear_fit,
             fold_batchnorm, pass_list, verify, atol, rtol, reports, top, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
     """Rewrite the standard convolutions of MODEL into depthwise + pointwise convolutions."""
     _configure_logging(verbose, quiet)
@@ -172,7 +176,7 @@ def command(model, output, rank, max_error, target_macs, allocate_by, target_lat
             target_macs=target_macs, target_latency=target_latency, plan=plan_in, evaluate=evaluate, eval_key=eval_key,
             sensitivity_cache=default_cache_path() if evaluate is not None else None, allocate_by=allocate_by,
         ),
-        calibration=CalibrationSettings(data=calibration, samples=calibration_samples, sequential=sequential),
+        calibration=CalibrationSettings(data=calibration, samples=calibration_samples, sequential=sequential, linear_fit=linear_fit),
         latency=LatencySettings(
             aware=latency_aware, benchmark=(output is not None and not dry_run) if benchmark is None else benchmark, threads=threads,
             in_place=in_place_timing,

@@ -16,12 +16,22 @@ over the calibration data serves every conv of a wave.
 
 **Independent mode** fits every conv on the original model's inputs in one pass.
 
+**Activation-aware** (the default): when a conv's output feeds an elementwise
+activation through per-channel affine ops (``activation_match``), the linear fit
+is refined so the *activated* output matches the original's
+(``activation_fit``, Zhang et al. 2015's alternating scheme). It needs a bounded
+uniform sample of positions (``calibration.RowSample``, float32): at most
+``ACTIVATION_SAMPLE_ROWS`` rows per conv and ``ACTIVATION_SAMPLE_BYTES`` for all
+convs of a wave together. The refined fit is kept only if it lowers the
+activated error on that sample; the plan says which fit was used.
+
 Cost: one pass over the calibration data through the original model (it
 captures the first wave's inputs and every wave's targets at their sampled
 positions, which are spilled to a temporary directory), then one pass through
 the partly rewritten model per later wave. Memory: one batch of captured
 activations, plus per conv ``g·(F+1)² + N·(F+1)`` float64 numbers
-(``F = (M/g)·K``), independent of the number of samples; disk: the sampled
+(``F = (M/g)·K``), independent of the number of samples, plus the activation
+sample (at most ``ACTIVATION_SAMPLE_BYTES`` per wave); disk: the sampled
 targets, ``N`` float32 numbers per sampled position.
 
 Convs inside subgraphs cannot be captured as graph outputs; they keep the
@@ -44,9 +54,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import lowrank
+from .activation_fit import Activation, fit_activated
+from .activation_match import match_activation
 from .calibration import (
     CalibrationSet,
     RegressionAccumulator,
+    RowSample,
     capture,
     extract_patches,
     flatten_output,
@@ -70,6 +83,15 @@ class DistillOptions:
     rounds: int = 4  # alternating depthwise/pointwise rounds after the first pointwise solve
     ridge: float = 1e-5
     seed: int = 0
+    activation_aware: bool = True  # refine towards the activated output where an activation follows
+    activation_iterations: int = 3
+
+
+# The activation-aware refinement's in-memory sample: rows per conv, and bytes for all convs of a wave.
+ACTIVATION_SAMPLE_ROWS = 16384
+ACTIVATION_SAMPLE_BYTES = 256 * 2**20
+# Fewer rows than this (a very wide conv in a crowded wave) and the correction term is too noisy to trust.
+ACTIVATION_MIN_ROWS = 1024
 
 
 @dataclass
@@ -84,6 +106,11 @@ class FittedLayer:
     seconds: float
     wave: int
     method: str
+    activation: str | None = None  # the activation the output feeds (its graph pattern), if any
+    objective: str = "linear"  # "activated": the activation-aware refinement was kept; "linear": the linear fit
+    activated_error: float | None = None  # NMSE of the activated output on the sample, of the factors used
+    activated_error_linear: float | None = None  # the same for the linear fit
+    note: str | None = None  # why there was no activation-aware refinement
 
 
 @dataclass
@@ -94,6 +121,8 @@ class _Target:
     y_name: str
     wave: int = 0
     seconds: float = 0.0
+    activation: Activation | None = None
+    activation_reason: str | None = None  # why there is no activation to fit through
 
 
 def describe(options: DistillOptions) -> str:
@@ -102,6 +131,8 @@ def describe(options: DistillOptions) -> str:
         parts.append("pointwise refit")
     if options.refit and options.rounds:
         parts.append(f"{options.rounds} ALS rounds")
+    if options.refit and options.activation_aware:
+        parts.append("activation-aware")
     return " + ".join(parts) + (" (sequential)" if options.sequential else " (independent)")
 
 
@@ -133,6 +164,7 @@ def distill(
                 t.y_name: RegressionAccumulator(t.spec.in_channels, t.spec.out_channels, t.spec.kernel_size, t.spec.group)
                 for t in wave
             }
+            samples = _row_samples(wave, options, rng)
             if w == waves[0]:
                 # One pass over the original model: wave 0's inputs and targets, and the targets of every
                 # later wave at their sampled positions, spilled to disk so no later wave reruns the original.
@@ -145,15 +177,18 @@ def distill(
                 for t in wave:
                     start = time.perf_counter()
                     if w == waves[0]:
-                        positions, y = _sample_targets(t, values, accumulators[t.y_name], rng, count)
+                        positions, y = _sample_targets(t, values, accumulators[t.y_name], rng, count, len(calibration))
                     else:
                         positions, y = _load_targets(spill, t, index)
-                    accumulators[t.y_name].add(extract_patches(values[t.x_name], t.spec.geometry, positions).astype(np.float64), y)
+                    patches = extract_patches(values[t.x_name], t.spec.geometry, positions).astype(np.float64)
+                    accumulators[t.y_name].add(patches, y)
+                    if t.y_name in samples:
+                        samples[t.y_name].add(patches, y)
                     t.seconds += time.perf_counter() - start
                 for t in later:
                     start = time.perf_counter()
                     acc = RegressionAccumulator(t.spec.in_channels, t.spec.out_channels, t.spec.kernel_size, t.spec.group)
-                    positions, y = _sample_targets(t, values, acc, rng, count)
+                    positions, y = _sample_targets(t, values, acc, rng, count, len(calibration))
                     _save_targets(spill, t, index, positions, y)
                     t.seconds += time.perf_counter() - start
                 done += count
@@ -161,7 +196,7 @@ def distill(
                     progress(f"fitting wave {w + 1}/{len(waves)}", done, len(calibration))
             for t in wave:
                 start = time.perf_counter()
-                fitted[t.y_name] = _fit(t, accumulators.pop(t.y_name).finish(), options, w, method)
+                fitted[t.y_name] = _fit(t, accumulators.pop(t.y_name).finish(), options, w, method, samples.pop(t.y_name, None))
                 t.seconds += time.perf_counter() - start
                 fitted[t.y_name].seconds = t.seconds
                 log.info(
@@ -173,11 +208,11 @@ def distill(
     return fitted
 
 
-def _sample_targets(t: _Target, values: dict, accumulator: RegressionAccumulator, rng, feeds: int):
-    """Positions to sample for one batch, and the original conv's outputs there ``(N, P)``."""
+def _sample_targets(t: _Target, values: dict, accumulator: RegressionAccumulator, rng, feeds: int, total_feeds: int):
+    """Positions to sample for one batch of ``feeds`` (of ``total_feeds``), and the original conv's outputs there ``(N, P)``."""
     y = values[t.y_name]
     count = y.shape[0] * int(np.prod(y.shape[2:]))
-    limit = positions_per_feed(accumulator.features, accumulator.groups) * feeds
+    limit = max(1, round(positions_per_feed(accumulator.features, accumulator.groups, total_feeds) * feeds))
     positions = sample_positions(count, rng, limit)
     if isinstance(positions, slice):
         positions = np.arange(count)
@@ -241,7 +276,7 @@ def calibrated_error_curves(
         names = [t.y_name for t in group] + [t.x_name for t in group]
         for values, count in capture(model, names, calibration):
             for t in group:
-                _accumulate(t, values, accumulators[t.y_name], rng, count)
+                _accumulate(t, values, accumulators[t.y_name], rng, count, len(calibration))
             done += count
             if progress:
                 progress(f"measuring error curves {index + 1}/{len(chunks)}", done, len(calibration))
@@ -269,12 +304,44 @@ def _targets(graph: gs.Graph, plans: Sequence[LayerPlan], eligible: bool = False
     for p in plans:
         if p.rewritten and p.graph != "main" and not eligible:
             p.notes.append("inside a subgraph: factorised data-free (activations there cannot be captured)")
+    graph_outputs = {t.name for t in graph.outputs}
     targets = []
     for output, node in convs_by_output(graph).items():
         if output in wanted:
             spec = ConvSpec.from_node(node, graph, {})
-            targets.append(_Target(wanted[output], spec, node.inputs[0].name, output))
+            target = _Target(wanted[output], spec, node.inputs[0].name, output)
+            found = match_activation(node, spec.out_channels, graph_outputs)
+            if isinstance(found, Activation):
+                target.activation = found
+            else:
+                target.activation_reason = found
+            targets.append(target)
     return targets
+
+
+def _row_samples(wave: list[_Target], options: DistillOptions, rng: np.random.Generator) -> dict[str, RowSample]:
+    """A row sample for each conv of the wave that gets the activation-aware refinement; the others say why not."""
+    if not (options.activation_aware and options.refit):
+        return {}
+    aware = []
+    for t in wave:
+        if t.activation is None:
+            continue
+        if t.plan.full_rank is not None and t.plan.rank >= t.plan.full_rank:
+            t.activation_reason = "full rank: the linear fit is already exact"
+            continue
+        aware.append(t)
+    samples = {}
+    for t in aware:
+        rows = RowSample.rows_within(
+            t.spec.in_channels, t.spec.out_channels, t.spec.kernel_size,
+            ACTIVATION_SAMPLE_BYTES // len(aware), ACTIVATION_SAMPLE_ROWS,
+        )  # fmt: skip
+        if rows < ACTIVATION_MIN_ROWS:
+            t.activation_reason = f"only {rows} sample rows fit the activation sample's memory cap"
+            continue
+        samples[t.y_name] = RowSample(rows, rng)
+    return samples
 
 
 def _assign_waves(graph: gs.Graph, targets: list[_Target]) -> None:
@@ -292,14 +359,26 @@ def _assign_waves(graph: gs.Graph, targets: list[_Target]) -> None:
 
 
 def _accumulate(
-    t: _Target, values: dict[str, np.ndarray], accumulator: RegressionAccumulator, rng: np.random.Generator, feeds: int
+    t: _Target,
+    values: dict[str, np.ndarray],
+    accumulator: RegressionAccumulator,
+    rng: np.random.Generator,
+    feeds: int,
+    total_feeds: int,
 ) -> None:
     """Add one batch of the original model's inputs and outputs of ``t``, at sampled positions."""
-    positions, y = _sample_targets(t, values, accumulator, rng, feeds)
+    positions, y = _sample_targets(t, values, accumulator, rng, feeds, total_feeds)
     accumulator.add(extract_patches(values[t.x_name], t.spec.geometry, positions).astype(np.float64), y)
 
 
-def _fit(t: _Target, stats: lowrank.RegressionStats, options: DistillOptions, wave: int, method: str) -> FittedLayer:
+def _fit(
+    t: _Target,
+    stats: lowrank.RegressionStats,
+    options: DistillOptions,
+    wave: int,
+    method: str,
+    sample: RowSample | None = None,
+) -> FittedLayer:
     result = lowrank.fit_separable(
         t.spec.weight,
         t.spec.group,
@@ -311,17 +390,35 @@ def _fit(t: _Target, stats: lowrank.RegressionStats, options: DistillOptions, wa
         whiten=options.whiten,
         refit=options.refit,
     )
+    factors, bias, squared_error = result.factors, result.bias, result.squared_error
+    objective, activated, activated_linear, note = "linear", None, None, t.activation_reason
+    if sample is not None and sample.x is not None:
+        refined = fit_activated(
+            t.spec.weight, factors, bias, stats, sample.x, sample.y, t.activation,
+            iterations=options.activation_iterations, ridge=options.ridge,
+        )  # fmt: skip
+        activated, activated_linear = refined.error, refined.error_linear
+        if refined.improved:
+            factors, bias, objective = refined.factors, refined.bias, "activated"
+            squared_error = lowrank.regression_error(lowrank.dense_weights(factors, bias), stats)
+        else:
+            note = "the activation-aware refinement did not lower the activated error; the linear fit is kept"
     weight = t.spec.weight.astype(np.float64)
-    dense = lowrank.reconstruct(result.factors)
+    dense = lowrank.reconstruct(factors)
     return FittedLayer(
-        factors=result.factors,
-        bias=result.bias,
+        factors=factors,
+        bias=bias,
         weight_error=float(np.linalg.norm(dense - weight) / max(np.linalg.norm(weight), 1e-30)),
-        output_error=result.squared_error / stats.centred_energy,
+        output_error=squared_error / stats.centred_energy,
         output_error_data_free=result.data_free_error / stats.centred_energy,
         seconds=0.0,
         wave=wave,
         method=method,
+        activation=t.activation.label if t.activation is not None else None,
+        objective=objective,
+        activated_error=activated,
+        activated_error_linear=activated_linear,
+        note=note if options.activation_aware and options.refit else None,
     )
 
 

@@ -301,6 +301,45 @@ def fit_separable(
     )
 
 
+def refine_separable(
+    factors: SeparableFactors, stats: RegressionStats, *, rounds: int = 1, ridge: float = 1e-5
+) -> tuple[SeparableFactors, np.ndarray]:
+    """Alternating least squares from given factors: per group a pointwise/bias solve, then ``rounds``
+    (depthwise sweep, pointwise/bias solve) pairs. Returns the factors and the bias.
+
+    ``fit_separable`` starts from a whitened SVD; this starts wherever the caller is, e.g. the
+    activation-aware fit (``activation_fit``), which re-solves against a moved target each iteration.
+    ``stats`` are used as given (add a kernel prior before calling if wanted).
+    """
+    g = factors.groups
+    m, r, k = factors.depthwise.shape
+    mg = m // g
+    depthwise, pointwise, biases = [], [], []
+    for gi in range(g):
+        s, t = stats.s[gi], stats.t[gi]
+        d = factors.depthwise[gi * mg : (gi + 1) * mg]
+        p, b = _solve_pointwise(d, s, t, ridge)
+        for _ in range(rounds):
+            with threadpool_limits(limits=1, user_api="blas"):
+                d = _solve_depthwise(d, p, b, s, t, ridge)
+            p, b = _solve_pointwise(d, s, t, ridge)
+        depthwise.append(d)
+        pointwise.append(p)
+        biases.append(b)
+    refined = SeparableFactors(
+        depthwise=np.concatenate(depthwise), pointwise=np.concatenate(pointwise), groups=g, kernel_shape=factors.kernel_shape
+    )
+    return refined, np.concatenate(biases)
+
+
+def dense_weights(factors: SeparableFactors, bias: np.ndarray) -> np.ndarray:
+    """Per-group dense weights ``W̄ (g, N/g, F+1)`` (kernel, then bias) that the factors compute."""
+    g = factors.groups
+    dense = reconstruct(factors)
+    n = dense.shape[0]
+    return np.concatenate([dense.reshape(g, n // g, -1), np.asarray(bias, dtype=np.float64).reshape(g, n // g, 1)], axis=2)
+
+
 def _diagonal_blocks(s: np.ndarray, channels: int, taps: int) -> np.ndarray:
     """Each channel's ``K×K`` second-moment block of ``s``."""
     xx = s[:-1, :-1].reshape(channels, taps, channels, taps)

@@ -111,7 +111,8 @@ class CalibrationSettings:
     data: Any = None  # an .npz path, a directory of .npz feeds, or an iterable of {input: array} dicts
     samples: int | None = None
     sequential: bool = True
-    distill: Any = None  # a distill.DistillOptions for fine control; overrides `sequential` and the seed
+    linear_fit: bool = False  # fit the conv outputs themselves, not the activated outputs
+    distill: Any = None  # a distill.DistillOptions for fine control; overrides `sequential`, `linear_fit` and the seed
 
     def validate(self) -> None:
         if self.samples is not None and not _positive_int(self.samples):
@@ -120,7 +121,7 @@ class CalibrationSettings:
     def fit_options(self, seed: int):
         from .distill import DistillOptions  # noqa: PLC0415
 
-        return self.distill or DistillOptions(sequential=self.sequential, seed=seed)
+        return self.distill or DistillOptions(sequential=self.sequential, seed=seed, activation_aware=not self.linear_fit)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,8 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
         "evaluate", "eval_key", "sensitivity_cache", "allocate_by",
     )},
     "calibration": ("calibration", "data"), "calibration_samples": ("calibration", "samples"),
-    "sequential": ("calibration", "sequential"), "distill": ("calibration", "distill"),
+    "sequential": ("calibration", "sequential"), "linear_fit": ("calibration", "linear_fit"),
+    "distill": ("calibration", "distill"),
     "latency_aware": ("latency", "aware"), "benchmark": ("latency", "benchmark"), "threads": ("latency", "threads"),
     "latency_cache": ("latency", "cache"), "in_place_timing": ("latency", "in_place"),
     "verify": ("verify", "enabled"), "atol": ("verify", "atol"), "rtol": ("verify", "rtol"),
@@ -188,7 +190,7 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
 # The order of the report's "settings" (kept stable for readers of the JSON).
 SETTINGS_ORDER = (
     "rank", "max_error", "include", "exclude", "input_shapes", "fold_batchnorm", "verify", "atol", "rtol", "seed",
-    "dry_run", "calibration", "calibration_samples", "sequential", "distill", "target_macs", "target_latency", "plan",
+    "dry_run", "calibration", "calibration_samples", "sequential", "linear_fit", "distill", "target_macs", "target_latency", "plan",
     "evaluate", "eval_key", "sensitivity_cache", "sweep", "latency_aware", "benchmark", "threads", "latency_cache",
     "in_place_timing", "quantize", "allocate_by",
 )  # fmt: skip

@@ -75,6 +75,13 @@ class LayerPlan:
     output_error: float | None = None  # NMSE vs the original layer output on calibration data
     output_error_data_free: float | None = None  # the same for the plain SVD factors, for comparison
     fit: str = "data-free"  # how the weights were obtained
+    # With calibration: the activation the conv's output feeds (its graph pattern), which output the kept fit
+    # matches ("activated" or "linear"), and the activated output's NMSE on the fit's sample for the factors used
+    # and for the linear fit.
+    activation: str | None = None
+    fit_target: str | None = None
+    activated_error: float | None = None
+    activated_error_linear: float | None = None
     fit_seconds: float | None = None
     output: str = ""  # the conv's output tensor: a stable key even for unnamed nodes
     # Estimated normalised output error (NMSE) at ranks 1..full, and where the estimate comes from

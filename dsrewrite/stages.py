@@ -166,6 +166,12 @@ def fit(ctx: RewriteContext, plans: list[LayerPlan]) -> dict:
             plan.output_error_data_free = layer.output_error_data_free
             plan.fit = layer.method
             plan.fit_seconds = layer.seconds
+            plan.activation = layer.activation
+            plan.fit_target = layer.objective
+            plan.activated_error = layer.activated_error
+            plan.activated_error_linear = layer.activated_error_linear
+            if layer.note:
+                plan.notes.append(f"linear fit: {layer.note}")
     return fitted
 
 

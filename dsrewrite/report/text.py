@@ -104,6 +104,10 @@ def layer_cells(layer: Mapping[str, Any]) -> dict[str, str]:
     output_error = fmt_error(layer.get("output_error"))
     if output_error and layer.get("output_error_data_free") is not None:
         output_error += f" (data-free {fmt_error(layer.get('output_error_data_free'))})"
+    if output_error and layer.get("activated_error") is not None:
+        # The activated output's error, of the fit used; "linear" when the activation-aware one did not win.
+        kept = "" if layer.get("fit_target") == "activated" else ", linear kept"
+        output_error += f"; activated {fmt_error(layer.get('activated_error'))}{kept}"
     return {
         "node": layer.get("node") or "(unnamed)",
         "channels": f"{in_channels}→{out_channels}" if in_channels else "?",
