@@ -143,12 +143,7 @@ def z_step(act: Activation, y: np.ndarray, prediction: np.ndarray, lam: float, n
         for lo, hi, s, o in _pieces(act):
             u = np.clip((s * (target - o) + mu * u_hat) / (s * s + mu), lo, hi)
             cost = (s * u + o - target) ** 2 + mu * (u - u_hat) ** 2
-            if best_u is None:
-                best_u, best_cost = u, cost
-            else:
-                better = cost < best_cost
-                best_u = np.where(better, u, best_u)
-                best_cost = np.where(better, cost, best_cost)
+            best_u, best_cost = _lower(best_u, best_cost, u, cost)
         u = best_u
     else:
         u = _gauss_newton(act, target, u_hat, mu, [u_hat, a_safe * y + act.shift], newton_steps)
@@ -173,13 +168,16 @@ def _gauss_newton(act, target, u_hat, mu, starts, steps):
             better = trial_cost < c
             u = np.where(better, trial, u)
             c = np.where(better, trial_cost, c)
-        if best_u is None:
-            best_u, best_cost = u, c
-        else:
-            better = c < best_cost
-            best_u = np.where(better, u, best_u)
-            best_cost = np.where(better, c, best_cost)
+        best_u, best_cost = _lower(best_u, best_cost, u, c)
     return best_u
+
+
+def _lower(best_u, best_cost, u, cost):
+    """Per element, the candidate of lower cost (the first kept on ties); ``best_u`` None: the first candidate."""
+    if best_u is None:
+        return u, cost
+    better = cost < best_cost
+    return np.where(better, u, best_u), np.where(better, cost, best_cost)
 
 
 def predict(weights: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -275,11 +275,7 @@ def fit_separable(
             pointwise.append(init.pointwise)
             biases.append(original_bias[gi * ng : (gi + 1) * ng])
             continue
-        p, b = _solve_pointwise(d, s, t, ridge)
-        for _ in range(rounds):
-            with threadpool_limits(limits=1, user_api="blas"):
-                d = _solve_depthwise(d, p, b, s, t, ridge)
-            p, b = _solve_pointwise(d, s, t, ridge)
+        d, p, b = _alternate(d, s, t, rounds, ridge)
         depthwise.append(d)
         pointwise.append(p)
         biases.append(b)
@@ -318,11 +314,7 @@ def refine_separable(
     for gi in range(g):
         s, t = stats.s[gi], stats.t[gi]
         d = factors.depthwise[gi * mg : (gi + 1) * mg]
-        p, b = _solve_pointwise(d, s, t, ridge)
-        for _ in range(rounds):
-            with threadpool_limits(limits=1, user_api="blas"):
-                d = _solve_depthwise(d, p, b, s, t, ridge)
-            p, b = _solve_pointwise(d, s, t, ridge)
+        d, p, b = _alternate(d, s, t, rounds, ridge)
         depthwise.append(d)
         pointwise.append(p)
         biases.append(b)
@@ -330,6 +322,17 @@ def refine_separable(
         depthwise=np.concatenate(depthwise), pointwise=np.concatenate(pointwise), groups=g, kernel_shape=factors.kernel_shape
     )
     return refined, np.concatenate(biases)
+
+
+def _alternate(d: np.ndarray, s: np.ndarray, t: np.ndarray, rounds: int, ridge: float):
+    """One group's ALS from depthwise filters ``d``: a pointwise/bias solve, then ``rounds`` (depthwise sweep,
+    pointwise/bias solve) pairs. Returns (depthwise, pointwise, bias)."""
+    p, b = _solve_pointwise(d, s, t, ridge)
+    for _ in range(rounds):
+        with threadpool_limits(limits=1, user_api="blas"):
+            d = _solve_depthwise(d, p, b, s, t, ridge)
+        p, b = _solve_pointwise(d, s, t, ridge)
+    return d, p, b
 
 
 def dense_weights(factors: SeparableFactors, bias: np.ndarray) -> np.ndarray:
