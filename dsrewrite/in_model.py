@@ -119,20 +119,12 @@ class InPlaceTimer:
     def _candidate(self, plans: Sequence[LayerPlan], assignment: dict) -> tuple[onnx.ModelProto, dict[str, str]]:
         """The working model with each assigned conv rewritten at its (rank, form), deployed; and its node owners."""
         from .decide import apply_decisions  # noqa: PLC0415
-        from .passes import Cleanup, DecomposeConv  # noqa: PLC0415
-        from .pipeline import Pipeline  # noqa: PLC0415
-        from .quantize import quantize_int8  # noqa: PLC0415
 
         candidates = [replace(p, notes=list(p.notes)) for p in plans]
         decisions = {p.output: Decision(None, p.reason or "not in this candidate") for p in candidates if p.eligible}
         decisions |= {key: Decision(rank, form=form) for key, (rank, form) in assignment.items()}
         apply_decisions(candidates, Decisions(decisions))
-        emission = DecomposeConv(plans=candidates)
-        model = Pipeline([emission, Cleanup()], name="in-place timing").run(self.ctx.model, shapes=self.ctx.shapes).model
-        if self.precision is not None:  # one feed calibrates it: speed does not depend on the ranges
-            model = quantize_int8(model, [self.ctx.one_feed()])
-        owners = {name: key for key, names in emission.emitted.items() for name in names}
-        return model, owners
+        return timing_candidate(self.ctx, candidates, "in-place timing")
 
     def _profile(self, model: onnx.ModelProto, owners: dict[str, str], threads: int) -> dict[str, float]:
         feed = self.ctx.one_feed()
@@ -141,6 +133,21 @@ class InPlaceTimer:
             self._runs = int(min(max(PROFILE_SECONDS / max(seconds, 1e-6), RUNS[0]), RUNS[1]))
         per_owner, _other = in_model_times(model, latency.node_times(model, feed, threads=threads, runs=self._runs), owners)
         return per_owner
+
+
+def timing_candidate(ctx, plans: Sequence[LayerPlan], label: str) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The working model with ``plans`` emitted (data-free factors: speed does not depend on the values) and
+    deployed in the precision it will run in; and which conv (by output) owns each emitted node."""
+    from .passes import Cleanup, DecomposeConv  # noqa: PLC0415
+    from .pipeline import Pipeline  # noqa: PLC0415
+    from .quantize import quantize_int8  # noqa: PLC0415
+
+    emission = DecomposeConv(plans=plans)
+    model = Pipeline([emission, Cleanup()], name=label).run(ctx.model, shapes=ctx.shapes).model
+    if ctx.options.deploy.quantize is not None:  # one feed calibrates it: speed does not depend on the ranges
+        model = quantize_int8(model, [ctx.one_feed()])
+    owners = {name: key for key, names in emission.emitted.items() for name in names}
+    return model, owners
 
 
 def spread(ranks: list[int], limit: int) -> list[int]:

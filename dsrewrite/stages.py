@@ -94,18 +94,15 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
     rounds repeat while something changed, since a change moves the layout around it.
     """
     from .decide import MIN_SPEEDUP, revert  # noqa: PLC0415
-    from .in_model import in_model_times  # noqa: PLC0415
-    from .passes import Cleanup, DecomposeConv  # noqa: PLC0415
+    from .in_model import in_model_times, timing_candidate  # noqa: PLC0415
     from .plan import valid_forms  # noqa: PLC0415
-    from .quantize import quantize_int8, timing_label  # noqa: PLC0415
+    from .quantize import timing_label  # noqa: PLC0415
 
     options = ctx.options
     todo = [p for p in plans if p.rewritten and p.graph == "main"]
     if options.dry_run or not options.uses_latency() or not todo:
         return
     threads, precision = options.latency.threads, options.deploy.quantize
-    # One feed calibrates a timing candidate: its speed does not depend on the ranges.
-    deployed = (lambda model: model) if precision is None else (lambda model: quantize_int8(model, [ctx.one_feed()]))
     feed = ctx.one_feed()
     original = ctx.deployed_model()
     keys = {p.output: p.output for p in todo} | {p.node: p.output for p in todo if p.node}
@@ -113,9 +110,7 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
     where = timing_label(precision)
     reverted, attributed, reformed, tried = [], set(), set(), {}
     for index in range(rounds):
-        emission = DecomposeConv(plans=plans)
-        candidate = deployed(Pipeline([emission, Cleanup()], name="in-model check").run(ctx.model, shapes=ctx.shapes).model)
-        owners = {name: key for key, names in emission.emitted.items() for name in names}
+        candidate, owners = timing_candidate(ctx, plans, "in-model check")
         after, _ = in_model_times(candidate, latency.node_times(candidate, feed, threads=threads), owners)
         slower = []
         for plan in plans:
