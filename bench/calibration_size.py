@@ -1,0 +1,83 @@
+"""Task score against the number of calibration samples (64, 256, 1024), with fit time and peak memory.
+
+Each sample count runs in its own process (so its peak RSS is its own): it
+builds the feeds with ``calibration_feeds(name, n)``, rewrites at one setting
+(default ``--rank 4``) with the default fit (sequential, activation-aware), and
+scores the result on the labelled evaluation with paired agreement. Position
+sampling per feed shrinks beyond 64 feeds (``calibration.positions_per_feed``),
+so the fit's statistics cost about the same at every count; the capture passes
+through onnxruntime still grow with the count.
+
+Usage:
+    python bench/calibration_size.py [--model captcha_crnn] [--samples 64 256 1024] [--rank 4 | --target-macs 0.5] [--n 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+
+def one(args) -> dict:
+    from distill import INPUT_SHAPES  # noqa: PLC0415
+    from evaluations import agreement, calibration_feeds, predict  # noqa: PLC0415
+    from models import fetch  # noqa: PLC0415
+
+    import dsrewrite  # noqa: PLC0415
+
+    path = fetch(args.model)
+    feeds = calibration_feeds(args.model, n=args.one)
+    setting = {"rank": args.rank} if args.target_macs is None else {"target_macs": args.target_macs, "latency_aware": False}
+    start = time.perf_counter()
+    result = dsrewrite.rewrite(path, **setting, calibration=feeds, verify=False, benchmark=False, input_shapes=INPUT_SHAPES[args.model])
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    original = predict(args.model, path, n=args.n)
+    scored = predict(args.model, result.model, n=args.n)
+    return {
+        "samples": args.one, "ratio": result.report.totals.eligible_macs_ratio, "score": scored.score,
+        "original": original.score, "agreement": agreement(scored, original), "seconds": seconds, "peak_mib": peak,
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="captcha_crnn")
+    parser.add_argument("--samples", nargs="+", type=int, default=[64, 256, 1024])
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--target-macs", type=float, default=None)
+    parser.add_argument("--n", type=int, default=None)
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one is not None:
+        print(json.dumps(one(args)))
+        return 0
+    print("| model | samples | eligible MAC ratio | score (agreement) | original | rewrite time | peak RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for n in args.samples:
+        command = [sys.executable, __file__, "--model", args.model, "--rank", str(args.rank), "--one", str(n)]
+        if args.target_macs is not None:
+            command += ["--target-macs", str(args.target_macs)]
+        if args.n is not None:
+            command += ["--n", str(args.n)]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        print(
+            f"| {args.model} | {n} | {r['ratio']:.3f} | {r['score']:.3f} ({r['agreement']:.3f}) | {r['original']:.3f} | "
+            f"{r['seconds']:.0f}s | {r['peak_mib']:.0f} MiB |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
