@@ -17,9 +17,14 @@ peak minus the RSS just before ``rewrite()``. Time is the wall clock of
 and the per-layer fit seconds summed (``fit_seconds``: patches, statistics and
 solves, not the onnxruntime capture).
 
+With ``--target-macs`` the ranks are allocated on each count's own feeds (the
+output-level probe uses 8 of them, spread over the set), so the plan may differ
+between counts. ``--fixed-plan`` allocates once, on the first count's feeds, and
+fits every count at that plan: only the fit sees the extra samples.
+
 Usage:
     python bench/calibration_size.py [--model captcha_crnn] [--samples 64 256 1024] [--rank 4 | --target-macs 0.5] [--n 1000]
-        [--json results.jsonl]
+        [--fixed-plan] [--json results.jsonl]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,15 +64,21 @@ def one(args) -> dict:
     feeds = calibration_feeds(args.model, n=args.one)
     before_rewrite = _rss_mib()
     setting = {"rank": args.rank} if args.target_macs is None else {"target_macs": args.target_macs, "latency_aware": False}
+    label = dict(setting)
+    if args.plan is not None and args.plan.exists():
+        setting = {"plan": json.loads(args.plan.read_text())}
+        label["plan"] = "fixed"
     start = time.perf_counter()
     result = dsrewrite.rewrite(path, **setting, calibration=feeds, verify=False, benchmark=False, input_shapes=INPUT_SHAPES[args.model])
     seconds = time.perf_counter() - start
+    if args.plan is not None and not args.plan.exists():
+        args.plan.write_text(json.dumps(result.plan_document()))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     original = predict(args.model, path, n=args.n)
     scored = predict(args.model, result.model, n=args.n)
     fit_seconds = sum(layer.fit_seconds or 0.0 for layer in result.report.layers)
     return {
-        "model": args.model, "samples": args.one, "setting": setting, "n": args.n,
+        "model": args.model, "samples": args.one, "setting": label, "n": args.n,
         "ratio": result.report.totals.eligible_macs_ratio, "score": scored.score,
         "original": original.score, "agreement": agreement(scored, original), "seconds": seconds,
         "fit_seconds": fit_seconds, "peak_mib": peak, "feeds_mib": before_rewrite - before_feeds,
@@ -81,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--target-macs", type=float, default=None)
     parser.add_argument("--n", type=int, default=None)
+    parser.add_argument("--fixed-plan", action="store_true", help="allocate once (first count), fit every count at that plan")
+    parser.add_argument("--plan", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help="append each sample count's result as one JSON line")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -92,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         "| peak RSS | feeds | rewrite's share of peak |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
+    plan_dir = tempfile.TemporaryDirectory(prefix="calibration-size-")
     for n in args.samples:
         command = [sys.executable, __file__, "--model", args.model, "--rank", str(args.rank), "--one", str(n)]
+        if args.fixed_plan:
+            command += ["--plan", str(Path(plan_dir.name) / "plan.json")]
         if args.target_macs is not None:
             command += ["--target-macs", str(args.target_macs)]
         if args.n is not None:
@@ -110,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['rewrite_peak_mib']:.0f} MiB |",
             flush=True,
         )
+    plan_dir.cleanup()
     return 0
 
 
