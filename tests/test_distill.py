@@ -111,3 +111,34 @@ def test_calibration_through_the_cli(tmp_path):
     code, _, err = dsrewrite_cli(SAMPLES / "vgg_small.onnx", "-o", tmp_path / "s2.onnx", "--calibration", bad)
     assert code == 2 and err.startswith("error:") and "unknown input" in err
     assert not (tmp_path / "s2.onnx").exists()
+
+
+def test_sampled_positions_per_conv_stay_bounded_as_feeds_grow(monkeypatch):
+    """Beyond ``REFERENCE_FEEDS`` feeds the positions accumulated per conv (and so the fit's time and spilled
+    targets) stay at the reference count's worth: more feeds mean fewer positions from each."""
+    from dsrewrite.calibration import REFERENCE_FEEDS, positions_per_feed
+    from dsrewrite.distill import DistillOptions
+
+    seen: list[tuple[int, int, int]] = []
+    finish = RegressionAccumulator.finish
+
+    def recording_finish(self):
+        seen.append((self.features, self.groups, self.count))
+        return finish(self)
+
+    monkeypatch.setattr(RegressionAccumulator, "finish", recording_finish)
+    counts = {}
+    for feeds in (REFERENCE_FEEDS, 4 * REFERENCE_FEEDS):
+        seen.clear()
+        calibration = [{"input": x[None]} for x in smooth_images(feeds, seed=5)]
+        dsrewrite.rewrite(SAMPLES / "vgg_small.onnx", rank=1, calibration=calibration, verify=False, benchmark=False,
+                          include=("conv1", "conv3"), distill=DistillOptions(activation_aware=False))  # fmt: skip
+        counts[feeds] = list(seen)
+    small, large = counts[REFERENCE_FEEDS], counts[4 * REFERENCE_FEEDS]
+    assert len(small) == len(large) == 2
+    for (features, groups, few), (_, _, many) in zip(small, large):
+        cap = REFERENCE_FEEDS * positions_per_feed(features, groups)
+        assert many <= cap + 4 * REFERENCE_FEEDS  # per-feed rounding
+        assert many <= 4 * few
+    # The first conv (64×64 output, 4096 positions per feed) is sampled in full at 64 feeds and thinned at 256.
+    assert small[0][2] == large[0][2] == REFERENCE_FEEDS * 64 * 64
