@@ -63,6 +63,7 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
     stages.check_in_model(ctx, plans)  # latency-aware: revert what does not pay inside the whole model
     fitted = stages.fit(ctx, plans)  # factors fitted to calibration data
     rewritten = stages.emit(ctx, plans, fitted, finishing)  # decompose_conv emits the plans, then e.g. cleanup
+    rewritten = stages.finetune(ctx, rewritten)  # --finetune-seconds/-steps: the new factors distilled (extra)
     rewritten = stages.deploy(ctx, rewritten)  # --quantize int8
     stages.explain(ctx, plans)
     verification = stages.verify_outputs(ctx, rewritten)

@@ -40,6 +40,8 @@ class RewriteContext:
     results: list[PassResult] = field(default_factory=list)  # of every pass that changed the model, in order
     conv_pixels: dict[str, int] | None = None  # output positions per conv, averaged over calibration shapes
     warnings: list[str] = field(default_factory=list)  # the notes the CLI also prints as warning lines (see warn)
+    emitted: dict[str, list[str]] = field(default_factory=dict)  # conv output -> the node names it was emitted as
+    finetune: dict | None = None  # what fine-tuning did, for the report
     _latency_cache: object = None
     _deployed_model: onnx.ModelProto | None = None
 

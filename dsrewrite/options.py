@@ -166,6 +166,46 @@ class DeploySettings:
 
 
 @dataclass(frozen=True)
+class FinetuneSettings:
+    """Distillation fine-tuning after the closed-form fit (the optional ``finetune`` extra: torch + onnx2torch).
+
+    Runs when ``seconds`` or ``steps`` is given; stops at whichever comes first. A step cap with the same seed,
+    data and ``threads`` gives the same model; a time budget reports the steps it took (rerun with that cap).
+    """
+
+    seconds: float | None = None
+    steps: int | None = None
+    learning_rate: float = 1e-4  # Adam; the factors start from a close fit, so small steps
+    batch_size: int = 8
+    threads: int | None = None  # torch threads; None: every core
+
+    @property
+    def enabled(self) -> bool:
+        return self.seconds is not None or self.steps is not None
+
+    def validate(self) -> None:
+        if self.seconds is not None and not (
+            isinstance(self.seconds, (int, float)) and not isinstance(self.seconds, bool) and 0 < self.seconds < float("inf")
+        ):
+            raise UsageError(f"--finetune-seconds must be a positive number, not {self.seconds!r}")
+        if self.steps is not None and not _positive_int(self.steps):
+            raise UsageError(f"--finetune-steps must be a positive integer, not {self.steps!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < float("inf")):
+            raise UsageError(f"--finetune-lr must be a positive number, not {self.learning_rate!r}")
+        if not _positive_int(self.batch_size):
+            raise UsageError(f"--finetune-batch-size must be a positive integer, not {self.batch_size!r}")
+        if self.threads is not None and not _positive_int(self.threads):
+            raise UsageError(f"fine-tuning threads must be a positive integer, not {self.threads!r}")
+        if self.enabled:
+            from .finetune import require_stack  # noqa: PLC0415
+
+            require_stack()
+
+    def thread_count(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
 class ReportSettings:
     sweep: bool = False  # add the MAC/error trade-off curve
 
@@ -186,17 +226,21 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "latency_cache": ("latency", "cache"), "in_place_timing": ("latency", "in_place"),
     "verify": ("verify", "enabled"), "atol": ("verify", "atol"), "rtol": ("verify", "rtol"),
     "sweep": ("report", "sweep"), "quantize": ("deploy", "quantize"),
+    "finetune_seconds": ("finetune", "seconds"), "finetune_steps": ("finetune", "steps"),
+    "finetune_lr": ("finetune", "learning_rate"), "finetune_batch_size": ("finetune", "batch_size"),
+    "finetune_threads": ("finetune", "threads"),
 }  # fmt: skip
 # The order of the report's "settings" (kept stable for readers of the JSON).
 SETTINGS_ORDER = (
     "rank", "max_error", "include", "exclude", "input_shapes", "fold_batchnorm", "verify", "atol", "rtol", "seed",
     "dry_run", "calibration", "calibration_samples", "sequential", "linear_fit", "distill", "target_macs", "target_latency", "plan",
     "evaluate", "eval_key", "sensitivity_cache", "sweep", "latency_aware", "benchmark", "threads", "latency_cache",
-    "in_place_timing", "quantize", "allocate_by",
+    "in_place_timing", "quantize", "allocate_by", "finetune_seconds", "finetune_steps", "finetune_lr",
+    "finetune_batch_size", "finetune_threads",
 )  # fmt: skip
 GROUPS = {
     "decompose": DecomposeSettings, "calibration": CalibrationSettings, "latency": LatencySettings,
-    "verify": VerifySettings, "report": ReportSettings, "deploy": DeploySettings,
+    "verify": VerifySettings, "report": ReportSettings, "deploy": DeploySettings, "finetune": FinetuneSettings,
 }  # fmt: skip
 
 
@@ -210,6 +254,7 @@ class RewriteOptions:
     verify: VerifySettings = field(default_factory=VerifySettings)
     report: ReportSettings = field(default_factory=ReportSettings)
     deploy: DeploySettings = field(default_factory=DeploySettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     seed: int = 0
     dry_run: bool = False
@@ -237,6 +282,8 @@ class RewriteOptions:
         for name, dims in self.input_shapes.items():
             if not dims or any((not isinstance(d, int)) or d < 1 for d in dims):
                 raise UsageError(f"--input-shape {name}: dims must be positive integers, got {list(dims)}")
+        if self.finetune.enabled and self.calibration.data is None:
+            raise UsageError("--finetune-seconds/--finetune-steps need --calibration data: the new factors are distilled on it")
         if self.deploy.quantize is not None and self.calibration.data is None:
             raise UsageError(
                 f"--quantize {self.deploy.quantize} needs --calibration data: static quantization calibrates "
@@ -287,6 +334,8 @@ class RewriteOptions:
         settings["exclude"] = list(d.exclude)
         settings["atol"], settings["rtol"] = self.tolerances(precision)
         settings["calibration"] = _label(c.data, "<feeds>")
+        if self.finetune.enabled:
+            settings["finetune_threads"] = self.finetune.thread_count()
         return settings
 
 

@@ -1,6 +1,6 @@
 """The stages of ``rewrite``, in the order it runs them; each reads and extends the RewriteContext.
 
-prepare → analyse → (measure → decide) → check in model → fit → emit → deploy → verify → benchmark → report
+prepare → analyse → (measure → decide) → check in model → fit → emit → fine-tune → deploy → verify → benchmark → report
 
 The pass list is declarative (``RewriteOptions.passes``, default
 ``dsrewrite.passes.DEFAULT_PASSES``): the passes before ``decompose_conv``
@@ -176,9 +176,26 @@ def emit(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict, finishing: S
 
     if ctx.options.dry_run:
         return ctx.original
-    outcome = Pipeline([DecomposeConv(plans=plans, fitted=fitted), *finishing], name="emit").run(ctx.model, shapes=ctx.shapes)
+    emission = DecomposeConv(plans=plans, fitted=fitted)
+    outcome = Pipeline([emission, *finishing], name="emit").run(ctx.model, shapes=ctx.shapes)
     ctx.results += outcome.results
+    ctx.emitted = emission.emitted  # which nodes hold each conv's new weights (fine-tuning trains them)
     return outcome.model
+
+
+def finetune(ctx: RewriteContext, rewritten: onnx.ModelProto) -> onnx.ModelProto:
+    """Distil the new factors against the original model (optional extra); the trained weights are written back
+    by initializer name, so the deploy, verify, benchmark and report stages all see the fine-tuned model."""
+    settings = ctx.options.finetune
+    if not settings.enabled or ctx.options.dry_run or ctx.calibration is None:
+        return rewritten
+    from .finetune import run_finetune  # noqa: PLC0415
+
+    model, summary, note = run_finetune(ctx.model, rewritten, ctx.emitted, list(ctx.calibration), settings,
+                                        ctx.options.seed, ctx.progress)  # fmt: skip
+    ctx.finetune = summary
+    ctx.notes.append(note)
+    return model
 
 
 def deploy(ctx: RewriteContext, rewritten: onnx.ModelProto) -> onnx.ModelProto:
@@ -355,4 +372,5 @@ def report(ctx, plans, verification, bench, sweep_points) -> Report:
         ],
         notes=ctx.notes,
         sweep=sweep_points,
+        finetune=ctx.finetune,
     )

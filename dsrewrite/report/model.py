@@ -82,6 +82,8 @@ class Report:
     # Optional trade-off sweep: one dict per point, with at least
     # ``eligible_macs_ratio`` and ``estimated_error`` (optionally ``score``, ``rank``, ``label``, ...).
     sweep: list[dict[str, Any]] | None = None
+    # What distillation fine-tuning did (steps, seconds, losses, stack, targets), when it ran.
+    finetune: dict[str, Any] | None = None
 
     @property
     def totals(self) -> Totals:
@@ -105,6 +107,8 @@ class Report:
             data["benchmark"] = self.benchmark
         if self.sweep is not None:
             data["sweep"] = self.sweep
+        if self.finetune is not None:
+            data["finetune"] = self.finetune
         return data
 
     def data(self) -> dict[str, Any]:

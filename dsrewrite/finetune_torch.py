@@ -1,0 +1,284 @@
+"""The fine-tuning trainer: PyTorch through onnx2torch (the optional ``finetune`` extra). The only module that
+imports torch; ``dsrewrite.finetune`` decides what is trained and against what.
+
+The rewritten model (its convertible copy, cut at the distillation targets) becomes a ``torch.fx`` module; the
+Conv modules onnx2torch makes carry the ONNX names of their weight and bias (``onnx_mapping``), which is how a
+trainable initializer finds its parameter. Every other parameter and buffer is frozen. The original model's
+targets come from onnxruntime, once. Adam, shuffled mini-batches of calibration feeds, a held-out slice that
+picks the best weights; with a step cap and a seed the run is deterministic (deterministic algorithms, a fixed
+thread count).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .finetune import LOSS_KL, TEMPERATURE, Target
+
+
+def import_stack():
+    """torch and onnx2torch. onnx2torch imports torchvision for its NMS and RoiAlign converters only; where
+    torchvision is missing or built for another torch (PyPI's beside the CPU torch wheel), those two converters
+    are left unusable instead of the whole converter."""
+    import torch  # noqa: PLC0415
+
+    try:
+        import torchvision  # noqa: F401, PLC0415
+    except Exception:  # noqa: BLE001 (any failure to import it: a missing module or a mismatched build)
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.modules["torchvision"], sys.modules["torchvision.ops"] = _torchvision_stand_in()
+    onnx2torch = importlib.import_module("onnx2torch")
+    return torch, onnx2torch
+
+
+def _torchvision_stand_in():
+    def unavailable(*_args, **_kwargs):
+        raise NotImplementedError("torchvision is not usable beside this torch: NMS and RoiAlign cannot be converted")
+
+    package, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
+    ops.nms = ops.roi_align = ops.box_convert = unavailable
+    package.ops = ops
+    return package, ops
+
+
+def stack_label() -> str:
+    torch, onnx2torch = import_stack()
+    return f"torch {torch.__version__} + onnx2torch {getattr(onnx2torch, '__version__', '?')}"
+
+
+def supported_ops(model: onnx.ModelProto) -> set[str]:
+    """The op types of ``model`` onnx2torch has a converter for at the model's opset."""
+    _torch, _ = import_stack()
+    from onnx2torch.node_converters.registry import get_converter  # noqa: PLC0415
+
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    supported = set()
+    for op in {(n.domain or "", n.op_type) for n in model.graph.node}:
+        domain, op_type = op
+        try:
+            get_converter(operation_type=op_type, version=opsets.get(domain, opsets.get("", 13)), domain=domain)
+        except NotImplementedError:
+            continue
+        supported.add(op_type)
+    return supported
+
+
+@dataclass
+class TrainSettings:
+    seconds: float | None
+    steps: int | None
+    learning_rate: float
+    batch_size: int
+    seed: int
+    threads: int
+    temperature: float = TEMPERATURE
+
+
+@dataclass
+class TrainResult:
+    weights: dict[str, np.ndarray]  # the best weights (by held-out loss), by initializer name
+    steps: int
+    seconds: float
+    loss_before: float  # on every calibration feed
+    loss_after: float
+    held_out_before: float | None
+    held_out_after: float | None
+    best_step: int
+    trained: list[str] = field(default_factory=list)  # initializer names that were trained
+    untrained: list[str] = field(default_factory=list)  # trainable names the converted module did not expose
+
+
+class ConversionError(Exception):
+    """The stack could not convert (or run) the model it was given."""
+
+
+def train(
+    student_model: onnx.ModelProto,
+    teacher_model: onnx.ModelProto,
+    trainable: Sequence[str],
+    targets: Sequence[Target],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    held_out: int,
+    settings: TrainSettings,
+    progress: Callable[[str, int, int, str], None] | None = None,
+) -> TrainResult:
+    """Train ``trainable`` of ``student_model`` (outputs: the targets' tensors) to match ``teacher_model``."""
+    torch, onnx2torch = import_stack()
+    torch.manual_seed(settings.seed)
+    torch.use_deterministic_algorithms(True)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, feeds, held_out, settings, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, feeds, held_out, settings, progress):
+    tensors = [t.tensor for t in targets]
+    inputs = [i.name for i in student_model.graph.input if i.name not in {t.name for t in student_model.graph.initializer}]
+    try:
+        module = onnx2torch.convert(student_model, attach_onnx_mapping=True)
+    except Exception as exc:  # noqa: BLE001 (any converter failure is reported, not raised)
+        raise ConversionError(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from exc
+    module.eval()
+    parameters = _trainable_parameters(torch, module, student_model, trainable)
+
+    train_batches, held_batches = _batches(teacher_model, tensors, feeds, inputs, held_out, settings.batch_size)
+    variances = [
+        float(np.var(np.concatenate([y[i].ravel() for _, y in train_batches + held_batches]))) for i in range(len(tensors))
+    ]
+
+    def loss_of(batch) -> "torch.Tensor":
+        x, y = batch
+        outputs = module(*[torch.from_numpy(a) for a in x])
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        total = 0.0
+        for target, out, ref, var in zip(targets, outputs, y, variances):
+            ref = torch.from_numpy(ref)
+            if target.loss == LOSS_KL:
+                temperature = settings.temperature
+                log_p = torch.log_softmax(ref / temperature, dim=-1)
+                log_q = torch.log_softmax(out / temperature, dim=-1)
+                total = total + temperature**2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+            else:
+                total = total + ((out - ref) ** 2).mean() / max(var, 1e-12)
+        return total / len(targets)
+
+    def mean_loss(batch_list) -> float:
+        with torch.no_grad():
+            weights = [len(b[0][0]) for b in batch_list]
+            return float(sum(loss_of(b).item() * w for b, w in zip(batch_list, weights)) / max(sum(weights), 1))
+
+    try:
+        loss_before = mean_loss(train_batches + held_batches)
+    except Exception as exc:  # noqa: BLE001 (the converted module does not run: e.g. a shape it fixed)
+        raise ConversionError(f"the converted model does not run: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from exc
+    held_before = mean_loss(held_batches) if held_batches else None
+    best = {name: p.detach().clone() for name, p in parameters.items()}
+    best_loss, best_step = (held_before if held_before is not None else loss_before), 0
+
+    optimizer = torch.optim.Adam(list(parameters.values()), lr=settings.learning_rate)
+    rng = np.random.default_rng(settings.seed)
+    order: list[int] = []
+    evaluate_every = max(1, len(train_batches))  # once per pass over the training feeds
+    start = time.perf_counter()
+    step = 0
+    while True:
+        elapsed = time.perf_counter() - start
+        if settings.steps is not None and step >= settings.steps:
+            break
+        if settings.seconds is not None and elapsed >= settings.seconds:
+            break
+        if not order:
+            order = list(rng.permutation(len(train_batches)))
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(train_batches[order.pop()])
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % evaluate_every == 0 or (settings.steps is not None and step == settings.steps):
+            current = mean_loss(held_batches) if held_batches else mean_loss(train_batches)
+            if current < best_loss:
+                best_loss, best_step = current, step
+                best = {name: p.detach().clone() for name, p in parameters.items()}
+        if progress:
+            done, total = (step, settings.steps) if settings.steps is not None else (int(elapsed), int(settings.seconds))
+            progress("fine-tuning", done, total, f"loss {loss.item():.4g}")
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        for name, p in parameters.items():
+            p.copy_(best[name])
+    loss_after = mean_loss(train_batches + held_batches)
+    return TrainResult(
+        weights={name: p.detach().numpy().copy() for name, p in parameters.items()},
+        steps=step,
+        seconds=seconds,
+        loss_before=loss_before,
+        loss_after=loss_after,
+        held_out_before=held_before,
+        held_out_after=best_loss if held_batches else None,
+        best_step=best_step,
+        trained=sorted(parameters),
+        untrained=[name for name in trainable if name not in parameters],
+    )
+
+
+def _trainable_parameters(torch, module, model: onnx.ModelProto, trainable: Sequence[str]) -> dict:
+    """The Conv parameters whose ONNX initializer is trainable; every parameter is frozen first.
+
+    onnx2torch names each submodule after its ONNX node (its own ``OnnxGraph`` naming, asked here rather than
+    copied) and keeps a Conv's weight and bias as that module's parameters, so the node's weight (input 1) and
+    bias (input 2) initializers name them.
+    """
+    from onnx2torch.onnx_graph import OnnxGraph  # noqa: PLC0415
+
+    for p in module.parameters():
+        p.requires_grad_(False)
+    wanted = set(trainable)
+    modules = dict(module.named_modules())
+    found = {}
+    for unique_name, node in OnnxGraph(model.graph).nodes.items():
+        sub = modules.get(unique_name)
+        if node.operation_type != "Conv" or not isinstance(sub, torch.nn.modules.conv._ConvNd):
+            continue
+        for name, attribute in zip(node.input_values[1:3], ("weight", "bias")):
+            param = getattr(sub, attribute, None)
+            if name in wanted and param is not None and tuple(param.shape) == _initializer_shape(model, name):
+                param.requires_grad_(True)
+                found[name] = param
+    return found
+
+
+def _initializer_shape(model: onnx.ModelProto, name: str) -> tuple[int, ...] | None:
+    return next((tuple(t.dims) for t in model.graph.initializer if t.name == name), None)
+
+
+def _batches(teacher_model, tensors, feeds, inputs, held_out, batch_size):
+    """Training and held-out mini-batches ``(inputs, original targets)``; the last ``held_out`` feeds are held out.
+
+    Feeds of one input shape are concatenated on axis 0, up to ``batch_size``; the targets come from running the
+    original model on the same batch (so a model whose outputs are not batch-first still lines up). A model that
+    takes no batch of several feeds is fed one at a time.
+    """
+    sess = _teacher_session(teacher_model, tensors)
+    cut = len(feeds) - held_out
+
+    def make(indices, size):
+        groups: dict[tuple, list[int]] = {}
+        for i in indices:
+            groups.setdefault(tuple(np.shape(feeds[i][name]) for name in inputs), []).append(i)
+        out = []
+        for idx in groups.values():
+            for k in range(0, len(idx), size):
+                x = [np.concatenate([np.asarray(feeds[i][name]) for i in idx[k : k + size]]) for name in inputs]
+                y = [np.asarray(a, dtype=np.float32) for a in sess.run(list(tensors), dict(zip(inputs, x)))]
+                out.append((x, y))
+        return out
+
+    try:
+        return make(range(cut), batch_size), make(range(cut, len(feeds)), batch_size)
+    except Exception:  # noqa: BLE001 (onnxruntime rejects a batch: the model fixes its batch dim)
+        return make(range(cut), 1), make(range(cut, len(feeds)), 1)
+
+
+def _teacher_session(model: onnx.ModelProto, tensors: Sequence[str]):
+    """An onnxruntime session of the original model with the target tensors as its outputs."""
+    from .verify import session  # noqa: PLC0415
+
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    outputs = {o.name: o for o in model.graph.output}
+    del cut.graph.output[:]
+    for name in tensors:
+        cut.graph.output.append(outputs[name] if name in outputs else onnx.helper.make_empty_tensor_value_info(name))
+    return session(cut)
