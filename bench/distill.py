@@ -10,6 +10,9 @@ For each real pretrained model and each setting (``--target-macs`` 0.5, 0.333,
 * ``activation-aware``: the same, then refined so each conv's *activated* output
   matches the original's where an activation follows (dsrewrite's default with
   ``--calibration``);
+* ``fine-tuned``: the activation-aware fit, then the new factors distilled
+  against the original model's outputs on the same feeds
+  (``--finetune-seconds``; needs the ``finetune`` extra);
 
 and score each on its labelled evaluation, with the share of decisions that
 agree with the original model's next to it. Calibration feeds and evaluation
@@ -49,7 +52,9 @@ METHODS = {
     "data-free": None,
     "linear": DistillOptions(sequential=True, activation_aware=False),
     "activation-aware": DistillOptions(sequential=True, activation_aware=True),
+    "fine-tuned": DistillOptions(sequential=True, activation_aware=True),  # + fine-tuning (see FINETUNED)
 }
+FINETUNED = "fine-tuned"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--n", type=int, default=None, help="evaluation set size (default per model)")
+    parser.add_argument("--finetune-seconds", type=float, default=300.0, help="fine-tuning budget per rewrite")
+    parser.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning step cap per rewrite")
+    parser.add_argument("--threads", type=int, default=None, help="fine-tuning threads (default: every core)")
     args = parser.parse_args(argv)
 
-    print("| model | setting | eligible MAC ratio | " + " | ".join(args.methods) + " | fit time (linear → aware) |")
+    print("| model | setting | eligible MAC ratio | " + " | ".join(args.methods) + " | tool time (linear → aware → fine-tuned) |")
     print("|---|---|---|" + "---|" * len(args.methods) + "---|")
     for name in args.models:
         path = fetch(name)
@@ -81,10 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             cells, ratio, times = [], None, {}
             for method in args.methods:
                 options = METHODS[method]
+                tuning = {}
+                if method == FINETUNED:
+                    tuning = {"finetune_seconds": args.finetune_seconds, "finetune_steps": args.finetune_steps,
+                              "finetune_threads": args.threads}  # fmt: skip
                 start = time.perf_counter()
                 result = dsrewrite.rewrite(
                     path, **setting, verify=False, input_shapes=shapes, benchmark=False,
-                    calibration=None if options is None else feeds, distill=options,
+                    calibration=None if options is None else feeds, distill=options, **tuning,
                 )  # fmt: skip
                 times[method] = time.perf_counter() - start
                 ratio = result.report.totals.eligible_macs_ratio
@@ -94,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                     kept = sum(1 for p in result.report.layers if p.fit_target == "activated")
                     aware = sum(1 for p in result.report.layers if p.activated_error is not None)
                     cells[-1] += f" [{kept}/{aware}]"
-            fit_time = " → ".join(f"{times[m]:.0f}s" for m in ("linear", "activation-aware") if m in times)
+                if method == FINETUNED and result.report.finetune:
+                    tuned = result.report.finetune
+                    cells[-1] += f" [{tuned.get('steps', 0)} steps, {tuned.get('seconds', 0):.0f}s]"
+            fit_time = " → ".join(f"{times[m]:.0f}s" for m in ("linear", "activation-aware", FINETUNED) if m in times)
             print(f"| {name} | {label} | {ratio:.3f} | " + " | ".join(cells) + f" | {fit_time} |", flush=True)
     return 0
 

@@ -29,6 +29,7 @@ from .options import (
     CalibrationSettings,
     DecomposeSettings,
     DeploySettings,
+    FinetuneSettings,
     LatencySettings,
     ReportSettings,
     RewriteOptions,
@@ -108,6 +109,13 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Deliver an INT8 model (QDQ, per-channel) via onnxruntime.quantization, calibrated on --calibration; "
                    "rewrite decisions are timed in INT8.")
+@click.option("--finetune-seconds", type=float, default=None, metavar="S",
+              help="After the fit, distil the new factors against the original model on --calibration for at most S "
+                   "seconds (needs the optional extra: pip install \"dsrewrite[finetune]\").")
+@click.option("--finetune-steps", type=int, default=None, metavar="N",
+              help="Fine-tune for at most N optimizer steps (with --seed: the same inputs give the same model).")
+@click.option("--finetune-lr", type=float, default=FinetuneSettings.learning_rate, show_default=True,
+              help="Fine-tuning learning rate (Adam).")
 @click.option("--sweep", is_flag=True, help="Add the MAC/error trade-off curve to the report.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
               help="Fix an input's dims for costing and verification (repeatable).")
@@ -143,7 +151,7 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv) to stderr.")
 @click.version_option(__version__, "--version", prog_name="dsrewrite")
 def command(model, output, rank, max_error, target_macs, allocate_by, target_latency, plan_in, plan_out, eval_script, latency_aware, benchmark,
-            threads, in_place_timing, quantize, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential, linear_fit,
+            threads, in_place_timing, quantize, finetune_seconds, finetune_steps, finetune_lr, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential, linear_fit,
             fold_batchnorm, pass_list, verify, atol, rtol, reports, top, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
     """Rewrite the standard convolutions of MODEL into depthwise + pointwise convolutions."""
     _configure_logging(verbose, quiet)
@@ -184,6 +192,7 @@ def command(model, output, rank, max_error, target_macs, allocate_by, target_lat
         verify=VerifySettings(enabled=verify, atol=atol, rtol=rtol),
         report=ReportSettings(sweep=sweep),
         deploy=DeploySettings(quantize=quantize),
+        finetune=FinetuneSettings(seconds=finetune_seconds, steps=finetune_steps, learning_rate=finetune_lr),
         input_shapes=shapes,
         seed=seed,
         dry_run=dry_run,

@@ -140,7 +140,8 @@ def choose_targets(
     """
     computable, blocked = differentiable_tensors(model, supported)
     rewritten_outputs = list(trainable)
-    downstream = _depends_on(model, {name for names in trainable.values() for name in names})
+    weights = {name for names in trainable.values() for name in names}
+    downstream = _depends_on(model, weights) - weights  # computed tensors only: a weight is no target
     graph_outputs = [o.name for o in model.graph.output]
     if all(name in computable for name in graph_outputs):
         tensors, subgraph = [o for o in graph_outputs if o in downstream], False

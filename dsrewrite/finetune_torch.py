@@ -51,8 +51,14 @@ def _torchvision_stand_in():
 
 
 def stack_label() -> str:
-    torch, onnx2torch = import_stack()
-    return f"torch {torch.__version__} + onnx2torch {getattr(onnx2torch, '__version__', '?')}"
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    torch, _ = import_stack()
+    try:
+        converter = version("onnx2torch")
+    except PackageNotFoundError:
+        converter = "?"
+    return f"torch {torch.__version__} + onnx2torch {converter}"
 
 
 def supported_ops(model: onnx.ModelProto) -> set[str]:
@@ -81,6 +87,10 @@ class TrainSettings:
     seed: int
     threads: int
     temperature: float = TEMPERATURE
+    # Function matching on mixed inputs: most training batches are a per-sample convex mix of two calibration
+    # batches, with the original model's outputs on that mix as the target. With a few hundred feeds the student
+    # otherwise learns the feeds, not the function (held-out loss stalls while the training loss halves).
+    mix: float = 0.75  # the share of steps on mixed inputs (0: the calibration feeds only)
 
 
 @dataclass
@@ -133,7 +143,8 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
     module.eval()
     parameters = _trainable_parameters(torch, module, student_model, trainable)
 
-    train_batches, held_batches = _batches(teacher_model, tensors, feeds, inputs, held_out, settings.batch_size)
+    sess = _teacher_session(teacher_model, tensors)
+    train_batches, held_batches = _batches(sess, tensors, feeds, inputs, held_out, settings.batch_size)
     variances = [
         float(np.var(np.concatenate([y[i].ravel() for _, y in train_batches + held_batches]))) for i in range(len(tensors))
     ]
@@ -167,7 +178,13 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
     best = {name: p.detach().clone() for name, p in parameters.items()}
     best_loss, best_step = (held_before if held_before is not None else loss_before), 0
 
-    optimizer = torch.optim.Adam(list(parameters.values()), lr=settings.learning_rate)
+    # Adam's steps are about lr in absolute size, whatever a tensor's scale; the factors' scales differ by orders
+    # of magnitude (a depthwise kernel carries the singular value, its pointwise the unit vectors), so each
+    # tensor's step is relative to its RMS.
+    optimizer = torch.optim.Adam(
+        [{"params": [p], "lr": settings.learning_rate * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)}
+         for p in parameters.values()],
+    )  # fmt: skip
     rng = np.random.default_rng(settings.seed)
     order: list[int] = []
     evaluate_every = max(1, len(train_batches))  # once per pass over the training feeds
@@ -182,7 +199,10 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
         if not order:
             order = list(rng.permutation(len(train_batches)))
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(train_batches[order.pop()])
+        batch = train_batches[order.pop()]
+        if settings.mix > 0 and rng.random() < settings.mix:
+            batch = _mixed(batch, train_batches, sess, tensors, inputs, rng)
+        loss = loss_of(batch)
         loss.backward()
         optimizer.step()
         step += 1
@@ -243,14 +263,29 @@ def _initializer_shape(model: onnx.ModelProto, name: str) -> tuple[int, ...] | N
     return next((tuple(t.dims) for t in model.graph.initializer if t.name == name), None)
 
 
-def _batches(teacher_model, tensors, feeds, inputs, held_out, batch_size):
+def _mixed(batch, batches, sess, tensors, inputs, rng):
+    """``batch`` mixed per sample with another training batch of the same shapes, and the original model's
+    outputs on the mix. Inputs that are not floating point (indices, masks) cannot be mixed: the batch is kept."""
+    x, y = batch
+    if not all(np.issubdtype(a.dtype, np.floating) for a in x):
+        return batch
+    partners = [b for b in batches if all(p.shape == a.shape for p, a in zip(b[0], x))]
+    other = partners[int(rng.integers(len(partners)))][0]
+    weight = rng.random(len(x[0])).astype(np.float32)
+    mixed = []
+    for a, b in zip(x, other):
+        w = weight.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype)
+        mixed.append(w * a + (1 - w) * b)
+    return mixed, [np.asarray(t, dtype=np.float32) for t in sess.run(list(tensors), dict(zip(inputs, mixed)))]
+
+
+def _batches(sess, tensors, feeds, inputs, held_out, batch_size):
     """Training and held-out mini-batches ``(inputs, original targets)``; the last ``held_out`` feeds are held out.
 
     Feeds of one input shape are concatenated on axis 0, up to ``batch_size``; the targets come from running the
     original model on the same batch (so a model whose outputs are not batch-first still lines up). A model that
     takes no batch of several feeds is fed one at a time.
     """
-    sess = _teacher_session(teacher_model, tensors)
     cut = len(feeds) - held_out
 
     def make(indices, size):

@@ -1,0 +1,275 @@
+"""Distillation fine-tuning: what is trained, against what, the losses, the write-back and the missing-stack error.
+
+The light tests run without the training stack (a stand-in trainer checks the plumbing from the rewrite to the
+written model); the tests that train for real need torch and onnx2torch and are marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+from conftest import SAMPLES, conv_model, dsrewrite_cli, random_input, run
+from onnx import TensorProto, helper, numpy_helper
+
+import dsrewrite
+from dsrewrite import finetune, finetune_torch
+from dsrewrite.errors import UsageError
+
+HAS_STACK = all(importlib.util.find_spec(name) is not None for name in finetune.STACK_MODULES)
+needs_stack = pytest.mark.skipif(not HAS_STACK, reason="the finetune extra (torch, onnx2torch) is not installed")
+
+
+def vgg_feeds(count: int = 8, seed: int = 3) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"input": rng.standard_normal((1, 3, 64, 64)).astype(np.float32)} for _ in range(count)]
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+# -- without the stack ----------------------------------------------------------------------------
+
+
+def test_missing_stack_is_one_error_line_naming_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(UsageError, match=r'pip install "dsrewrite\[finetune\]"'):
+        finetune.require_stack()
+    feeds = tmp_path / "feeds.npz"
+    np.savez(feeds, input=np.zeros((2, 3, 64, 64), np.float32))
+    code, out, err = dsrewrite_cli(SAMPLES / "vgg_small.onnx", "-o", tmp_path / "slim.onnx", "--rank", "1",
+                                   "--calibration", feeds, "--finetune-steps", "3")  # fmt: skip
+    assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert "dsrewrite[finetune]" in err and "Traceback" not in out + err
+    assert not (tmp_path / "slim.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--finetune-steps", "3"], "--calibration"),
+        (["--finetune-seconds", "-1", "--calibration", "FEEDS"], "--finetune-seconds"),
+        (["--finetune-steps", "0", "--calibration", "FEEDS"], "--finetune-steps"),
+        (["--finetune-lr", "0", "--finetune-steps", "2", "--calibration", "FEEDS"], "--finetune-lr"),
+    ],
+)
+def test_bad_finetune_options_exit_2(tmp_path, args, message):
+    feeds = tmp_path / "feeds.npz"
+    np.savez(feeds, input=np.zeros((2, 3, 64, 64), np.float32))
+    args = [str(feeds) if a == "FEEDS" else a for a in args]
+    code, out, err = dsrewrite_cli(SAMPLES / "vgg_small.onnx", "-o", tmp_path / "slim.onnx", "--rank", "1", *args)
+    assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert message in err
+    assert not (tmp_path / "slim.onnx").exists()
+
+
+def test_losses_are_zero_at_the_original_and_scale_free():
+    rng = np.random.default_rng(0)
+    teacher = rng.standard_normal((4, 10))
+    assert finetune.normalised_mse(teacher, teacher, teacher.var()) == 0.0
+    # Predicting the mean costs exactly 1 in normalised MSE, whatever the tensor's scale.
+    for scale in (1e-3, 1.0, 1e3):
+        t = teacher * scale
+        assert finetune.normalised_mse(np.full_like(t, t.mean()), t, t.var()) == pytest.approx(1.0)
+    assert finetune.softened_kl(teacher, teacher) == pytest.approx(0.0, abs=1e-12)
+    # KL is invariant to a constant shift of the logits and positive otherwise.
+    assert finetune.softened_kl(teacher + 5.0, teacher) == pytest.approx(0.0, abs=1e-9)
+    assert finetune.softened_kl(teacher[:, ::-1], teacher) > 0
+
+
+def test_softmax_outputs_are_distilled_on_their_logits_with_kl():
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["flat"]),
+        helper.make_node("Softmax", ["flat"], ["prob"], axis=-1),
+        helper.make_node("Relu", ["flat"], ["other"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2, 2])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("other", TensorProto.FLOAT, None)],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    prob = finetune.loss_target(model, "prob")
+    assert (prob.tensor, prob.loss, prob.name) == ("flat", finetune.LOSS_KL, "prob")
+    other = finetune.loss_target(model, "other")
+    assert (other.tensor, other.loss) == ("other", finetune.LOSS_MSE)
+
+
+def test_targets_stop_at_the_first_op_the_stack_cannot_take():
+    """conv → Relu → TopK (not differentiable here) → output: the loss is put on the Relu output, and a conv past
+    the TopK is reported as not covered."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w2")
+    k = numpy_helper.from_array(np.array([2], np.int64), "k")
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("TopK", ["r1", "k"], ["top", "idx"], axis=1),
+        helper.make_node("Conv", ["top", "w2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=[w1, w2, k],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    plan = finetune.choose_targets(model, {"c1": ["w1"], "y": ["w2"]}, supported={"Conv", "Relu"})
+    assert plan is not None and plan.subgraph
+    assert [t.tensor for t in plan.targets] == ["r1"]
+    assert plan.covered == ["c1"] and plan.uncovered == ["y"] and plan.trainable == ["w1"]
+    assert plan.blocked_by == ["TopK"]
+    # With every op supported, the loss is on the model's output.
+    whole = finetune.choose_targets(model, {"c1": ["w1"], "y": ["w2"]}, supported={"Conv", "Relu", "TopK"})
+    assert not whole.subgraph and [t.tensor for t in whole.targets] == ["y"]
+
+
+def test_convertible_copy_keeps_the_function_and_the_initializer_names():
+    model = conv_model(in_channels=3, out_channels=5, spatial=(11, 13), strides=(2, 2), auto_pad="SAME_UPPER",
+                       weight_as_constant_node=True)  # fmt: skip
+    copy = finetune.convertible_copy(model, {"x": (1, 3, 11, 13)})
+    assert "Constant" not in [n.op_type for n in copy.graph.node]
+    assert not any(a.name == "auto_pad" for n in copy.graph.node for a in n.attribute)
+    conv = next(n for n in copy.graph.node if n.op_type == "Conv")
+    assert conv.input[1] in {t.name for t in copy.graph.initializer}
+    feeds = {"x": random_input((1, 3, 11, 13))}
+    np.testing.assert_allclose(run(copy, feeds)[0], run(model, feeds)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_write_back_replaces_by_name_and_refuses_a_wrong_shape():
+    model = conv_model()
+    name = model.graph.initializer[0].name
+    old = initializers(model)
+    new = finetune.write_back(model, {name: old[name] * 2})
+    np.testing.assert_array_equal(initializers(new)[name], old[name] * 2)
+    assert initializers(model)[name].tolist() == old[name].tolist()  # the input model is not touched
+    with pytest.raises(ValueError, match="shape"):
+        finetune.write_back(model, {name: old[name][:1]})
+    with pytest.raises(ValueError, match="no initializer"):
+        finetune.write_back(model, {"nope": old[name]})
+
+
+class StandInTrainer:
+    """Records what the stage hands the trainer and returns chosen weights, so the plumbing is tested without
+    torch: scale every trainable weight by ``factor``."""
+
+    def __init__(self, factor: float, improves: bool = True):
+        self.factor, self.improves, self.calls = factor, improves, []
+
+    def train(self, student, teacher, trainable, targets, feeds, held_out, settings, progress=None):
+        self.calls.append({"trainable": list(trainable), "targets": list(targets), "feeds": len(feeds),
+                           "held_out": held_out, "settings": settings, "student_outputs": [o.name for o in student.graph.output]})  # fmt: skip
+        values = initializers(student)
+        return finetune_torch.TrainResult(
+            weights={name: values[name] * self.factor for name in trainable}, steps=5, seconds=0.1,
+            loss_before=1.0, loss_after=0.5 if self.improves else 2.0, held_out_before=1.0, held_out_after=0.5,
+            best_step=5 if self.improves else 0, trained=list(trainable),
+        )  # fmt: skip
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    def install(trainer: StandInTrainer):
+        monkeypatch.setattr(finetune, "require_stack", lambda: None)
+        monkeypatch.setattr(finetune_torch, "stack_label", lambda: "stand-in")
+        monkeypatch.setattr(finetune_torch, "supported_ops", lambda model: {n.op_type for n in model.graph.node})
+        monkeypatch.setattr(finetune_torch, "train", trainer.train)
+        return trainer
+
+    return install
+
+
+def test_trained_weights_reach_the_written_model_and_nothing_else_changes(stand_in):
+    trainer = stand_in(StandInTrainer(factor=1.5))
+    original = onnx.load(str(SAMPLES / "vgg_small.onnx"))
+    common = dict(rank=1, calibration=vgg_feeds(16), benchmark=False, latency_aware=False, include=("*",))
+    plain = dsrewrite.rewrite(original, **common)
+    tuned = dsrewrite.rewrite(original, **common, finetune_steps=5, finetune_lr=1e-3)
+    (call,) = trainer.calls
+    # Only the emitted depthwise/pointwise weights and biases are trained; the Gemm and untouched weights are not.
+    emitted_convs = [n for n in plain.model.graph.node if n.op_type == "Conv"]
+    owned = {name for n in emitted_convs for name in n.input[1:3] if name}
+    assert set(call["trainable"]) == owned
+    assert call["student_outputs"] == ["logits"] and call["feeds"] == 16 and call["held_out"] == 2
+    assert call["settings"].steps == 5 and call["settings"].learning_rate == 1e-3 and call["settings"].seed == 0
+    before, after = initializers(plain.model), initializers(tuned.model)
+    assert before.keys() == after.keys()
+    for name in before:
+        np.testing.assert_allclose(after[name], before[name] * (1.5 if name in owned else 1.0), rtol=1e-6)
+    summary = tuned.report.finetune
+    assert summary["ran"] and summary["written_back"] and summary["covered_convs"] == len(emitted_convs) // 2
+    assert any(note.startswith("fine-tuned") for note in tuned.report.notes)
+    assert tuned.report.to_dict()["finetune"]["steps"] == 5
+    # The written model is verified like any other (verification ran on the fine-tuned weights).
+    assert tuned.report.verification is not None
+
+
+def test_a_fine_tuning_that_does_not_lower_the_loss_keeps_the_closed_form_fit(stand_in):
+    stand_in(StandInTrainer(factor=3.0, improves=False))
+    original = onnx.load(str(SAMPLES / "vgg_small.onnx"))
+    common = dict(rank=1, calibration=vgg_feeds(8), benchmark=False, latency_aware=False, verify=False)
+    plain = dsrewrite.rewrite(original, **common)
+    tuned = dsrewrite.rewrite(original, **common, finetune_steps=5)
+    for name, value in initializers(plain.model).items():
+        np.testing.assert_array_equal(initializers(tuned.model)[name], value)
+    assert not tuned.report.finetune["written_back"]
+    assert any("closed-form fit is kept" in note for note in tuned.report.notes)
+
+
+def test_dry_run_and_no_rewritten_conv_do_not_train(stand_in):
+    trainer = stand_in(StandInTrainer(factor=2.0))
+    original = onnx.load(str(SAMPLES / "vgg_small.onnx"))
+    dsrewrite.rewrite(original, rank=1, calibration=vgg_feeds(4), dry_run=True, finetune_steps=3, benchmark=False)
+    result = dsrewrite.rewrite(original, rank=1, exclude=("*",), calibration=vgg_feeds(4), finetune_steps=3,
+                               benchmark=False, latency_aware=False)  # fmt: skip
+    assert trainer.calls == []
+    assert any("fine-tuning skipped" in note for note in result.report.notes)
+
+
+# -- with the stack (slow) -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@needs_stack
+def test_training_lowers_the_loss_is_reproducible_and_verifies():
+    original = onnx.load(str(SAMPLES / "vgg_small.onnx"))
+    feeds = vgg_feeds(16)
+    common = dict(rank=1, calibration=feeds, benchmark=False, latency_aware=False, finetune_steps=20,
+                  finetune_lr=1e-3, finetune_threads=1)  # fmt: skip
+    first = dsrewrite.rewrite(original, **common)
+    second = dsrewrite.rewrite(original, **common)
+    summary = first.report.finetune
+    assert summary["ran"] and summary["written_back"] and summary["steps"] == 20
+    assert summary["loss_after"] < 0.9 * summary["loss_before"]
+    assert first.model.SerializeToString() == second.model.SerializeToString()  # same inputs and seed
+    # The reported loss is the normalised MSE of the written model's outputs, as onnxruntime computes them.
+    teacher = np.concatenate([run(original, f)[0] for f in feeds])
+    student = np.concatenate([run(first.model, f)[0] for f in feeds])
+    assert finetune.normalised_mse(student, teacher, teacher.var()) == pytest.approx(summary["loss_after"], rel=0.05)
+
+
+@pytest.mark.slow
+@needs_stack
+def test_full_rank_fine_tuning_stays_exact():
+    """At full rank the closed-form fit is exact, so there is nothing to lower and the model is kept."""
+    original = onnx.load(str(SAMPLES / "vgg_small.onnx"))
+    feeds = vgg_feeds(8)
+    result = dsrewrite.rewrite(original, rank=9, calibration=feeds, benchmark=False, latency_aware=False,
+                               finetune_steps=5, finetune_threads=1)  # fmt: skip
+    for f in feeds[:2]:
+        np.testing.assert_allclose(run(result.model, f)[0], run(original, f)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@needs_stack
+def test_same_upper_and_constant_weights_convert_and_train():
+    model = conv_model(in_channels=8, out_channels=8, spatial=(12, 12), strides=(2, 2), auto_pad="SAME_UPPER",
+                       weight_as_constant_node=True, seed=4)  # fmt: skip
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(8)]
+    result = dsrewrite.rewrite(model, rank=1, calibration=feeds, benchmark=False, latency_aware=False,
+                               finetune_steps=10, finetune_lr=1e-2, finetune_threads=1)  # fmt: skip
+    summary = result.report.finetune
+    assert summary["ran"] and summary["covered_convs"] == 1 and not summary["subgraph"], summary
