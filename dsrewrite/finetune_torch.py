@@ -181,10 +181,10 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
     # Adam's steps are about lr in absolute size, whatever a tensor's scale; the factors' scales differ by orders
     # of magnitude (a depthwise kernel carries the singular value, its pointwise the unit vectors), so each
     # tensor's step is relative to its RMS.
-    optimizer = torch.optim.Adam(
-        [{"params": [p], "lr": settings.learning_rate * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)}
-         for p in parameters.values()],
-    )  # fmt: skip
+    groups = [{"params": [p], "lr": settings.learning_rate * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)}
+              for p in parameters.values()]  # fmt: skip
+    base_rates = [g["lr"] for g in groups]
+    optimizer = torch.optim.Adam(groups)
     rng = np.random.default_rng(settings.seed)
     order: list[int] = []
     evaluate_every = max(1, len(train_batches))  # once per pass over the training feeds
@@ -198,6 +198,9 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
             break
         if not order:
             order = list(rng.permutation(len(train_batches)))
+        scale = schedule(_progress(step, elapsed, settings))
+        for group, rate in zip(optimizer.param_groups, base_rates):
+            group["lr"] = rate * scale
         optimizer.zero_grad(set_to_none=True)
         batch = train_batches[order.pop()]
         if settings.mix > 0 and rng.random() < settings.mix:
@@ -206,7 +209,10 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
         loss.backward()
         optimizer.step()
         step += 1
-        if step % evaluate_every == 0 or (settings.steps is not None and step == settings.steps):
+        last = (settings.steps is not None and step == settings.steps) or (
+            settings.seconds is not None and time.perf_counter() - start >= settings.seconds
+        )
+        if step % evaluate_every == 0 or last:
             current = mean_loss(held_batches) if held_batches else mean_loss(train_batches)
             if current < best_loss:
                 best_loss, best_step = current, step
@@ -261,6 +267,31 @@ def _trainable_parameters(torch, module, model: onnx.ModelProto, trainable: Sequ
 
 def _initializer_shape(model: onnx.ModelProto, name: str) -> tuple[int, ...] | None:
     return next((tuple(t.dims) for t in model.graph.initializer if t.name == name), None)
+
+
+WARMUP = 0.05  # the share of the budget over which the step size ramps up
+
+
+def schedule(progress: float) -> float:
+    """The step-size factor at ``progress`` (0 → 1) of the budget: a linear warm-up, then a cosine decay to zero.
+
+    The factors start from a close fit; Adam's first steps are about full size in every coordinate at once, so
+    without a warm-up they knock the fit off before the gradient statistics settle, and the decay lets the last
+    steps settle instead of rattling around the minimum.
+    """
+    if progress < WARMUP:
+        return (progress + 1e-3) / WARMUP
+    return 0.5 * (1 + np.cos(np.pi * min(1.0, (progress - WARMUP) / (1 - WARMUP))))
+
+
+def _progress(step: int, elapsed: float, settings) -> float:
+    """How far into its budget (steps or seconds, whichever runs out first) training is."""
+    shares = []
+    if settings.steps is not None:
+        shares.append(step / settings.steps)
+    if settings.seconds is not None:
+        shares.append(elapsed / settings.seconds)
+    return max(shares)
 
 
 def _mixed(batch, batches, sess, tensors, inputs, rng):
