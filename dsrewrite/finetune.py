@@ -349,7 +349,11 @@ def run_finetune(working, rewritten, emitted, feeds, settings, seed, progress=No
     if not targets:
         return rewritten, summary, "fine-tuning skipped: the distillation targets are not tensors of the original model"
     inputs = [i.name for i in student.graph.input if i.name not in {t.name for t in student.graph.initializer}]
-    cut = onnx.utils.Extractor(student).extract_model(inputs, [t.tensor for t in targets])
+    tensors = [t.tensor for t in targets]
+    # Layer hints: the rewritten convs' outputs the loss reaches, matched alongside the targets (and names both
+    # models share: the rewrite keeps each conv's output name).
+    hints = [name for name in plan.covered if name not in tensors and _has_tensor(working, name)]
+    cut = onnx.utils.Extractor(_with_value_info(student, tensors + hints)).extract_model(inputs, tensors + hints)
     in_cut = {t.name for t in cut.graph.initializer}
     names = [name for name in plan.trainable if name in in_cut]
     held_out = len(feeds) // 8 if len(feeds) >= 8 else 0
@@ -362,11 +366,12 @@ def run_finetune(working, rewritten, emitted, feeds, settings, seed, progress=No
                  for t in targets],  # fmt: skip
         subgraph=plan.subgraph, covered_convs=len(plan.covered), uncovered_convs=plan.uncovered,
         blocked_ops=plan.blocked_by, trainable_initializers=len(names), calibration_feeds=len(feeds) - held_out,
-        held_out_feeds=held_out, learning_rate=settings.learning_rate, batch_size=settings.batch_size,
+        held_out_feeds=held_out, layer_hints=len(hints), learning_rate=settings.learning_rate, batch_size=settings.batch_size,
         threads=train_settings.threads, seed=seed,
     )  # fmt: skip
     try:
-        result = trainer.train(cut, working, names, targets, feeds, held_out, train_settings, _progress_with_detail(progress))
+        result = trainer.train(cut, working, names, targets, feeds, held_out, train_settings,
+                               _progress_with_detail(progress), hints=hints)  # fmt: skip
     except trainer.ConversionError as exc:
         summary["error"] = str(exc)
         return rewritten, summary, f"fine-tuning skipped: {summary['stack']} could not convert the rewritten model ({exc})"
@@ -393,6 +398,21 @@ def run_finetune(working, rewritten, emitted, feeds, settings, seed, progress=No
     model = write_back(rewritten, {name: result.weights[name] for name in result.trained})
     held = (f", held out {result.held_out_before:.4g} → {result.held_out_after:.4g}" if result.held_out_before is not None else "")
     return model, summary, head + f"{result.loss_after:.4g}{held} (best at step {result.best_step})" + where
+
+
+def _with_value_info(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """``model`` with a value_info for each of ``names`` (the extractor needs one for every new output): inferred
+    where shape inference reaches, else typeless."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 (inference is only a convenience here)
+        inferred = onnx.ModelProto()
+        inferred.CopyFrom(model)
+    known = {v.name for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    for name in names:
+        if name not in known:
+            inferred.graph.value_info.append(onnx.helper.make_empty_tensor_value_info(name))
+    return inferred
 
 
 def _blocked(ops: Sequence[str]) -> str:

@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .finetune import LOSS_KL, TEMPERATURE, Target
+from .finetune import LOSS_KL, LOSS_MSE, TEMPERATURE, Target
 
 
 def import_stack():
@@ -91,6 +91,9 @@ class TrainSettings:
     # batches, with the original model's outputs on that mix as the target. With a few hundred feeds the student
     # otherwise learns the feeds, not the function (held-out loss stalls while the training loss halves).
     mix: float = 0.75  # the share of steps on mixed inputs (0: the calibration feeds only)
+    # Layer hints: each rewritten conv's output is also matched (variance-normalised MSE), weighted against the
+    # outputs' loss. Far more numbers per feed than the outputs alone, so a few hundred feeds go further.
+    hint_weight: float = 1.0
 
 
 @dataclass
@@ -120,20 +123,24 @@ def train(
     held_out: int,
     settings: TrainSettings,
     progress: Callable[[str, int, int, str], None] | None = None,
+    hints: Sequence[str] = (),
 ) -> TrainResult:
-    """Train ``trainable`` of ``student_model`` (outputs: the targets' tensors) to match ``teacher_model``."""
+    """Train ``trainable`` of ``student_model`` to match ``teacher_model`` on ``targets`` (and, weighted by
+    ``settings.hint_weight``, on the ``hints`` tensors). ``student_model``'s outputs are the targets' tensors, then
+    the hints, in that order."""
     torch, onnx2torch = import_stack()
     torch.manual_seed(settings.seed)
     torch.use_deterministic_algorithms(True)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        return _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, feeds, held_out, settings, progress)
+        return _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, list(hints), feeds,
+                      held_out, settings, progress)  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, feeds, held_out, settings, progress):
+def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, hints, feeds, held_out, settings, progress):
     tensors = [t.tensor for t in targets]
     inputs = [i.name for i in student_model.graph.input if i.name not in {t.name for t in student_model.graph.initializer}]
     try:
@@ -143,38 +150,68 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
     module.eval()
     parameters = _trainable_parameters(torch, module, student_model, trainable)
 
-    sess = _teacher_session(teacher_model, tensors)
-    train_batches, held_batches = _batches(sess, tensors, feeds, inputs, held_out, settings.batch_size)
-    variances = [
-        float(np.var(np.concatenate([y[i].ravel() for _, y in train_batches + held_batches]))) for i in range(len(tensors))
-    ]
+    # The original model's tensors are computed per step (mixed inputs need that anyway, and the layer hints of a
+    # few hundred feeds would not fit in memory); only the held-out feeds' outputs are kept, for model selection.
+    teacher = _teacher_session(teacher_model, tensors + hints)
+    train_batches, held_batches = _batches(feeds, inputs, held_out, settings.batch_size)
 
-    def loss_of(batch) -> "torch.Tensor":
-        x, y = batch
-        outputs = module(*[torch.from_numpy(a) for a in x])
-        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        total = 0.0
-        for target, out, ref, var in zip(targets, outputs, y, variances):
-            ref = torch.from_numpy(ref)
-            if target.loss == LOSS_KL:
-                temperature = settings.temperature
-                log_p = torch.log_softmax(ref / temperature, dim=-1)
-                log_q = torch.log_softmax(out / temperature, dim=-1)
-                total = total + temperature**2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-            else:
-                total = total + ((out - ref) ** 2).mean() / max(var, 1e-12)
-        return total / len(targets)
-
-    def mean_loss(batch_list) -> float:
-        with torch.no_grad():
-            weights = [len(b[0][0]) for b in batch_list]
-            return float(sum(loss_of(b).item() * w for b, w in zip(batch_list, weights)) / max(sum(weights), 1))
+    def teach(x):
+        return [np.asarray(a, dtype=np.float32) for a in teacher.run(tensors + hints, dict(zip(inputs, x)))]
 
     try:
-        loss_before = mean_loss(train_batches + held_batches)
+        teach(train_batches[0])
+    except Exception:  # noqa: BLE001 (onnxruntime rejects a batch of several feeds: the model fixes its batch dim)
+        train_batches, held_batches = _batches(feeds, inputs, held_out, 1)
+    held = [(x, teach(x)[: len(tensors)]) for x in held_batches]
+    # Each tensor's loss is normalised by its variance: the outputs' over every feed (streamed), the hints' over
+    # the first batches (they are large).
+    moments = np.zeros((len(tensors), 3))
+    for x in train_batches + [x for x, _ in held]:
+        for i, y in enumerate(teach(x)[: len(tensors)]):
+            moments[i] += (y.size, float(y.sum(dtype=np.float64)), float(np.square(y, dtype=np.float64).sum()))
+    variances = [total_sq / n - (total / n) ** 2 for n, total, total_sq in moments]
+    probe = [teach(x)[len(tensors) :] for x in train_batches[:4]]
+    variances += [float(np.var(np.concatenate([y[i].ravel() for y in probe]))) for i in range(len(hints))]
+
+    def distance(target_loss, out, ref, var):
+        ref = torch.from_numpy(ref)
+        if target_loss == LOSS_KL:
+            temperature = settings.temperature
+            log_p = torch.log_softmax(ref / temperature, dim=-1)
+            log_q = torch.log_softmax(out / temperature, dim=-1)
+            return temperature**2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+        return ((out - ref) ** 2).mean() / max(var, 1e-12)
+
+    def run(x):
+        outputs = module(*[torch.from_numpy(a) for a in x])
+        return outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+
+    def output_loss(outputs, y):
+        pairs = zip(targets, outputs[: len(tensors)], y, variances)
+        return sum(distance(t.loss, out, ref, var) for t, out, ref, var in pairs) / len(targets)
+
+    def training_loss(x, y):
+        outputs = run(x)
+        loss = output_loss(outputs, y)
+        if hints and settings.hint_weight > 0:
+            pairs = zip(outputs[len(tensors) :], y[len(tensors) :], variances[len(tensors) :])
+            loss = loss + settings.hint_weight * sum(distance(LOSS_MSE, o, r, v) for o, r, v in pairs) / len(hints)
+        return loss
+
+    def mean_loss(batches) -> float:
+        """The output loss (what selection and the report use) over ``(inputs, output targets)`` batches."""
+        with torch.no_grad():
+            weights = [len(x[0]) for x, _ in batches]
+            return float(sum(output_loss(run(x), y).item() * w for (x, y), w in zip(batches, weights)) / max(sum(weights), 1))
+
+    def all_feeds_loss() -> float:
+        return mean_loss([(x, teach(x)[: len(tensors)]) for x in train_batches] + held)
+
+    try:
+        loss_before = all_feeds_loss()
     except Exception as exc:  # noqa: BLE001 (the converted module does not run: e.g. a shape it fixed)
         raise ConversionError(f"the converted model does not run: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from exc
-    held_before = mean_loss(held_batches) if held_batches else None
+    held_before = mean_loss(held) if held else None
     best = {name: p.detach().clone() for name, p in parameters.items()}
     best_loss, best_step = (held_before if held_before is not None else loss_before), 0
 
@@ -202,18 +239,18 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
         for group, rate in zip(optimizer.param_groups, base_rates):
             group["lr"] = rate * scale
         optimizer.zero_grad(set_to_none=True)
-        batch = train_batches[order.pop()]
+        x = train_batches[order.pop()]
         if settings.mix > 0 and rng.random() < settings.mix:
-            batch = _mixed(batch, train_batches, sess, tensors, inputs, rng)
-        loss = loss_of(batch)
+            x = _mixed(x, train_batches, rng)
+        loss = training_loss(x, teach(x))
         loss.backward()
         optimizer.step()
         step += 1
         last = (settings.steps is not None and step == settings.steps) or (
             settings.seconds is not None and time.perf_counter() - start >= settings.seconds
         )
-        if step % evaluate_every == 0 or last:
-            current = mean_loss(held_batches) if held_batches else mean_loss(train_batches)
+        if held and (step % evaluate_every == 0 or last):
+            current = mean_loss(held)
             if current < best_loss:
                 best_loss, best_step = current, step
                 best = {name: p.detach().clone() for name, p in parameters.items()}
@@ -221,10 +258,13 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
             done, total = (step, settings.steps) if settings.steps is not None else (int(elapsed), int(settings.seconds))
             progress("fine-tuning", done, total, f"loss {loss.item():.4g}")
     seconds = time.perf_counter() - start
-    with torch.no_grad():
-        for name, p in parameters.items():
-            p.copy_(best[name])
-    loss_after = mean_loss(train_batches + held_batches)
+    if held:  # the best weights by the held-out feeds; without any, the last ones
+        with torch.no_grad():
+            for name, p in parameters.items():
+                p.copy_(best[name])
+    else:
+        best_step = step
+    loss_after = all_feeds_loss()
     return TrainResult(
         weights={name: p.detach().numpy().copy() for name, p in parameters.items()},
         steps=step,
@@ -232,7 +272,7 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
         loss_before=loss_before,
         loss_after=loss_after,
         held_out_before=held_before,
-        held_out_after=best_loss if held_batches else None,
+        held_out_after=best_loss if held else None,
         best_step=best_step,
         trained=sorted(parameters),
         untrained=[name for name in trainable if name not in parameters],
@@ -294,28 +334,26 @@ def _progress(step: int, elapsed: float, settings) -> float:
     return max(shares)
 
 
-def _mixed(batch, batches, sess, tensors, inputs, rng):
-    """``batch`` mixed per sample with another training batch of the same shapes, and the original model's
-    outputs on the mix. Inputs that are not floating point (indices, masks) cannot be mixed: the batch is kept."""
-    x, y = batch
+def _mixed(x, batches, rng):
+    """Inputs ``x`` mixed per sample with another training batch of the same shapes. Inputs that are not
+    floating point (indices, masks) cannot be mixed: ``x`` is kept."""
     if not all(np.issubdtype(a.dtype, np.floating) for a in x):
-        return batch
-    partners = [b for b in batches if all(p.shape == a.shape for p, a in zip(b[0], x))]
-    other = partners[int(rng.integers(len(partners)))][0]
-    weight = rng.random(len(x[0])).astype(np.float32)
+        return x
+    partners = [b for b in batches if all(p.shape == a.shape for p, a in zip(b, x))]
+    other = partners[int(rng.integers(len(partners)))]
+    weight = rng.random(len(x[0]))
     mixed = []
     for a, b in zip(x, other):
         w = weight.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype)
         mixed.append(w * a + (1 - w) * b)
-    return mixed, [np.asarray(t, dtype=np.float32) for t in sess.run(list(tensors), dict(zip(inputs, mixed)))]
+    return mixed
 
 
-def _batches(sess, tensors, feeds, inputs, held_out, batch_size):
-    """Training and held-out mini-batches ``(inputs, original targets)``; the last ``held_out`` feeds are held out.
+def _batches(feeds, inputs, held_out, batch_size):
+    """Training and held-out mini-batches of inputs; the last ``held_out`` feeds are held out.
 
-    Feeds of one input shape are concatenated on axis 0, up to ``batch_size``; the targets come from running the
-    original model on the same batch (so a model whose outputs are not batch-first still lines up). A model that
-    takes no batch of several feeds is fed one at a time.
+    Feeds of one input shape are concatenated on axis 0, up to ``batch_size``. A model whose batch dim is fixed
+    (a feed of several samples would not fit it) is fed one feed at a time.
     """
     cut = len(feeds) - held_out
 
@@ -323,18 +361,13 @@ def _batches(sess, tensors, feeds, inputs, held_out, batch_size):
         groups: dict[tuple, list[int]] = {}
         for i in indices:
             groups.setdefault(tuple(np.shape(feeds[i][name]) for name in inputs), []).append(i)
-        out = []
-        for idx in groups.values():
-            for k in range(0, len(idx), size):
-                x = [np.concatenate([np.asarray(feeds[i][name]) for i in idx[k : k + size]]) for name in inputs]
-                y = [np.asarray(a, dtype=np.float32) for a in sess.run(list(tensors), dict(zip(inputs, x)))]
-                out.append((x, y))
-        return out
+        return [
+            [np.concatenate([np.asarray(feeds[i][name]) for i in idx[k : k + size]]) for name in inputs]
+            for idx in groups.values()
+            for k in range(0, len(idx), size)
+        ]
 
-    try:
-        return make(range(cut), batch_size), make(range(cut, len(feeds)), batch_size)
-    except Exception:  # noqa: BLE001 (onnxruntime rejects a batch: the model fixes its batch dim)
-        return make(range(cut), 1), make(range(cut, len(feeds)), 1)
+    return make(range(cut), batch_size), make(range(cut, len(feeds)), batch_size)
 
 
 def _teacher_session(model: onnx.ModelProto, tensors: Sequence[str]):

@@ -192,8 +192,8 @@ class StandInTrainer:
     def __init__(self, factor: float, improves: bool = True):
         self.factor, self.improves, self.calls = factor, improves, []
 
-    def train(self, student, teacher, trainable, targets, feeds, held_out, settings, progress=None):
-        self.calls.append({"trainable": list(trainable), "targets": list(targets), "feeds": len(feeds),
+    def train(self, student, teacher, trainable, targets, feeds, held_out, settings, progress=None, hints=()):
+        self.calls.append({"trainable": list(trainable), "targets": list(targets), "feeds": len(feeds), "hints": list(hints),
                            "held_out": held_out, "settings": settings, "student_outputs": [o.name for o in student.graph.output]})  # fmt: skip
         values = initializers(student)
         return finetune_torch.TrainResult(
@@ -226,7 +226,9 @@ def test_trained_weights_reach_the_written_model_and_nothing_else_changes(stand_
     emitted_convs = [n for n in plain.model.graph.node if n.op_type == "Conv"]
     owned = {name for n in emitted_convs for name in n.input[1:3] if name}
     assert set(call["trainable"]) == owned
-    assert call["student_outputs"] == ["logits"] and call["feeds"] == 16 and call["held_out"] == 2
+    # The loss is on the model's output, with each rewritten conv's output as a layer hint.
+    assert call["hints"] == ["c1", "c2"] and call["student_outputs"] == ["logits", "c1", "c2"]
+    assert call["feeds"] == 16 and call["held_out"] == 2
     assert call["settings"].steps == 5 and call["settings"].learning_rate == 1e-3 and call["settings"].seed == 0
     before, after = initializers(plain.model), initializers(tuned.model)
     assert before.keys() == after.keys()
