@@ -181,11 +181,14 @@ def loss_target(model: onnx.ModelProto, tensor: str) -> Target:
 
     Opset < 13 Softmax flattens the dims from its axis on; only the last axis means the same in every opset.
     """
-    producer = next((n for n in model.graph.node if tensor in n.output), None)
+    producers = {name: n for n in model.graph.node for name in n.output}
+    producer = producers.get(tensor)
+    while producer is not None and producer.op_type == "Identity":  # exporters end graphs in Identity nodes
+        producer = producers.get(producer.input[0])
     if producer is not None and producer.op_type == "Softmax":
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         axis = next((a.i for a in producer.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
-        rank = _rank(model, producer.input[0])
+        rank = _rank(model, producer.input[0]) or _rank(model, producer.output[0]) or _rank(model, tensor)
         if axis == -1 or (rank is not None and axis == rank - 1):
             return Target(producer.input[0], LOSS_KL, axis=-1, reported=tensor)
     return Target(tensor, LOSS_MSE, reported=tensor)

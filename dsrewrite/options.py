@@ -175,7 +175,7 @@ class FinetuneSettings:
 
     seconds: float | None = None
     steps: int | None = None
-    learning_rate: float = 1e-4  # Adam; the factors start from a close fit, so small steps
+    learning_rate: float = 3e-3  # Adam, relative to each tensor's RMS (finetune_torch: warm-up, cosine decay)
     batch_size: int = 8
     threads: int | None = None  # torch threads; None: every core
 

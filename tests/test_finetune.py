@@ -132,6 +132,25 @@ def test_softmax_outputs_are_distilled_on_their_logits_with_kl():
     assert (other.tensor, other.loss) == ("other", finetune.LOSS_MSE)
 
 
+def test_an_exporters_softmax_behind_an_identity_at_opset_12_is_found():
+    """PP-OCR's ends: Softmax(axis=2) on a rank-3 tensor at opset 12 (the last axis), or Softmax then Identity."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["prob"], axis=2),
+        helper.make_node("Identity", ["prob"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", 7])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", "t", 7])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    target = finetune.loss_target(model, "out")
+    assert (target.tensor, target.loss, target.name) == ("logits", finetune.LOSS_KL, "out")
+    # Not the last axis at opset 12 (softmax over the flattened trailing dims): no KL over one axis.
+    model.graph.node[1].CopyFrom(helper.make_node("Softmax", ["logits"], ["prob"], axis=1))
+    assert finetune.loss_target(model, "out").loss == finetune.LOSS_MSE
+
+
 def test_targets_stop_at_the_first_op_the_stack_cannot_take():
     """conv → Relu → TopK (not differentiable here) → output: the loss is put on the Relu output, and a conv past
     the TopK is reported as not covered."""
