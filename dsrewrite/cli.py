@@ -116,6 +116,9 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
               help="Fine-tune for at most N optimizer steps (with --seed: the same inputs give the same model).")
 @click.option("--finetune-lr", type=float, default=FinetuneSettings.learning_rate, show_default=True,
               help="Fine-tuning learning rate (Adam).")
+@click.option("--finetune-loss", type=click.Choice(["auto", "kl", "mse"]), default="auto", show_default=True,
+              help="Fine-tuning loss on the outputs: auto is KL on a softmax output's logits and MSE otherwise; kl "
+                   "treats every output as logits over its last axis (a classifier or CTC head without softmax).")
 @click.option("--sweep", is_flag=True, help="Add the MAC/error trade-off curve to the report.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
               help="Fix an input's dims for costing and verification (repeatable).")
@@ -151,7 +154,7 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv) to stderr.")
 @click.version_option(__version__, "--version", prog_name="dsrewrite")
 def command(model, output, rank, max_error, target_macs, allocate_by, target_latency, plan_in, plan_out, eval_script, latency_aware, benchmark,
-            threads, in_place_timing, quantize, finetune_seconds, finetune_steps, finetune_lr, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential, linear_fit,
+            threads, in_place_timing, quantize, finetune_seconds, finetune_steps, finetune_lr, finetune_loss, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential, linear_fit,
             fold_batchnorm, pass_list, verify, atol, rtol, reports, top, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
     """Rewrite the standard convolutions of MODEL into depthwise + pointwise convolutions."""
     _configure_logging(verbose, quiet)
@@ -192,7 +195,7 @@ def command(model, output, rank, max_error, target_macs, allocate_by, target_lat
         verify=VerifySettings(enabled=verify, atol=atol, rtol=rtol),
         report=ReportSettings(sweep=sweep),
         deploy=DeploySettings(quantize=quantize),
-        finetune=FinetuneSettings(seconds=finetune_seconds, steps=finetune_steps, learning_rate=finetune_lr),
+        finetune=FinetuneSettings(seconds=finetune_seconds, steps=finetune_steps, learning_rate=finetune_lr, loss=finetune_loss),
         input_shapes=shapes,
         seed=seed,
         dry_run=dry_run,

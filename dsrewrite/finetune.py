@@ -21,7 +21,7 @@ fine-tuning runs, and ``require_stack`` checks for it before any work is done.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -348,7 +348,7 @@ def run_finetune(working, rewritten, emitted, feeds, settings, seed, progress=No
             "fine-tuning skipped: no rewritten conv lies in the part of the model the fine-tuning stack can "
             "differentiate" + _blocked(differentiable_tensors(student, trainer.supported_ops(student))[1])
         )
-    targets = [t for t in plan.targets if _has_tensor(working, t.tensor)]
+    targets = [_with_loss(t, settings.loss) for t in plan.targets if _has_tensor(working, t.tensor)]
     if not targets:
         return rewritten, summary, "fine-tuning skipped: the distillation targets are not tensors of the original model"
     inputs = [i.name for i in student.graph.input if i.name not in {t.name for t in student.graph.initializer}]
@@ -401,6 +401,16 @@ def run_finetune(working, rewritten, emitted, feeds, settings, seed, progress=No
     model = write_back(rewritten, {name: result.weights[name] for name in result.trained})
     held = (f", held out {result.held_out_before:.4g} → {result.held_out_after:.4g}" if result.held_out_before is not None else "")
     return model, summary, head + f"{result.loss_after:.4g}{held} (best at step {result.best_step})" + where
+
+
+def _with_loss(target: Target, loss: str) -> Target:
+    """``--finetune-loss``: auto keeps the target's own (KL for a softmax output's logits, else MSE); kl treats
+    every target as logits over its last axis (a CTC or classifier head without its softmax); mse uses MSE."""
+    if loss == "kl":
+        return replace(target, loss=LOSS_KL, axis=-1)
+    if loss == "mse":
+        return replace(target, loss=LOSS_MSE)
+    return target
 
 
 def _with_value_info(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

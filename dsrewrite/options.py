@@ -165,6 +165,9 @@ class DeploySettings:
             raise UsageError(f"--quantize must be one of {', '.join(TARGETS)}, not {self.quantize!r}")
 
 
+FINETUNE_LOSSES = ("auto", "kl", "mse")
+
+
 @dataclass(frozen=True)
 class FinetuneSettings:
     """Distillation fine-tuning after the closed-form fit (the optional ``finetune`` extra: torch + onnx2torch).
@@ -178,6 +181,7 @@ class FinetuneSettings:
     learning_rate: float = 3e-3  # Adam, relative to each tensor's RMS (finetune_torch: warm-up, cosine decay)
     batch_size: int = 8
     threads: int | None = None  # torch threads; None: every core
+    loss: str = "auto"  # auto: KL on a softmax output's logits, else MSE; kl: every output is logits; mse
 
     @property
     def enabled(self) -> bool:
@@ -194,6 +198,8 @@ class FinetuneSettings:
             raise UsageError(f"--finetune-lr must be a positive number, not {self.learning_rate!r}")
         if not _positive_int(self.batch_size):
             raise UsageError(f"--finetune-batch-size must be a positive integer, not {self.batch_size!r}")
+        if self.loss not in FINETUNE_LOSSES:
+            raise UsageError(f"--finetune-loss must be one of {', '.join(FINETUNE_LOSSES)}, not {self.loss!r}")
         if self.threads is not None and not _positive_int(self.threads):
             raise UsageError(f"fine-tuning threads must be a positive integer, not {self.threads!r}")
         if self.enabled:
@@ -228,7 +234,7 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "sweep": ("report", "sweep"), "quantize": ("deploy", "quantize"),
     "finetune_seconds": ("finetune", "seconds"), "finetune_steps": ("finetune", "steps"),
     "finetune_lr": ("finetune", "learning_rate"), "finetune_batch_size": ("finetune", "batch_size"),
-    "finetune_threads": ("finetune", "threads"),
+    "finetune_threads": ("finetune", "threads"), "finetune_loss": ("finetune", "loss"),
 }  # fmt: skip
 # The order of the report's "settings" (kept stable for readers of the JSON).
 SETTINGS_ORDER = (
@@ -236,7 +242,7 @@ SETTINGS_ORDER = (
     "dry_run", "calibration", "calibration_samples", "sequential", "linear_fit", "distill", "target_macs", "target_latency", "plan",
     "evaluate", "eval_key", "sensitivity_cache", "sweep", "latency_aware", "benchmark", "threads", "latency_cache",
     "in_place_timing", "quantize", "allocate_by", "finetune_seconds", "finetune_steps", "finetune_lr",
-    "finetune_batch_size", "finetune_threads",
+    "finetune_batch_size", "finetune_threads", "finetune_loss",
 )  # fmt: skip
 GROUPS = {
     "decompose": DecomposeSettings, "calibration": CalibrationSettings, "latency": LatencySettings,

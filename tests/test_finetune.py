@@ -329,3 +329,17 @@ def test_same_upper_and_constant_weights_convert_and_train():
                                finetune_steps=10, finetune_lr=1e-2, finetune_threads=1)  # fmt: skip
     summary = result.report.finetune
     assert summary["ran"] and summary["covered_convs"] == 1 and not summary["subgraph"], summary
+
+
+@pytest.mark.parametrize("loss, expected", [("auto", "mse"), ("kl", "kl"), ("mse", "mse")])
+def test_the_loss_option_sets_every_targets_loss(stand_in, loss, expected):
+    trainer = stand_in(StandInTrainer(factor=1.0, improves=False))
+    dsrewrite.rewrite(small_net(), rank=1, calibration=small_feeds(8), benchmark=False, latency_aware=False,
+                      verify=False, finetune_steps=2, finetune_loss=loss)  # fmt: skip
+    (call,) = trainer.calls
+    assert [(t.tensor, t.loss) for t in call["targets"]] == [("logits", expected)]
+
+
+def test_an_unknown_loss_is_a_usage_error():
+    with pytest.raises(UsageError, match="--finetune-loss"):
+        dsrewrite.rewrite(small_net(), rank=1, calibration=small_feeds(2), finetune_steps=2, finetune_loss="l1")
