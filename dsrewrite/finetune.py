@@ -352,32 +352,50 @@ def run_finetune(working, rewritten, emitted, feeds, settings, seed, progress=No
     if not targets:
         return rewritten, summary, "fine-tuning skipped: the distillation targets are not tensors of the original model"
     inputs = [i.name for i in student.graph.input if i.name not in {t.name for t in student.graph.initializer}]
-    tensors = [t.tensor for t in targets]
     # Layer hints: the rewritten convs' outputs the loss reaches, matched alongside the targets (and names both
     # models share: the rewrite keeps each conv's output name).
-    hints = [name for name in plan.covered if name not in tensors and _has_tensor(working, name)]
-    cut = onnx.utils.Extractor(_with_value_info(student, tensors + hints)).extract_model(inputs, tensors + hints)
-    in_cut = {t.name for t in cut.graph.initializer}
-    names = [name for name in plan.trainable if name in in_cut]
+    hints = [name for name in plan.covered if name not in {t.tensor for t in targets} and _has_tensor(working, name)]
     held_out = len(feeds) // 8 if len(feeds) >= 8 else 0
     train_settings = trainer.TrainSettings(
         seconds=settings.seconds, steps=settings.steps, learning_rate=settings.learning_rate,
         batch_size=settings.batch_size, seed=seed, threads=settings.thread_count(),
     )  # fmt: skip
     summary.update(
-        targets=[{"tensor": t.name, "loss": t.loss, **({"logits": t.tensor, "temperature": TEMPERATURE} if t.loss == LOSS_KL else {})}
-                 for t in targets],  # fmt: skip
-        subgraph=plan.subgraph, covered_convs=len(plan.covered), uncovered_convs=plan.uncovered,
-        blocked_ops=plan.blocked_by, trainable_initializers=len(names), calibration_feeds=len(feeds) - held_out,
-        held_out_feeds=held_out, layer_hints=len(hints), learning_rate=settings.learning_rate, batch_size=settings.batch_size,
-        threads=train_settings.threads, seed=seed,
+        calibration_feeds=len(feeds) - held_out, held_out_feeds=held_out, learning_rate=settings.learning_rate,
+        batch_size=settings.batch_size, threads=train_settings.threads, seed=seed,
     )  # fmt: skip
-    try:
-        result = trainer.train(cut, working, names, targets, feeds, held_out, train_settings,
-                               _progress_with_detail(progress), hints=hints)  # fmt: skip
-    except trainer.ConversionError as exc:
-        summary["error"] = str(exc)
-        return rewritten, summary, f"fine-tuning skipped: {summary['stack']} could not convert the rewritten model ({exc})"
+    disagreement = ""
+    for attempt in range(2):
+        tensors = [t.tensor for t in targets]
+        cut = onnx.utils.Extractor(_with_value_info(student, tensors + hints)).extract_model(inputs, tensors + hints)
+        in_cut = {t.name for t in cut.graph.initializer}
+        names = [name for name in plan.trainable if name in in_cut]
+        summary.update(
+            targets=[{"tensor": t.name, "loss": t.loss, **({"logits": t.tensor, "temperature": TEMPERATURE} if t.loss == LOSS_KL else {})}
+                     for t in targets],  # fmt: skip
+            subgraph=plan.subgraph, covered_convs=len(plan.covered), uncovered_convs=plan.uncovered,
+            blocked_ops=plan.blocked_by, trainable_initializers=len(names), layer_hints=len(hints),
+        )  # fmt: skip
+        try:
+            result = trainer.train(cut, working, names, targets, feeds, held_out, train_settings,
+                                   _progress_with_detail(progress), hints=hints)  # fmt: skip
+            break
+        except trainer.Disagreement as exc:
+            # Distil to the rewritten convs' outputs the conversion gets right; those past them keep their fit.
+            agreeing = [name for name in exc.agreeing if name in plan.covered]
+            if attempt or not agreeing:
+                summary["error"] = str(exc)
+                return rewritten, summary, f"fine-tuning skipped: {summary['stack']} {exc}"
+            disagreement = str(exc)
+            outermost = _outermost(student, agreeing)
+            targets, hints = [Target(name, LOSS_MSE, reported=name) for name in outermost], [n for n in agreeing if n not in outermost]
+            plan = replace(plan, subgraph=True, covered=agreeing,
+                           uncovered=plan.uncovered + [n for n in plan.covered if n not in agreeing])  # fmt: skip
+        except trainer.ConversionError as exc:
+            summary["error"] = str(exc)
+            return rewritten, summary, f"fine-tuning skipped: {summary['stack']} could not convert the rewritten model ({exc})"
+    if disagreement:
+        summary["disagreement"] = disagreement
     summary.update(
         ran=True, steps=result.steps, seconds=round(result.seconds, 3), best_step=result.best_step,
         loss_before=result.loss_before, loss_after=result.loss_after,
@@ -385,10 +403,8 @@ def run_finetune(working, rewritten, emitted, feeds, settings, seed, progress=No
         untrained_initializers=result.untrained,
     )  # fmt: skip
     improved = result.loss_after < result.loss_before and result.best_step > 0
-    where = "" if not plan.subgraph else (
-        f"; distilled to {', '.join(t.name for t in targets)} (the model past it is not differentiable by the stack"
-        + _blocked(plan.blocked_by) + ")"
-    )  # fmt: skip
+    past = f"{disagreement} past it" if disagreement else "the model past it is not differentiable by the stack" + _blocked(plan.blocked_by)
+    where = "" if not plan.subgraph else f"; distilled to {', '.join(t.name for t in targets)} ({past})"
     if plan.uncovered:
         where += f"; {len(plan.uncovered)} rewritten conv(s) past it keep their closed-form fit"
     head = (

@@ -162,6 +162,8 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
         teach(train_batches[0])
     except Exception:  # noqa: BLE001 (onnxruntime rejects a batch of several feeds: the model fixes its batch dim)
         train_batches, held_batches = _batches(feeds, inputs, held_out, 1)
+    run = _runner(torch, module)
+    _check_conversion(torch, student_model, tensors + hints, run, train_batches[0], inputs)
     held = [(x, teach(x)[: len(tensors)]) for x in held_batches]
     # Each tensor's loss is normalised by its variance: the outputs' over every feed (streamed), the hints' over
     # the first batches (they are large).
@@ -181,10 +183,6 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
             log_q = torch.log_softmax(out / temperature, dim=-1)
             return temperature**2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
         return ((out - ref) ** 2).mean() / max(var, 1e-12)
-
-    def run(x):
-        outputs = module(*[torch.from_numpy(a) for a in x])
-        return outputs if isinstance(outputs, (tuple, list)) else (outputs,)
 
     def output_loss(outputs, y):
         pairs = zip(targets, outputs[: len(tensors)], y, variances)
@@ -307,6 +305,46 @@ def _trainable_parameters(torch, module, model: onnx.ModelProto, trainable: Sequ
 
 def _initializer_shape(model: onnx.ModelProto, name: str) -> tuple[int, ...] | None:
     return next((tuple(t.dims) for t in model.graph.initializer if t.name == name), None)
+
+
+# The converted module must compute what onnxruntime computes from the same ONNX model, or its gradients train
+# towards another function (onnx2torch is not exact on every exporter's graph).
+CONVERSION_TOLERANCE = 1e-3
+
+
+def _runner(torch, module):
+    def run(x):
+        outputs = module(*[torch.from_numpy(a) for a in x])
+        return outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+
+    return run
+
+
+def _check_conversion(torch, student_model, names, run, x, inputs) -> None:
+    """Raise ConversionError when the converted student disagrees with onnxruntime on the same model and batch."""
+    expected = _teacher_session(student_model, names).run(list(names), dict(zip(inputs, x)))
+    with torch.no_grad():
+        actual = [a.numpy() for a in run(x)]
+    errors = {}
+    for name, a, e in zip(names, actual, expected):
+        scale = max(float(np.abs(e).max()), 1e-12)
+        errors[name] = float(np.abs(a - e).max()) / scale if a.shape == e.shape else float("inf")
+    wrong = [name for name in names if not errors[name] <= CONVERSION_TOLERANCE]
+    if wrong:
+        raise Disagreement(
+            f"the converted model computes {wrong[0]} differently from onnxruntime (max relative error "
+            f"{errors[wrong[0]]:.2g})",
+            agreeing=[name for name in names if name not in wrong],
+        )
+
+
+class Disagreement(ConversionError):
+    """The converted module runs but computes some of its outputs differently; ``agreeing`` are the ones it gets
+    right (fine-tuning can still distil to those)."""
+
+    def __init__(self, message: str, agreeing: list[str]):
+        super().__init__(message)
+        self.agreeing = agreeing
 
 
 WARMUP = 0.05  # the share of the budget over which the step size ramps up

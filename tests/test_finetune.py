@@ -343,3 +343,25 @@ def test_the_loss_option_sets_every_targets_loss(stand_in, loss, expected):
 def test_an_unknown_loss_is_a_usage_error():
     with pytest.raises(UsageError, match="--finetune-loss"):
         dsrewrite.rewrite(small_net(), rank=1, calibration=small_feeds(2), finetune_steps=2, finetune_loss="l1")
+
+
+def test_a_conversion_that_disagrees_past_a_conv_distils_to_the_convs_it_gets_right(stand_in):
+    """When the converted model computes the outputs differently from onnxruntime but conv1's output right, the
+    loss moves to conv1's output and conv2 keeps its closed-form fit."""
+
+    class Disagreeing(StandInTrainer):
+        def train(self, student, *args, **kwargs):
+            if not self.calls:
+                self.calls.append(None)
+                raise finetune_torch.Disagreement("the converted model computes r2 differently", agreeing=["c1", "logits"])
+            return super().train(student, *args, **kwargs)
+
+    trainer = stand_in(Disagreeing(factor=1.0))
+    result = dsrewrite.rewrite(small_net(), rank=1, calibration=small_feeds(8), benchmark=False, latency_aware=False,
+                               verify=False, finetune_steps=2)  # fmt: skip
+    second = trainer.calls[1]
+    assert [t.tensor for t in second["targets"]] == ["c1"] and second["hints"] == []
+    assert set(second["trainable"]) == {"conv1/dw0/W", "conv1/pw/W", "conv1/pw/B"}
+    summary = result.report.finetune
+    assert summary["subgraph"] and summary["uncovered_convs"] == ["c2"] and "r2" in summary["disagreement"]
+    assert any("distilled to c1" in note for note in result.report.notes)
