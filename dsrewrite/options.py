@@ -202,10 +202,6 @@ class FinetuneSettings:
             raise UsageError(f"--finetune-loss must be one of {', '.join(FINETUNE_LOSSES)}, not {self.loss!r}")
         if self.threads is not None and not _positive_int(self.threads):
             raise UsageError(f"fine-tuning threads must be a positive integer, not {self.threads!r}")
-        if self.enabled:
-            from .finetune import require_stack  # noqa: PLC0415
-
-            require_stack()
 
     def thread_count(self) -> int:
         return self.threads or os.cpu_count() or 1
@@ -290,6 +286,10 @@ class RewriteOptions:
                 raise UsageError(f"--input-shape {name}: dims must be positive integers, got {list(dims)}")
         if self.finetune.enabled and self.calibration.data is None:
             raise UsageError("--finetune-seconds/--finetune-steps need --calibration data: the new factors are distilled on it")
+        if self.finetune.enabled:  # after the option checks: a wrong option is reported before a missing extra
+            from .finetune import require_stack  # noqa: PLC0415
+
+            require_stack()
         if self.deploy.quantize is not None and self.calibration.data is None:
             raise UsageError(
                 f"--quantize {self.deploy.quantize} needs --calibration data: static quantization calibrates "
