@@ -188,21 +188,24 @@ def loss_target(model: onnx.ModelProto, tensor: str) -> Target:
     if producer is not None and producer.op_type == "Softmax":
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         axis = next((a.i for a in producer.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
-        rank = _rank(model, producer.input[0]) or _rank(model, producer.output[0]) or _rank(model, tensor)
+        rank = _rank(model, (producer.input[0], producer.output[0], tensor))
         if axis == -1 or (rank is not None and axis == rank - 1):
             return Target(producer.input[0], LOSS_KL, axis=-1, reported=tensor)
     return Target(tensor, LOSS_MSE, reported=tensor)
 
 
-def _rank(model: onnx.ModelProto, tensor: str) -> int | None:
+def _rank(model: onnx.ModelProto, tensors: Sequence[str]) -> int | None:
+    """The rank shape inference gives the first of ``tensors`` it knows (all the same rank here), or None."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 (inference is only a hint here)
         return None
-    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        if value.name == tensor and value.type.tensor_type.HasField("shape"):
-            return len(value.type.tensor_type.shape.dim)
-    return None
+    ranks = {
+        value.name: len(value.type.tensor_type.shape.dim)
+        for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+        if value.type.tensor_type.HasField("shape")
+    }
+    return next((ranks[name] for name in tensors if name in ranks), None)
 
 
 # -- losses (numpy; the trainer has the same formulas in torch) --------------------------------
@@ -342,11 +345,12 @@ def run_finetune(working, rewritten, emitted, feeds, settings, seed, progress=No
         return rewritten, summary, "fine-tuning skipped: no rewritten conv has weights of its own to train"
     shapes = {name: np.shape(value) for name, value in feeds[0].items()}
     student = convertible_copy(rewritten, shapes)
-    plan = choose_targets(student, trainable, trainer.supported_ops(student))
+    supported = trainer.supported_ops(student)
+    plan = choose_targets(student, trainable, supported)
     if plan is None:
         return rewritten, summary, (
             "fine-tuning skipped: no rewritten conv lies in the part of the model the fine-tuning stack can "
-            "differentiate" + _blocked(differentiable_tensors(student, trainer.supported_ops(student))[1])
+            "differentiate" + _blocked(differentiable_tensors(student, supported)[1])
         )
     targets = [_with_loss(t, settings.loss) for t in plan.targets if _has_tensor(working, t.tensor)]
     if not targets:

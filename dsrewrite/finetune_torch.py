@@ -4,8 +4,8 @@ imports torch; ``dsrewrite.finetune`` decides what is trained and against what.
 The rewritten model (its convertible copy, cut at the distillation targets) becomes a ``torch.fx`` module; the
 Conv modules onnx2torch makes carry the ONNX names of their weight and bias (``onnx_mapping``), which is how a
 trainable initializer finds its parameter. Every other parameter and buffer is frozen. The original model's
-targets come from onnxruntime, once. Adam, shuffled mini-batches of calibration feeds, a held-out slice that
-picks the best weights; with a step cap and a seed the run is deterministic (deterministic algorithms, a fixed
+tensors come from onnxruntime on each step's batch. Adam, shuffled mini-batches of calibration feeds (mostly
+mixed), a held-out slice that picks the best weights; with a step cap and a seed the run is deterministic (deterministic algorithms, a fixed
 thread count).
 """
 
@@ -152,7 +152,7 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
 
     # The original model's tensors are computed per step (mixed inputs need that anyway, and the layer hints of a
     # few hundred feeds would not fit in memory); only the held-out feeds' outputs are kept, for model selection.
-    teacher = _teacher_session(teacher_model, tensors + hints)
+    teacher = _session_with_outputs(teacher_model, tensors + hints)
     train_batches, held_batches = _batches(feeds, inputs, held_out, settings.batch_size)
 
     def teach(x):
@@ -164,16 +164,6 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
         train_batches, held_batches = _batches(feeds, inputs, held_out, 1)
     run = _runner(torch, module)
     _check_conversion(torch, student_model, tensors + hints, run, train_batches[0], inputs)
-    held = [(x, teach(x)[: len(tensors)]) for x in held_batches]
-    # Each tensor's loss is normalised by its variance: the outputs' over every feed (streamed), the hints' over
-    # the first batches (they are large).
-    moments = np.zeros((len(tensors), 3))
-    for x in train_batches + [x for x, _ in held]:
-        for i, y in enumerate(teach(x)[: len(tensors)]):
-            moments[i] += (y.size, float(y.sum(dtype=np.float64)), float(np.square(y, dtype=np.float64).sum()))
-    variances = [total_sq / n - (total / n) ** 2 for n, total, total_sq in moments]
-    probe = [teach(x)[len(tensors) :] for x in train_batches[:4]]
-    variances += [float(np.var(np.concatenate([y[i].ravel() for y in probe]))) for i in range(len(hints))]
 
     def distance(target_loss, out, ref, var):
         ref = torch.from_numpy(ref)
@@ -202,14 +192,39 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
             weights = [len(x[0]) for x, _ in batches]
             return float(sum(output_loss(run(x), y).item() * w for (x, y), w in zip(batches, weights)) / max(sum(weights), 1))
 
-    def all_feeds_loss() -> float:
-        return mean_loss([(x, teach(x)[: len(tensors)]) for x in train_batches] + held)
+    def unscaled(x, y) -> list[float]:
+        """Each target's distance on one batch before the variance normalisation (MSE over variance 1)."""
+        with torch.no_grad():
+            return [distance(t.loss, out, ref, 1.0).item() for t, out, ref in zip(targets, run(x), y)]
 
+    def scaled(rows) -> float:
+        """``mean_loss`` from per-batch ``(samples, unscaled distances)`` once the variances are known."""
+        total = sum(w * sum(d if t.loss == LOSS_KL else d / max(v, 1e-12) for t, d, v in zip(targets, ds, variances))
+                    for w, ds in rows)  # fmt: skip
+        return float(total / len(targets) / max(sum(w for w, _ in rows), 1))
+
+    # One pass of both models over every feed gives what the start needs: each target's variance (the outputs'
+    # over every feed, streamed; the hints' over the first batches, which are large), the held-out outputs kept
+    # for selection, and the loss before training.
+    moments = np.zeros((len(tensors), 3))
+    rows, held, probe = [], [], []
     try:
-        loss_before = all_feeds_loss()
+        for index, x in enumerate(train_batches + held_batches):
+            y = teach(x)
+            outputs = y[: len(tensors)]
+            for i, a in enumerate(outputs):
+                moments[i] += (a.size, float(a.sum(dtype=np.float64)), float(np.square(a, dtype=np.float64).sum()))
+            rows.append((len(x[0]), unscaled(x, outputs)))
+            if index < min(4, len(train_batches)):
+                probe.append(y[len(tensors) :])
+            if index >= len(train_batches):
+                held.append((x, outputs))
     except Exception as exc:  # noqa: BLE001 (the converted module does not run: e.g. a shape it fixed)
         raise ConversionError(f"the converted model does not run: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from exc
-    held_before = mean_loss(held) if held else None
+    variances = [total_sq / n - (total / n) ** 2 for n, total, total_sq in moments]
+    variances += [float(np.var(np.concatenate([y[i].ravel() for y in probe]))) for i in range(len(hints))]
+    loss_before = scaled(rows)
+    held_before = scaled(rows[len(train_batches) :]) if held else None
     best = {name: p.detach().clone() for name, p in parameters.items()}
     best_loss, best_step = (held_before if held_before is not None else loss_before), 0
 
@@ -262,7 +277,7 @@ def _train(torch, onnx2torch, student_model, teacher_model, trainable, targets, 
                 p.copy_(best[name])
     else:
         best_step = step
-    loss_after = all_feeds_loss()
+    loss_after = mean_loss([(x, teach(x)[: len(tensors)]) for x in train_batches] + held)
     return TrainResult(
         weights={name: p.detach().numpy().copy() for name, p in parameters.items()},
         steps=step,
@@ -322,7 +337,7 @@ def _runner(torch, module):
 
 def _check_conversion(torch, student_model, names, run, x, inputs) -> None:
     """Raise ConversionError when the converted student disagrees with onnxruntime on the same model and batch."""
-    expected = _teacher_session(student_model, names).run(list(names), dict(zip(inputs, x)))
+    expected = _session_with_outputs(student_model, names).run(list(names), dict(zip(inputs, x)))
     with torch.no_grad():
         actual = [a.numpy() for a in run(x)]
     errors = {}
@@ -408,8 +423,9 @@ def _batches(feeds, inputs, held_out, batch_size):
     return make(range(cut), batch_size), make(range(cut, len(feeds)), batch_size)
 
 
-def _teacher_session(model: onnx.ModelProto, tensors: Sequence[str]):
-    """An onnxruntime session of the original model with the target tensors as its outputs."""
+def _session_with_outputs(model: onnx.ModelProto, tensors: Sequence[str]):
+    """An onnxruntime session of ``model`` with ``tensors`` as its outputs (the original's targets, or the
+    student's for the conversion check)."""
     from .verify import session  # noqa: PLC0415
 
     cut = onnx.ModelProto()
