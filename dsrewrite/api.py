@@ -62,6 +62,7 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
     sweep = stages.measure_and_decide(ctx, plans)  # a rank and form (or a reason) per conv
     stages.check_in_model(ctx, plans)  # latency-aware: revert what does not pay inside the whole model
     fitted = stages.fit(ctx, plans)  # factors fitted to calibration data
+    fitted = stages.guard_outputs(ctx, plans, fitted)  # all rewrites at once within --max-output-error (INT8: INT8's own)
     rewritten = stages.emit(ctx, plans, fitted, finishing)  # decompose_conv emits the plans, then e.g. cleanup
     rewritten = stages.finetune(ctx, rewritten)  # --finetune-seconds/-steps: the new factors distilled (extra)
     rewritten = stages.deploy(ctx, rewritten)  # --quantize int8

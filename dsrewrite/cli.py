@@ -82,6 +82,10 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
               help="Per-channel rank: an integer, 'full' (exact) or 'auto' (smallest within --max-error).")
 @click.option("--max-error", type=float, default=DEFAULT_MAX_ERROR, show_default=True,
               help="Per-layer bound on the estimated relative output error (--rank auto).")
+@click.option("--max-output-error", type=float, default=None, metavar="F",
+              help="With --calibration: all the rewrites at once may move the model's outputs by at most F (KL for "
+                   "probability outputs, relative MSE otherwise); convs are left alone, costliest first, until they "
+                   "do not. Default: off; with --quantize, the error of the quantization itself. inf: off.")
 @click.option("--target-macs", type=float, default=None, metavar="F",
               help="Allocate ranks so the eligible convs keep at most F (0 < F <= 1) of their MACs.")
 @click.option("--allocate-by", type=click.Choice(["output", "layer"]), default="output", show_default=True,
@@ -153,7 +157,7 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", count=True, help="Log progress (-v) or details (-vv) to stderr.")
 @click.version_option(__version__, "--version", prog_name="dsrewrite")
-def command(model, output, rank, max_error, target_macs, allocate_by, target_latency, plan_in, plan_out, eval_script, latency_aware, benchmark,
+def command(model, output, rank, max_error, max_output_error, target_macs, allocate_by, target_latency, plan_in, plan_out, eval_script, latency_aware, benchmark,
             threads, in_place_timing, quantize, finetune_seconds, finetune_steps, finetune_lr, finetune_loss, sweep, input_shapes, include, exclude, calibration, calibration_samples, sequential, linear_fit,
             fold_batchnorm, pass_list, verify, atol, rtol, reports, top, dry_run, overwrite, seed, quiet, verbose):  # fmt: skip
     """Rewrite the standard convolutions of MODEL into depthwise + pointwise convolutions."""
@@ -186,6 +190,7 @@ def command(model, output, rank, max_error, target_macs, allocate_by, target_lat
             rank=rank, max_error=max_error, include=tuple(include), exclude=tuple(exclude), fold_batchnorm=fold_batchnorm,
             target_macs=target_macs, target_latency=target_latency, plan=plan_in, evaluate=evaluate, eval_key=eval_key,
             sensitivity_cache=default_cache_path() if evaluate is not None else None, allocate_by=allocate_by,
+            max_output_error=max_output_error,
         ),
         calibration=CalibrationSettings(data=calibration, samples=calibration_samples, sequential=sequential, linear_fit=linear_fit),
         latency=LatencySettings(

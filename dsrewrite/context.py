@@ -42,6 +42,7 @@ class RewriteContext:
     warnings: list[str] = field(default_factory=list)  # the notes the CLI also prints as warning lines (see warn)
     emitted: dict[str, list[str]] = field(default_factory=dict)  # conv output -> the node names it was emitted as
     finetune: dict | None = None  # what fine-tuning did, for the report
+    output_guard: dict | None = None  # what the output guard measured and left alone, for the report
     _latency_cache: object = None
     _deployed_model: onnx.ModelProto | None = None
 

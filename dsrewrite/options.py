@@ -58,6 +58,10 @@ class DecomposeSettings:
     # What a MAC budget is allocated on with calibration data: "output" (each conv's effect on the model's
     # outputs, output_effect) or "layer" (each conv's own output NMSE).
     allocate_by: str = "output"
+    # The most all the fitted rewrites at once may move the model's outputs (output_effect's measure, on
+    # calibration feeds); convs are left alone until they do not. None: off, or under --quantize the error of
+    # the quantization itself; inf: off.
+    max_output_error: float | None = None
 
     def validate(self) -> None:
         if self.allocate_by not in ALLOCATE_BY:
@@ -67,6 +71,9 @@ class DecomposeSettings:
             raise UsageError(f"--rank must be a positive integer, 'full' or 'auto', not {rank!r}")
         if not (isinstance(self.max_error, (int, float)) and 0 < self.max_error < float("inf")):
             raise UsageError(f"--max-error must be a positive finite number, not {self.max_error!r}")
+        bound = self.max_output_error
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0):
+            raise UsageError(f"--max-output-error must be a positive number (inf: no bound), not {bound!r}")
         if self.target_macs is not None and not _fraction(self.target_macs):
             raise UsageError(f"--target-macs must be in (0, 1], not {self.target_macs!r}")
         if self.target_latency is not None and not _fraction(self.target_latency):
@@ -219,7 +226,7 @@ class ReportSettings:
 FLAT_NAMES: dict[str, tuple[str, str]] = {
     **{name: ("decompose", name) for name in (
         "rank", "max_error", "include", "exclude", "fold_batchnorm", "target_macs", "target_latency", "plan",
-        "evaluate", "eval_key", "sensitivity_cache", "allocate_by",
+        "evaluate", "eval_key", "sensitivity_cache", "allocate_by", "max_output_error",
     )},
     "calibration": ("calibration", "data"), "calibration_samples": ("calibration", "samples"),
     "sequential": ("calibration", "sequential"), "linear_fit": ("calibration", "linear_fit"),
@@ -238,7 +245,7 @@ SETTINGS_ORDER = (
     "dry_run", "calibration", "calibration_samples", "sequential", "linear_fit", "distill", "target_macs", "target_latency", "plan",
     "evaluate", "eval_key", "sensitivity_cache", "sweep", "latency_aware", "benchmark", "threads", "latency_cache",
     "in_place_timing", "quantize", "allocate_by", "finetune_seconds", "finetune_steps", "finetune_lr",
-    "finetune_batch_size", "finetune_threads", "finetune_loss",
+    "finetune_batch_size", "finetune_threads", "finetune_loss", "max_output_error",
 )  # fmt: skip
 GROUPS = {
     "decompose": DecomposeSettings, "calibration": CalibrationSettings, "latency": LatencySettings,
@@ -290,6 +297,9 @@ class RewriteOptions:
             from .finetune import require_stack  # noqa: PLC0415
 
             require_stack()
+        bound = self.decompose.max_output_error
+        if bound is not None and bound != float("inf") and self.calibration.data is None:
+            raise UsageError("--max-output-error needs --calibration data: the outputs are compared on it")
         if self.deploy.quantize is not None and self.calibration.data is None:
             raise UsageError(
                 f"--quantize {self.deploy.quantize} needs --calibration data: static quantization calibrates "

@@ -189,14 +189,28 @@ class OutputProbe:
                 kernel, bias = lowrank.reconstruct(factors).astype(self.dtypes[key]), np.asarray(fitted_bias).astype(self.dtypes[key])
             kernel_name, bias_name = self.inputs[key]
             weights[kernel_name], weights[bias_name] = kernel, bias
-        sums = [0.0] * len(self.measures)
-        for batch, reference in zip(self.feeds, self.references):
-            got = self.session.run(self.output_names, {**batch, **weights})
-            for index, measure in enumerate(self.measures):
-                sums[index] += divergence(measure, reference[index], got[index])
+        got = [self.session.run(self.output_names, {**batch, **weights}) for batch in self.feeds]
         self.runs += 1
         self.seconds += time.perf_counter() - start
+        return self.compare(got)
+
+    def compare(self, outputs: Sequence[Sequence[np.ndarray]]) -> float:
+        """The measure of ``outputs`` (per probe batch, the compared outputs in order) against the original's."""
+        sums = [0.0] * len(self.measures)
+        for got, reference in zip(outputs, self.references):
+            for index, measure in enumerate(self.measures):
+                sums[index] += divergence(measure, reference[index], got[index])
         return float(np.mean([total / measure.scale for total, measure in zip(sums, self.measures)]))
+
+    def error_of_model(self, model: onnx.ModelProto, *, threads: int = 1) -> float:
+        """The measure of another model with the same inputs and outputs (e.g. the original quantized) on the probe feeds."""
+        from .verify import session  # noqa: PLC0415
+
+        start = time.perf_counter()
+        sess = session(model, threads=threads)
+        got = [sess.run(self.output_names, batch) for batch in self.feeds]
+        self.seconds += time.perf_counter() - start
+        return self.compare(got)
 
     # -- curves --------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The stages of ``rewrite``, in the order it runs them; each reads and extends the RewriteContext.
 
-prepare → analyse → (measure → decide) → check in model → fit → emit → fine-tune → deploy → verify → benchmark → report
+prepare → analyse → (measure → decide) → check in model → fit → guard outputs → emit → fine-tune → deploy → verify → benchmark → report
 
 The pass list is declarative (``RewriteOptions.passes``, default
 ``dsrewrite.passes.DEFAULT_PASSES``): the passes before ``decompose_conv``
@@ -11,6 +11,7 @@ passes after it run on the rewritten model in the same pipeline.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Sequence
 
@@ -144,15 +145,24 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
 
 def fit(ctx: RewriteContext, plans: list[LayerPlan]) -> dict:
     """Fit the decided convs' factors to the calibration data; their figures go into the plans."""
-    from .distill import distill  # noqa: PLC0415
-
     if ctx.calibration is None:
         return {}
     if ctx.options.dry_run:
         ctx.notes.append("dry run: no fitting ran; errors are estimates")
         return {}
-    fit_options = ctx.options.calibration.fit_options(ctx.options.seed)
-    fitted = distill(ctx.model, plans, ctx.calibration, fit_options, ctx.progress)
+    fitted = _fit_plans(ctx, plans)
+    record_fits(plans, fitted)
+    return fitted
+
+
+def _fit_plans(ctx: RewriteContext, plans: Sequence[LayerPlan]) -> dict:
+    from .distill import distill  # noqa: PLC0415
+
+    return distill(ctx.model, plans, ctx.calibration, ctx.options.calibration.fit_options(ctx.options.seed), ctx.progress)
+
+
+def record_fits(plans: Sequence[LayerPlan], fitted: dict) -> None:
+    """The fitted factors' figures (errors, method, activation) into the plans of the convs they rewrite."""
     for plan in plans:
         layer = fitted.get(plan.output)
         if layer is not None and plan.rewritten and layer.factors.rank == plan.rank:
@@ -165,8 +175,41 @@ def fit(ctx: RewriteContext, plans: list[LayerPlan]) -> dict:
             plan.fit_target = layer.objective
             plan.activated_error = layer.activated_error
             plan.activated_error_linear = layer.activated_error_linear
-            if layer.note:
+            if layer.note and f"linear fit: {layer.note}" not in plan.notes:  # the output guard may fit again
                 plan.notes.append(f"linear fit: {layer.note}")
+
+
+def guard_outputs(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict) -> dict:
+    """``--max-output-error`` (default under ``--quantize``: INT8's own error): keep the cheapest rewrites whose
+    fits, all at once, move the model's outputs by at most the bound; the others are left alone."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    from .decide import revert  # noqa: PLC0415
+    from .output_guard import guard  # noqa: PLC0415
+
+    bound = ctx.options.decompose.max_output_error
+    if ctx.options.dry_run or ctx.calibration is None or not fitted or bound == math.inf:
+        return fitted
+    if bound is None and ctx.options.deploy.quantize is None:
+        return fitted
+
+    def fit_only(keys: set[str]) -> dict:
+        trial = []
+        for plan in plans:
+            if plan.rewritten and plan.output not in keys:
+                plan = replace(plan, notes=[])
+                revert(plan, "trial")
+            trial.append(plan)
+        return _fit_plans(ctx, trial)
+
+    guarded = guard(ctx, plans, fitted, bound, fit_only)
+    if guarded is None:
+        return fitted
+    outcome, fitted = guarded
+    if outcome.reverted:
+        record_fits(plans, fitted)
+    ctx.output_guard = outcome.record()
+    ctx.notes.append(outcome.note())
     return fitted
 
 
@@ -373,4 +416,5 @@ def report(ctx, plans, verification, bench, sweep_points) -> Report:
         notes=ctx.notes,
         sweep=sweep_points,
         finetune=ctx.finetune,
+        output_guard=ctx.output_guard,
     )

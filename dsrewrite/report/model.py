@@ -84,6 +84,8 @@ class Report:
     sweep: list[dict[str, Any]] | None = None
     # What distillation fine-tuning did (steps, seconds, losses, stack, targets), when it ran.
     finetune: dict[str, Any] | None = None
+    # What the output guard measured and left alone (output_guard.GuardOutcome.record), when it ran.
+    output_guard: dict[str, Any] | None = None
 
     @property
     def totals(self) -> Totals:
@@ -109,6 +111,8 @@ class Report:
             data["sweep"] = self.sweep
         if self.finetune is not None:
             data["finetune"] = self.finetune
+        if self.output_guard is not None:
+            data["output_guard"] = self.output_guard
         return data
 
     def data(self) -> dict[str, Any]:

@@ -1,0 +1,179 @@
+"""The output guard: the rewrite may move the model's outputs by at most a bound.
+
+Every strategy decides conv by conv, from estimates: layer errors, or
+output-level errors measured one conv at a time. What a user ships is all
+the rewrites at once. After the fit, this stage measures exactly that: the
+model with every decided conv computing its *fitted* factors (the dense
+kernel they compute, ``lowrank.reconstruct``; the same function the emitted
+depthwise + pointwise pair computes), against the original, on calibration
+feeds, with the output measure of ``output_effect`` (KL for outputs that are
+distributions over their last axis, relative MSE otherwise).
+
+When that joint error is over the bound, the rewrites are ranked by cost: each
+conv's output-level error alone at its rank (``model_output_error`` when the
+allocation measured it, else the model with only that conv computing its fit)
+per unit of what it saves (in-model or per-conv time when every rewrite was
+timed, MACs otherwise). The guard then keeps the longest cheapest-first prefix
+whose rewrites, fitted again *as that set*, stay within the bound: a binary
+search, so a model with n rewritten convs costs about log2(n) extra fits.
+Refitting matters: a sequential fit compensates for the rewritten convs
+before it, so dropping a conv without refitting the rest leaves fits that
+correct an error no longer there (measured: restoring any one conv of a
+captcha reader's rank-2 rewrite *raised* the joint error). For the same
+reason, marginal errors (joint minus joint with one conv restored) rank
+nothing and are not used. ``error_kept`` is measured on the factors emitted.
+
+**The bound.** ``--max-output-error F`` sets it. Under ``--quantize int8`` it
+defaults to the output error of INT8 itself: the prepared model, quantized the
+same way with no conv rewritten, measured on the same feeds. So the rewrite
+adds at most as much error as the quantization the user accepted, and a model
+on which only accuracy-costly rewrites pay in INT8 keeps its convs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+
+from .plan import LayerPlan
+
+if TYPE_CHECKING:
+    from .context import RewriteContext
+
+# Calibration feeds the joint error is measured on: twice the allocation probe's, since one number decides.
+GUARD_FEEDS = 16
+
+
+@dataclass
+class GuardOutcome:
+    """What the guard measured and did; ``record()`` is the report's ``output_guard``."""
+
+    bound: float
+    bound_source: str  # "--max-output-error" or "INT8 without rewrite"
+    measure: str
+    feeds: int
+    error_before: float  # every decided rewrite at once
+    error_after: float  # what is kept
+    reverted: list[str] = field(default_factory=list)  # node names, in the order they were left alone
+    runs: int = 0
+    seconds: float = 0.0  # the guard's own time, refits included
+
+    def record(self) -> dict:
+        return {
+            "bound": self.bound,
+            "bound_source": self.bound_source,
+            "measure": self.measure,
+            "feeds": self.feeds,
+            "error_all_rewrites": self.error_before,
+            "error_kept": self.error_after,
+            "reverted": list(self.reverted),
+            "runs": self.runs,
+            "seconds": round(self.seconds, 3),
+        }
+
+    def note(self) -> str:
+        head = (
+            f"output guard ({self.measure}, {self.feeds} calibration feed(s)): all decided rewrites at once move the "
+            f"outputs by {self.error_before:.4g}, bound {self.bound:.4g} ({self.bound_source})"
+        )
+        if not self.reverted:
+            return head + ": every rewrite kept"
+        return head + (
+            f": {len(self.reverted)} conv(s) left alone (the costliest error per saving) and the rest fitted again, "
+            f"which brings it to {self.error_after:.4g}"
+        )
+
+
+def savings(plans: Sequence[LayerPlan]) -> tuple[dict[str, float], str]:
+    """What each rewritten conv saves, in one unit for all: ms (in the model, else alone) when every one was timed."""
+    in_model = {p.output: p.in_model_before_ms - p.in_model_after_ms for p in plans
+                if p.in_model_before_ms is not None and p.in_model_after_ms is not None}  # fmt: skip
+    if in_model and len(in_model) == len(plans):
+        return in_model, "ms in the model"
+    alone = {p.output: p.latency_before_ms - p.latency_after_ms for p in plans
+             if p.latency_before_ms is not None and p.latency_after_ms is not None}  # fmt: skip
+    if alone and len(alone) == len(plans):
+        return alone, "ms"
+    return {p.output: float((p.macs_before or p.macs_per_pixel_before) - (p.macs_after or p.macs_per_pixel_after))
+            for p in plans}, "MACs"  # fmt: skip
+
+
+def admission_order(alone: Mapping[str, float], saved: Mapping[str, float]) -> list[str]:
+    """Convs by error alone per unit saved, lowest first (a conv that saves nothing comes last)."""
+
+    def cost(key: str) -> float:
+        gain = saved.get(key, 0.0)
+        return math.inf if gain <= 0 else alone[key] / gain
+
+    return sorted(alone, key=lambda k: (cost(k), alone[k], k))
+
+
+def guard(
+    ctx: "RewriteContext", plans: Sequence[LayerPlan], fitted: Mapping, bound: float | None,
+    fit_only: Callable[[set[str]], Mapping],
+) -> tuple[GuardOutcome, Mapping] | None:  # fmt: skip
+    """Leave convs alone (``decide.revert``) until the fitted rewrites move the outputs by at most the bound.
+
+    ``bound=None``: the INT8-without-rewrite error (``--quantize int8``). ``fit_only(keys)``: the factors when only
+    the convs in ``keys`` are rewritten. Returns the outcome and the factors to emit, or None when there is nothing
+    to guard or the outputs cannot be compared (a note says which).
+    """
+    from .decide import revert  # noqa: PLC0415
+    from .output_effect import NotComparable, OutputProbe, probe_feeds  # noqa: PLC0415
+
+    todo = [p for p in plans if p.rewritten and p.graph == "main" and p.output in fitted
+            and fitted[p.output].factors.rank == p.rank]  # fmt: skip
+    if not todo:
+        return None
+    start = time.perf_counter()
+    threads = os.cpu_count() or 1
+    feeds = probe_feeds(ctx.calibration, len(ctx.calibration), GUARD_FEEDS)
+    try:
+        probe = OutputProbe.open(ctx.model, [p.output for p in todo], feeds, threads=threads)
+    except NotComparable as exc:
+        ctx.notes.append(f"output guard skipped: the model's outputs cannot be compared ({exc})")
+        return None
+    source = "--max-output-error"
+    if bound is None:
+        bound, source = probe.error_of_model(ctx.deployed_model(), threads=threads), "INT8 without rewrite"
+
+    def joint(factors: Mapping, keys) -> float:
+        return probe.error({k: (factors[k].factors, factors[k].bias) for k in keys}) if keys else 0.0
+
+    error = joint(fitted, [p.output for p in todo])
+    outcome = GuardOutcome(bound, source, probe.describe(), len(feeds), error, error)
+    if error > bound:
+        alone = {p.output: p.model_output_error if p.model_output_error is not None else joint(fitted, [p.output])
+                 for p in todo}  # fmt: skip
+        saved, unit = savings(todo)
+        order = admission_order(alone, saved)
+        kept, fitted, outcome.error_after = 0, {}, 0.0
+        low, high = 0, len(order)  # invariant: the first `low` fit within the bound, the first `high` do not
+        while high - low > 1:
+            middle = (low + high) // 2
+            trial = fit_only(set(order[:middle]))
+            trial_error = joint(trial, order[:middle])
+            if trial_error <= bound:
+                low, fitted, outcome.error_after = middle, trial, trial_error
+            else:
+                high = middle
+        kept = low
+        for key in order[kept:]:
+            plan = next(p for p in todo if p.output == key)
+            _forget_fit(plan)
+            revert(plan, f"left alone by the output guard: all rewrites at once moved the outputs by {error:.3g}, over "
+                         f"the bound {bound:.3g} ({source}); this conv alone costs {alone[key]:.3g} for "
+                         f"{saved.get(key, 0.0):.3g} {unit} saved")  # fmt: skip
+            outcome.reverted.append(plan.node or plan.output)
+    outcome.runs, outcome.seconds = probe.runs, time.perf_counter() - start
+    return outcome, fitted
+
+
+def _forget_fit(plan: LayerPlan) -> None:
+    """A conv left alone after its fit: the fit's figures describe factors that are not emitted."""
+    plan.output_error = plan.output_error_data_free = plan.fit_seconds = None
+    plan.activation = plan.fit_target = plan.activated_error = plan.activated_error_linear = None
+    plan.fit = "data-free"
