@@ -1,0 +1,107 @@
+"""The output guard: all the fitted rewrites at once may move the model's outputs by at most a bound."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import dsrewrite_cli, run
+from test_output_effect import feeds, two_branch_model
+
+import dsrewrite
+from dsrewrite.errors import UsageError
+from dsrewrite.output_effect import choose_measure, divergence
+from dsrewrite.output_guard import GUARD_FEEDS, admission_order, savings
+from dsrewrite.plan import LayerPlan
+
+
+def relative_mse(original, rewritten, data) -> float:
+    """The guard's own measure, computed independently: both models run in onnxruntime on ``data``."""
+    references = [run(original, feed)[0] for feed in data]
+    got = [run(rewritten, feed)[0] for feed in data]
+    measure = choose_measure("y", references)
+    return sum(divergence(measure, r, g) for r, g in zip(references, got)) / measure.scale
+
+
+def guarded(bound, **options):
+    model = two_branch_model()
+    result = dsrewrite.rewrite(model, rank=1, calibration=feeds(8), max_output_error=bound, latency_aware=False, **options)
+    return model, result, {layer.node: layer for layer in result.report.layers}
+
+
+def test_admission_order_is_error_per_saving_and_a_conv_that_saves_nothing_comes_last():
+    alone = {"a": 0.4, "b": 0.1, "c": 0.1, "d": 0.0}
+    saved = {"a": 4.0, "b": 0.5, "c": 2.0, "d": 0.0}
+    assert admission_order(alone, saved) == ["c", "a", "b", "d"]  # 0.05, 0.1, 0.2 per unit; d saves nothing
+
+
+def test_savings_are_in_one_unit_for_every_conv():
+    def plan(output, **kw):
+        base = dict(node=output, op="Conv", status="rewritten", reason=None, rank=1, form=None, kernel=[3, 3],
+                    in_channels=4, out_channels=4, group=1, macs_before=100, macs_after=40, params_before=1,
+                    params_after=1, output=output)  # fmt: skip
+        return LayerPlan(**{**base, **kw})
+
+    timed = [plan("a", in_model_before_ms=2.0, in_model_after_ms=1.5), plan("b", in_model_before_ms=1.0, in_model_after_ms=0.25)]
+    assert savings(timed) == ({"a": 0.5, "b": 0.75}, "ms in the model")
+    partly = [timed[0], plan("b")]  # one conv was not timed: MACs for both rather than mixed units
+    assert savings(partly) == ({"a": 60.0, "b": 60.0}, "MACs")
+
+
+def test_a_bound_between_the_two_convs_keeps_the_quiet_one_and_reverts_the_loud_one():
+    # conv_a's errors reach the output 100x louder than conv_b's: at rank 1 only conv_b fits a middling bound.
+    model, loose, _ = guarded(1e9)
+    assert loose.report.output_guard["reverted"] == []
+    everything = loose.report.output_guard["error_all_rewrites"]
+    model, result, layers = guarded(everything / 10)
+    record = result.report.output_guard
+    assert record["bound_source"] == "--max-output-error" and record["feeds"] == min(GUARD_FEEDS, 8)
+    assert record["reverted"] == ["conv_a"]
+    assert layers["conv_a"].status == "skipped" and "output guard" in layers["conv_a"].reason
+    assert layers["conv_a"].output_error is None and layers["conv_a"].rank is None
+    assert layers["conv_b"].status == "rewritten"
+    assert 0 < record["error_kept"] <= everything / 10
+    # Honest: the kept error is what the delivered model does on the calibration feeds.
+    assert math.isclose(relative_mse(model, result.model, feeds(8)), record["error_kept"], rel_tol=1e-3)
+    assert any(note.startswith("output guard (relative MSE on 'y'") for note in result.report.notes)
+    assert result.report.data()["output_guard"]["error_kept"] == pytest.approx(record["error_kept"])
+
+
+def test_a_bound_nothing_fits_leaves_the_model_as_it_was():
+    model, result, layers = guarded(1e-12)
+    assert sorted(result.report.output_guard["reverted"]) == ["conv_a", "conv_b"]
+    assert result.report.output_guard["error_kept"] == 0.0
+    assert all(layer.status == "skipped" for layer in layers.values())
+    data = feeds(2, seed=5)
+    for feed in data:
+        np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_no_bound_no_guard_and_inf_turns_the_quantized_default_off():
+    _, result, _ = guarded(None)
+    assert result.report.output_guard is None and "output_guard" not in result.report.data()
+    _, result, _ = guarded(math.inf)
+    assert result.report.output_guard is None
+
+
+def test_under_int8_the_bound_is_int8s_own_error():
+    _, result, _ = guarded(None, quantize="int8")
+    record = result.report.output_guard
+    assert record is not None and record["bound_source"] == "INT8 without rewrite"
+    assert 0 < record["bound"] < 1
+    assert record["error_kept"] <= record["bound"]
+
+
+@pytest.mark.parametrize("bound", [0, -1.0, float("nan"), "0.1", True])
+def test_the_bound_is_validated(bound):
+    with pytest.raises(UsageError, match="--max-output-error"):
+        dsrewrite.rewrite(two_branch_model(), rank=1, calibration=feeds(2), max_output_error=bound)
+
+
+def test_the_bound_needs_calibration_data(tmp_model):
+    with pytest.raises(UsageError, match="--max-output-error needs --calibration"):
+        dsrewrite.rewrite(two_branch_model(), rank=1, max_output_error=0.1)
+    code, out, err = dsrewrite_cli(tmp_model(two_branch_model()), "--dry-run", "--rank", "1", "--max-output-error", "0.1")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == ["error: --max-output-error needs --calibration data: the outputs are compared on it"]
