@@ -81,9 +81,10 @@ class GuardOutcome:
         )
         if not self.reverted:
             return head + ": every rewrite kept"
+        hint = "; --max-output-error sets another bound, inf none" if self.bound_source != "--max-output-error" else ""
         return head + (
             f": {len(self.reverted)} conv(s) left alone (the costliest error per saving) and the rest fitted again, "
-            f"which brings it to {self.error_after:.4g}"
+            f"which brings it to {self.error_after:.4g}{hint}"
         )
 
 

@@ -105,3 +105,16 @@ def test_the_bound_needs_calibration_data(tmp_model):
     code, out, err = dsrewrite_cli(tmp_model(two_branch_model()), "--dry-run", "--rank", "1", "--max-output-error", "0.1")
     assert code == 2 and out == ""
     assert err.strip().splitlines() == ["error: --max-output-error needs --calibration data: the outputs are compared on it"]
+
+
+def test_under_a_mac_budget_the_guard_ranks_by_the_allocations_output_level_errors():
+    model = two_branch_model()
+    options = dict(rank=1, target_macs=0.6, calibration=feeds(8), latency_aware=False)
+    free = dsrewrite.rewrite(model, **options)
+    assert {layer.node for layer in free.report.layers if layer.rewritten} == {"conv_a", "conv_b"}
+    everything = {layer.node: layer.model_output_error for layer in free.report.layers}
+    assert everything["conv_a"] > 10 * everything["conv_b"] > 0
+    result = dsrewrite.rewrite(model, **options, max_output_error=2 * everything["conv_b"])
+    assert result.report.output_guard["reverted"] == ["conv_a"]
+    assert result.report.output_guard["error_kept"] <= 2 * everything["conv_b"]
+    assert any("MAC budget" in note or "--target-macs" in note for note in result.report.notes)
