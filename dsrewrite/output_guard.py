@@ -114,12 +114,12 @@ def admission_order(alone: Mapping[str, float], saved: Mapping[str, float]) -> l
 
 def guard(
     ctx: "RewriteContext", plans: Sequence[LayerPlan], fitted: Mapping, bound: float | None,
-    fit_only: Callable[[set[str]], Mapping],
+    fit_without: Callable[[set[str]], Mapping],
 ) -> tuple[GuardOutcome, Mapping] | None:  # fmt: skip
     """Leave convs alone (``decide.revert``) until the fitted rewrites move the outputs by at most the bound.
 
-    ``bound=None``: the INT8-without-rewrite error (``--quantize int8``). ``fit_only(keys)``: the factors when only
-    the convs in ``keys`` are rewritten. Returns the outcome and the factors to emit, or None when there is nothing
+    ``bound=None``: the INT8-without-rewrite error (``--quantize int8``). ``fit_without(keys)``: the factors when the
+    convs in ``keys`` are left alone. Returns the outcome and the factors to emit, or None when there is nothing
     to guard or the outputs cannot be compared (a note says which).
     """
     from .decide import revert  # noqa: PLC0415
@@ -151,18 +151,17 @@ def guard(
                  for p in todo}  # fmt: skip
         saved, unit = savings(todo)
         order = admission_order(alone, saved)
-        kept, fitted, outcome.error_after = 0, {}, 0.0
+        fitted, outcome.error_after = fit_without(set(order)), 0.0
         low, high = 0, len(order)  # invariant: the first `low` fit within the bound, the first `high` do not
         while high - low > 1:
             middle = (low + high) // 2
-            trial = fit_only(set(order[:middle]))
+            trial = fit_without(set(order[middle:]))
             trial_error = joint(trial, order[:middle])
             if trial_error <= bound:
                 low, fitted, outcome.error_after = middle, trial, trial_error
             else:
                 high = middle
-        kept = low
-        for key in order[kept:]:
+        for key in order[low:]:
             plan = next(p for p in todo if p.output == key)
             _forget_fit(plan)
             revert(plan, f"left alone by the output guard: all rewrites at once moved the outputs by {error:.3g}, over "

@@ -193,16 +193,16 @@ def guard_outputs(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict) -> 
     if bound is None and ctx.options.deploy.quantize is None:
         return fitted
 
-    def fit_only(keys: set[str]) -> dict:
+    def fit_without(left_alone: set[str]) -> dict:
         trial = []
         for plan in plans:
-            if plan.rewritten and plan.output not in keys:
+            if plan.output in left_alone:
                 plan = replace(plan, notes=[])
-                revert(plan, "trial")
+                revert(plan, "a trial of the output guard")
             trial.append(plan)
-        return _fit_plans(ctx, trial)
+        return _fit_plans(ctx, trial) if any(p.rewritten for p in trial) else {}
 
-    guarded = guard(ctx, plans, fitted, bound, fit_only)
+    guarded = guard(ctx, plans, fitted, bound, fit_without)
     if guarded is None:
         return fitted
     outcome, fitted = guarded
