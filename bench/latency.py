@@ -11,7 +11,10 @@ Each model is rewritten once per ``--timing`` mode: ``in-place`` (decisions from
 
 Usage:
     python bench/latency.py [--models captcha_crnn ...] [--target 0.5] [--threads 1] [--no-latency-aware]
-                            [--timing in-place alone] [--n N]
+                            [--timing in-place alone] [--n N] [--min-efficiency E]
+
+``--min-efficiency E`` sets ``dsrewrite.decide.MIN_EFFICIENCY`` for the run (the share of its MAC-predicted time
+saving a rank must realise to be preferred under a MAC budget), to study the efficiency/accuracy trade-off.
 """
 
 from __future__ import annotations
@@ -42,8 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--timing", nargs="+", default=["in-place", "alone"], choices=["in-place", "alone"])
+    parser.add_argument("--min-efficiency", type=float, default=None, help="override decide.MIN_EFFICIENCY")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
+    if args.min_efficiency is not None:
+        import dsrewrite.decide  # noqa: PLC0415
+
+        dsrewrite.decide.MIN_EFFICIENCY = args.min_efficiency
 
     print(
         "| model | timing | eligible MAC ratio | conv share of time | latency before → after (ms) | speedup | Amdahl | "
