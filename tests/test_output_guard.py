@@ -118,3 +118,9 @@ def test_under_a_mac_budget_the_guard_ranks_by_the_allocations_output_level_erro
     assert result.report.output_guard["reverted"] == ["conv_a"]
     assert result.report.output_guard["error_kept"] <= 2 * everything["conv_b"]
     assert any("MAC budget" in note or "--target-macs" in note for note in result.report.notes)
+
+
+def test_a_dry_run_says_the_guard_would_run_after_the_fit():
+    result = dsrewrite.rewrite(two_branch_model(), rank=1, calibration=feeds(4), max_output_error=1e-9, dry_run=True)
+    assert result.report.output_guard is None
+    assert any(note.startswith("dry run: the output guard runs after the fit") for note in result.report.notes)
