@@ -135,7 +135,7 @@ def guard(
     try:
         probe = OutputProbe.open(ctx.model, [p.output for p in todo], feeds, threads=threads)
     except NotComparable as exc:
-        ctx.notes.append(f"output guard skipped: the model's outputs cannot be compared ({exc})")
+        ctx.warn([f"output guard skipped: the model's outputs cannot be compared ({exc}); every rewrite was kept"])
         return None
     source = "--max-output-error"
     if bound is None:

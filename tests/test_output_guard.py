@@ -124,3 +124,17 @@ def test_a_dry_run_says_the_guard_would_run_after_the_fit():
     result = dsrewrite.rewrite(two_branch_model(), rank=1, calibration=feeds(4), max_output_error=1e-9, dry_run=True)
     assert result.report.output_guard is None
     assert any(note.startswith("dry run: the output guard runs after the fit") for note in result.report.notes)
+
+
+def test_a_model_without_float_outputs_keeps_its_rewrites_and_says_the_guard_could_not_compare():
+    from onnx import TensorProto, helper
+
+    model = two_branch_model()
+    model.graph.node.append(helper.make_node("ArgMax", ["y"], ["cls"], axis=1))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("cls", TensorProto.INT64, None))
+    result = dsrewrite.rewrite(model, rank=1, calibration=feeds(4), max_output_error=1e-9, verify=False, latency_aware=False)
+    assert result.report.output_guard is None
+    assert all(layer.rewritten for layer in result.report.layers)
+    assert any(note.startswith("output guard skipped: the model's outputs cannot be compared") for note in result.report.notes)
+    assert any(w.startswith("output guard skipped") and w.endswith("every rewrite was kept") for w in result.warnings)
