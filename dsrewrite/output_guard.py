@@ -11,7 +11,9 @@ distributions over their last axis, relative MSE otherwise).
 
 When that joint error is over the bound, the rewrites are ranked by cost: each
 conv's output-level error alone at its rank (``model_output_error`` when the
-allocation measured it, else the model with only that conv computing its fit)
+allocation measured it, else the model with only that conv computing factors
+fitted on the original model's inputs: a sequential fit of an early conv is
+measured alone without the later fits that compensate for it, which overstates it)
 per unit of what it saves (in-model or per-conv time when every rewrite was
 timed, MACs otherwise). The guard then keeps the longest cheapest-first prefix
 whose rewrites, fitted again *as that set*, stay within the bound: a binary
@@ -114,12 +116,13 @@ def admission_order(alone: Mapping[str, float], saved: Mapping[str, float]) -> l
 
 def guard(
     ctx: "RewriteContext", plans: Sequence[LayerPlan], fitted: Mapping, bound: float | None,
-    fit_without: Callable[[set[str]], Mapping],
+    fit_without: Callable[[set[str]], Mapping], fit_independently: Callable[[], Mapping] | None = None,
 ) -> tuple[GuardOutcome, Mapping] | None:  # fmt: skip
     """Leave convs alone (``decide.revert``) until the fitted rewrites move the outputs by at most the bound.
 
     ``bound=None``: the INT8-without-rewrite error (``--quantize int8``). ``fit_without(keys)``: the factors when the
-    convs in ``keys`` are left alone. Returns the outcome and the factors to emit, or None when there is nothing
+    convs in ``keys`` are left alone; ``fit_independently()``: every decided conv fitted on the original model's
+    inputs, for the ranking (sequential fits overstate an early conv's error alone). Returns the outcome and the factors to emit, or None when there is nothing
     to guard or the outputs cannot be compared (a note says which).
     """
     from .decide import revert  # noqa: PLC0415
@@ -147,8 +150,11 @@ def guard(
     error = joint(fitted, [p.output for p in todo])
     outcome = GuardOutcome(bound, source, probe.describe(), len(feeds), error, error)
     if error > bound:
-        alone = {p.output: p.model_output_error if p.model_output_error is not None else joint(fitted, [p.output])
-                 for p in todo}  # fmt: skip
+        alone = {p.output: p.model_output_error for p in todo if p.model_output_error is not None}
+        if len(alone) < len(todo):
+            ranking = fit_independently() if fit_independently is not None else fitted
+            alone.update({p.output: joint(ranking, [p.output]) for p in todo if p.output not in alone and p.output in ranking})
+            alone.update({p.output: joint(fitted, [p.output]) for p in todo if p.output not in alone})
         saved, unit = savings(todo)
         order = admission_order(alone, saved)
         fitted, outcome.error_after = fit_without(set(order)), 0.0

@@ -205,7 +205,13 @@ def guard_outputs(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict) -> 
             trial.append(plan)
         return _fit_plans(ctx, trial) if any(p.rewritten for p in trial) else {}
 
-    guarded = guard(ctx, plans, fitted, bound, fit_without)
+    def fit_independently() -> dict:
+        from .distill import distill  # noqa: PLC0415
+
+        independent = replace(ctx.options.calibration.fit_options(ctx.options.seed), sequential=False)
+        return distill(ctx.model, plans, ctx.calibration, independent, ctx.progress)
+
+    guarded = guard(ctx, plans, fitted, bound, fit_without, fit_independently)
     if guarded is None:
         return fitted
     outcome, fitted = guarded
