@@ -155,10 +155,14 @@ def fit(ctx: RewriteContext, plans: list[LayerPlan]) -> dict:
     return fitted
 
 
-def _fit_plans(ctx: RewriteContext, plans: Sequence[LayerPlan]) -> dict:
+def _fit_plans(ctx: RewriteContext, plans: Sequence[LayerPlan], **overrides) -> dict:
+    """The factors of the rewritten plans, fitted as the options say (``overrides``: other DistillOptions fields)."""
+    from dataclasses import replace  # noqa: PLC0415
+
     from .distill import distill  # noqa: PLC0415
 
-    return distill(ctx.model, plans, ctx.calibration, ctx.options.calibration.fit_options(ctx.options.seed), ctx.progress)
+    fit_options = replace(ctx.options.calibration.fit_options(ctx.options.seed), **overrides)
+    return distill(ctx.model, plans, ctx.calibration, fit_options, ctx.progress)
 
 
 def record_fits(plans: Sequence[LayerPlan], fitted: dict) -> None:
@@ -205,13 +209,7 @@ def guard_outputs(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict) -> 
             trial.append(plan)
         return _fit_plans(ctx, trial) if any(p.rewritten for p in trial) else {}
 
-    def fit_independently() -> dict:
-        from .distill import distill  # noqa: PLC0415
-
-        independent = replace(ctx.options.calibration.fit_options(ctx.options.seed), sequential=False)
-        return distill(ctx.model, plans, ctx.calibration, independent, ctx.progress)
-
-    guarded = guard(ctx, plans, fitted, bound, fit_without, fit_independently)
+    guarded = guard(ctx, plans, fitted, bound, fit_without, lambda: _fit_plans(ctx, plans, sequential=False))
     if guarded is None:
         return fitted
     outcome, fitted = guarded
