@@ -57,8 +57,8 @@ class GuardOutcome:
     bound_source: str  # "--max-output-error" or "INT8 without rewrite"
     measure: str
     feeds: int
-    error_before: float  # every decided rewrite at once
-    error_after: float  # what is kept
+    error_all_rewrites: float  # every decided rewrite at once
+    error_kept: float  # what is kept
     reverted: list[str] = field(default_factory=list)  # node names, in the order they were left alone
     runs: int = 0
     seconds: float = 0.0  # the guard's own time, refits included
@@ -69,8 +69,8 @@ class GuardOutcome:
             "bound_source": self.bound_source,
             "measure": self.measure,
             "feeds": self.feeds,
-            "error_all_rewrites": self.error_before,
-            "error_kept": self.error_after,
+            "error_all_rewrites": self.error_all_rewrites,
+            "error_kept": self.error_kept,
             "reverted": list(self.reverted),
             "runs": self.runs,
             "seconds": round(self.seconds, 3),
@@ -79,14 +79,14 @@ class GuardOutcome:
     def note(self) -> str:
         head = (
             f"output guard ({self.measure}, {self.feeds} calibration feed(s)): all decided rewrites at once move the "
-            f"outputs by {self.error_before:.4g}, bound {self.bound:.4g} ({self.bound_source})"
+            f"outputs by {self.error_all_rewrites:.4g}, bound {self.bound:.4g} ({self.bound_source})"
         )
         if not self.reverted:
             return head + ": every rewrite kept"
         hint = "; --max-output-error sets another bound, inf none" if self.bound_source != "--max-output-error" else ""
         return head + (
             f": {len(self.reverted)} conv(s) left alone (the costliest error per saving) and the rest fitted again, "
-            f"which brings it to {self.error_after:.4g}{hint}"
+            f"which brings it to {self.error_kept:.4g}{hint}"
         )
 
 
@@ -157,18 +157,19 @@ def guard(
             alone.update({p.output: joint(fitted, [p.output]) for p in todo if p.output not in alone})
         saved, unit = savings(todo)
         order = admission_order(alone, saved)
-        fitted, outcome.error_after = fit_without(set(order)), 0.0
+        by_key = {p.output: p for p in todo}
+        fitted, outcome.error_kept = fit_without(set(order)), 0.0
         low, high = 0, len(order)  # invariant: the first `low` fit within the bound, the first `high` do not
         while high - low > 1:
             middle = (low + high) // 2
             trial = fit_without(set(order[middle:]))
             trial_error = joint(trial, order[:middle])
             if trial_error <= bound:
-                low, fitted, outcome.error_after = middle, trial, trial_error
+                low, fitted, outcome.error_kept = middle, trial, trial_error
             else:
                 high = middle
         for key in order[low:]:
-            plan = next(p for p in todo if p.output == key)
+            plan = by_key[key]
             _forget_fit(plan)
             revert(plan, f"left alone by the output guard: all rewrites at once moved the outputs by {error:.3g}, over "
                          f"the bound {bound:.3g} ({source}); this conv alone costs {alone[key]:.3g} for "

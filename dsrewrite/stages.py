@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import replace
 from typing import Sequence
 
 import onnx
@@ -20,7 +21,7 @@ import onnx
 from . import latency
 from ._version import __version__
 from .context import RewriteContext
-from .decide import ERROR_CURVES, SavedPlan, apply_decisions, choose_strategy, sweep
+from .decide import ERROR_CURVES, MIN_SPEEDUP, SavedPlan, apply_decisions, choose_strategy, revert, sweep
 from .measure import measure
 from .pipeline import Pass, Pipeline, default_opset
 from .plan import LayerPlan
@@ -94,7 +95,6 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
     place gets another emission form of its rank, and is reverted when none is left (or in the last round); the
     rounds repeat while something changed, since a change moves the layout around it.
     """
-    from .decide import MIN_SPEEDUP, revert  # noqa: PLC0415
     from .in_model import in_model_times, timing_candidate  # noqa: PLC0415
     from .plan import valid_forms  # noqa: PLC0415
     from .quantize import timing_label  # noqa: PLC0415
@@ -157,8 +157,6 @@ def fit(ctx: RewriteContext, plans: list[LayerPlan]) -> dict:
 
 def _fit_plans(ctx: RewriteContext, plans: Sequence[LayerPlan], **overrides) -> dict:
     """The factors of the rewritten plans, fitted as the options say (``overrides``: other DistillOptions fields)."""
-    from dataclasses import replace  # noqa: PLC0415
-
     from .distill import distill  # noqa: PLC0415
 
     fit_options = replace(ctx.options.calibration.fit_options(ctx.options.seed), **overrides)
@@ -186,9 +184,6 @@ def record_fits(plans: Sequence[LayerPlan], fitted: dict) -> None:
 def guard_outputs(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict) -> dict:
     """``--max-output-error`` (default under ``--quantize``: INT8's own error): keep the cheapest rewrites whose
     fits, all at once, move the model's outputs by at most the bound; the others are left alone."""
-    from dataclasses import replace  # noqa: PLC0415
-
-    from .decide import revert  # noqa: PLC0415
     from .output_guard import guard  # noqa: PLC0415
 
     bound = ctx.options.decompose.max_output_error
