@@ -63,6 +63,13 @@ class DecomposeSettings:
     # the quantization itself; inf: off.
     max_output_error: float | None = None
 
+    def __post_init__(self):
+        # Library callers write include=None or include="conv*": both mean what the CLI's repeatable flag would.
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            patterns = () if value is None else (value,) if isinstance(value, str) else tuple(value)
+            object.__setattr__(self, name, patterns)
+
     def validate(self) -> None:
         if self.allocate_by not in ALLOCATE_BY:
             raise UsageError(f"--allocate-by must be one of {', '.join(ALLOCATE_BY)}, not {self.allocate_by!r}")

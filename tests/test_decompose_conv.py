@@ -264,6 +264,13 @@ def test_include_and_exclude_select_by_node_name():
     assert layer(rewrite(model, include=("co*",))).status == "rewritten"
 
 
+def test_library_selection_takes_none_or_one_pattern():
+    model = conv_model()
+    assert layer(rewrite(model, include=None, exclude=None)).status == "rewritten"
+    assert "--exclude" in reason(model, exclude="co*")  # one pattern, not its characters
+    assert layer(rewrite(model, include="co*")).status == "rewritten"
+
+
 def test_dry_run_plans_but_leaves_the_graph_alone():
     model = conv_model(in_channels=8, out_channels=16)
     result = dsrewrite.rewrite(model, rank=1, dry_run=True)
