@@ -367,7 +367,7 @@ def save(out: Path, name: str, result: dict) -> None:
         except ValueError:
             data = {}
     data["machine"] = {
-        "cpus": os.cpu_count(), "onnxruntime": ort.__version__, "python": platform.python_version(),
+        "cpus": len(os.sched_getaffinity(0)), "onnxruntime": ort.__version__, "python": platform.python_version(),
         "note": "2-core machine shared with other jobs; latencies from one interleaved run per model",
     }  # fmt: skip
     data.setdefault("models", {})[name] = result

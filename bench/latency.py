@@ -20,7 +20,6 @@ saving a rank must realise to be preferred under a MAC budget), to study the eff
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from evaluations import EVALUATIONS, agreement, calibration_feeds, predict  # no
 from models import fetch  # noqa: E402
 
 import dsrewrite  # noqa: E402
+from dsrewrite.cores import available_cores  # noqa: E402
 from dsrewrite import latency  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing", nargs="+", default=["in-place", "alone"], choices=["in-place", "alone"])
     parser.add_argument("--min-efficiency", type=float, default=None, help="override decide.MIN_EFFICIENCY")
     args = parser.parse_args(argv)
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     if args.min_efficiency is not None:
         import dsrewrite.decide  # noqa: PLC0415
 

@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
+from .cores import available_cores
 from .errors import InputError, UsageError
 from .geometry import ConvGeometry
 from .lowrank import RegressionStats
@@ -234,7 +235,7 @@ def capture(
     sess = None
     if outputs:
         try:
-            sess = session(probe, threads=os.cpu_count() or 1)
+            sess = session(probe, threads=available_cores())
         except Exception as exc:
             raise InputError(f"the model does not load in onnxruntime: {' '.join(str(exc).split())[:300]}") from None
     can_batch = batch_size > 1 and all(spec.dims and spec.dims[0] is None for spec in model_inputs(model))

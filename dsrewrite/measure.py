@@ -19,7 +19,6 @@ A strategy that needs timings of what it decided (``NeverSlower``) asks
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -28,6 +27,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import latency
+from .cores import available_cores
 from .decide import ERROR_CURVES, MODEL_TIME, RANK_LADDERS
 from .graph import constant_value, find_conv
 from .plan import Decision, Decisions, LayerPlan, valid_forms
@@ -123,7 +123,7 @@ def measure(ctx: "RewriteContext", plans: Sequence[LayerPlan], needs: frozenset[
     if ctx.options.latency.in_place:
         from .in_model import InPlaceTimer  # noqa: PLC0415
 
-        timer = InPlaceTimer(ctx, timer, [ctx.options.latency.threads, os.cpu_count() or 1])
+        timer = InPlaceTimer(ctx, timer, [ctx.options.latency.threads, available_cores()])
     measured = Measured(timer, outputs=outputs)
     if MODEL_TIME in needs:
         session = latency.make_session(ctx.deployed_model(), ctx.options.latency.threads)
@@ -176,7 +176,7 @@ def measure_output_curves(ctx: "RewriteContext", plans: Sequence[LayerPlan], fit
         return None
     feeds = probe_feeds(ctx.calibration, len(ctx.calibration))
     try:
-        probe = OutputProbe.open(ctx.model, keys, feeds, threads=os.cpu_count() or 1)
+        probe = OutputProbe.open(ctx.model, keys, feeds, threads=available_cores())
         probe.curves(plans, fits, ctx.progress)
     except NotComparable as exc:
         for plan in plans:  # a curve half replaced goes back to its layer-level values

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import onnx
 
 from .budget import DEFAULT_MAX_ERROR
+from .cores import available_cores
 from .errors import InputError, UsageError
 from .verify import FULL_RANK_TOLERANCES
 
@@ -218,7 +219,7 @@ class FinetuneSettings:
             raise UsageError(f"fine-tuning threads must be a positive integer, not {self.threads!r}")
 
     def thread_count(self) -> int:
-        return self.threads or os.cpu_count() or 1
+        return self.threads or available_cores()
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,11 @@ on which only accuracy-costly rewrites pay in INT8 keeps its convs.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
+from .cores import available_cores
 from .plan import LayerPlan
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ def guard(
     if not todo:
         return None
     start = time.perf_counter()
-    threads = os.cpu_count() or 1
+    threads = available_cores()
     feeds = probe_feeds(ctx.calibration, len(ctx.calibration), GUARD_FEEDS)
     try:
         probe = OutputProbe.open(ctx.model, [p.output for p in todo], feeds, threads=threads)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import replace
 from typing import Sequence
 
@@ -21,6 +20,7 @@ import onnx
 from . import latency
 from ._version import __version__
 from .context import RewriteContext
+from .cores import available_cores
 from .decide import ERROR_CURVES, MIN_SPEEDUP, SavedPlan, apply_decisions, choose_strategy, revert, sweep
 from .measure import measure
 from .pipeline import Pass, Pipeline, default_opset
@@ -329,7 +329,7 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
         return None
     feed = ctx.one_feed()
     threads = options.latency.threads
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     steps = 3 if cores != threads else 2
     if ctx.progress:
         ctx.progress("benchmarking", 0, steps)

@@ -362,3 +362,19 @@ def test_a_quantized_model_that_moves_decisions_gets_a_warning():
     assert "argmax agreement 0.830, cosine 0.860" in warning and "before shipping" in warning
     assert fidelity_warnings(verification(0.99, 0.999), quantized) == []
     assert fidelity_warnings(verification(0.5, 0.5), RewriteOptions.of(rank=2)) == []  # float32: the figures speak
+
+
+def test_available_cores_follows_the_affinity_mask(monkeypatch):
+    import os
+
+    from dsrewrite.cores import available_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert available_cores() == 1  # pinned to one core of a 64-core machine
+
+    def unsupported(pid):
+        raise AttributeError
+
+    monkeypatch.setattr(os, "sched_getaffinity", unsupported, raising=False)
+    assert available_cores() == 64
