@@ -146,11 +146,22 @@ class MacBudget:
         first = {key: decision.rank for key, decision in decisions.layers.items()}
         final = self._allocate(outputs.remeasure(plans, first), measured)
         changed = sum(1 for key, decision in final.layers.items() if decision.rank != first.get(key))
-        final.notes.append(
+        # The second allocation rests on marginal errors measured around the first; whichever of the two moves
+        # the outputs less when all its rewrites run at once is kept (two probe runs).
+        first_error = outputs.joint_error(first)
+        final_error = outputs.joint_error({key: decision.rank for key, decision in final.layers.items()})
+        if changed and final_error > first_error:
+            kept, outcome = decisions, (
+                f"{changed} conv(s) would have changed rank, but all rewrites at once moved the outputs by "
+                f"{final_error:.3g} against {first_error:.3g} for the first allocation, which is kept"
+            )
+        else:
+            kept, outcome = final, f"{changed} conv(s) changed rank (all rewrites at once: {final_error:.3g}, first allocation {first_error:.3g})"
+        kept.notes.append(
             f"output-level errors re-measured once around the first allocation, with every other conv at its "
-            f"allocated rank: {changed} conv(s) changed rank ({outputs.cost()} for output-level errors in all)"
+            f"allocated rank: {outcome} ({outputs.cost()} for output-level errors in all)"
         )
-        return final
+        return kept
 
     def _allocate(self, plans, measured) -> Decisions:
         if not self.latency_aware:

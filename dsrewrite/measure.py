@@ -78,6 +78,10 @@ class OutputLevel:
     def remeasure(self, plans: Sequence[LayerPlan], ranks: dict[str, int | None]) -> list[LayerPlan]:
         return self.probe.remeasure(plans, ranks, self.fits)
 
+    def joint_error(self, ranks: dict[str, int | None]) -> float:
+        """The outputs' error with every conv at its rank in ``ranks`` at once (one probe run)."""
+        return self.probe.error({k: self.fits[k][r] for k, r in ranks.items() if r is not None and r in self.fits.get(k, {})})
+
     def cost(self) -> str:
         return f"{self.probe.runs} runs, {self.probe.seconds:.1f} s"
 

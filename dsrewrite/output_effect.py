@@ -242,8 +242,13 @@ class OutputProbe:
         For conv ``i`` at rank ``r`` (``REMEASURE_WIDTH`` ranks either side of its
         allocated one; the cheapest few for a conv left alone) the error is
         ``E(others at their ranks, i at r) − E(others at their ranks, i original)``.
-        Each conv's other ranks keep their alone-measured errors, scaled by the
-        median ratio of re-measured to alone errors: the conv's interaction factor.
+        Each conv's other ranks keep their alone-measured errors, scaled up by the
+        median ratio of re-measured to alone errors where that exceeds 1 (errors
+        that compound). A ratio under 1 is not carried to ranks it was not measured
+        at: near full rank a conv's errors can vanish among the others' while a far
+        cheaper rank still breaks the model (captcha_crnn's stem: scaled down
+        twentyfold, its rank 1 looked cheap and was picked, and the joint error rose
+        tenfold).
         """
         base = {k: fits[k][r] for k, r in ranks.items() if r is not None and r in fits.get(k, {})}
         copies = []
@@ -267,7 +272,7 @@ class OutputProbe:
                 copy.error_at_rank[r - 1] = marginal
                 if alone > 0 and math.isfinite(alone):
                     ratios.append(marginal / alone)
-            factor = float(np.median(ratios)) if ratios else 1.0
+            factor = max(float(np.median(ratios)), 1.0) if ratios else 1.0
             for r in available:
                 if r not in around and math.isfinite(plan.error_at_rank[r - 1]):
                     copy.error_at_rank[r - 1] = plan.error_at_rank[r - 1] * factor

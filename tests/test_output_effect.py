@@ -95,6 +95,50 @@ def test_remeasure_sees_the_other_convs_at_their_ranks():
     assert copies[0].error_at_rank[0] == pytest.approx(max(expected, 0.0))
 
 
+class _InContext:
+    """A probe stand-in: conv b at rank 1 moves the outputs by 0.2; conv a at rank 3 adds ``added`` to that."""
+
+    originals = {"a": None, "b": None}
+
+    def __init__(self, added: float):
+        self.added = added
+
+    def error(self, replaced):
+        return 0.2 + (self.added if "a" in replaced else 0.0)
+
+
+@pytest.mark.parametrize("added, cheaper_ranks", [(0.01, [1.0, 0.5]), (0.2, [2.0, 1.0])])
+def test_remeasure_carries_only_compounding_interactions_to_ranks_it_did_not_measure(added, cheaper_ranks):
+    """Measured at rank 3 among the others, conv a's error is 0.1× (or 2×) its alone error. Shrinking its unmeasured
+    cheaper ranks tenfold would make them look cheap without evidence; growing them is what compounding means."""
+    fits = {"a": {1: "a1", 2: "a2", 3: "a3"}, "b": {1: "b1"}}
+    plans = [_Plan("a", [1.0, 0.5, 0.1]), _Plan("b", [0.3])]
+    copies = OutputProbe.remeasure(_InContext(added), plans, {"a": 3, "b": 1}, fits, width=0)
+    assert copies[0].error_at_rank[2] == pytest.approx(added)  # measured: E(a3, b1) - E(b1)
+    assert copies[0].error_at_rank[:2] == pytest.approx(cheaper_ranks)
+
+
+def test_the_first_allocation_is_kept_when_the_remeasured_one_moves_the_outputs_more(monkeypatch):
+    from dsrewrite.measure import OutputLevel
+
+    def swapped_curves(self, plans, ranks):  # a re-measure that reverses which conv looks loud
+        copies = OutputLevel.__dict__["_real_remeasure"](self, plans, ranks)
+        a, b = (c for c in copies if c.output in ("a", "b"))
+        a.error_at_rank, b.error_at_rank = [e / 1e4 for e in a.error_at_rank], [e * 1e4 for e in b.error_at_rank]
+        return copies
+
+    joint = []
+    monkeypatch.setattr(OutputLevel, "_real_remeasure", OutputLevel.remeasure, raising=False)
+    monkeypatch.setattr(OutputLevel, "remeasure", swapped_curves)
+    monkeypatch.setattr(OutputLevel, "joint_error", lambda self, ranks: joint.append(dict(ranks)) or float(len(joint)))
+    result = dsrewrite.rewrite(two_branch_model(), target_macs=0.5, calibration=feeds(8), verify=False, latency_aware=False)
+    first, final = joint  # the first allocation measured 1.0, the re-measured one 2.0
+    assert first != final
+    layers = {layer.output: layer.rank for layer in result.report.layers}
+    assert layers == first
+    assert any("which is kept" in note for note in result.report.notes)
+
+
 @dataclass
 class _Plan:
     """The fields remeasure reads, without a whole LayerPlan."""
