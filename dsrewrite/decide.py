@@ -156,7 +156,9 @@ class MacBudget:
                 f"{final_error:.3g} against {first_error:.3g} for the first allocation, which is kept"
             )
         else:
-            kept, outcome = final, f"{changed} conv(s) changed rank (all rewrites at once: {final_error:.3g}, first allocation {first_error:.3g})"
+            kept, outcome = final, (
+                f"{changed} conv(s) changed rank (all rewrites at once: {final_error:.3g}; first allocation: {first_error:.3g})"
+            )
         kept.notes.append(
             f"output-level errors re-measured once around the first allocation, with every other conv at its "
             f"allocated rank: {outcome} ({outputs.cost()} for output-level errors in all)"

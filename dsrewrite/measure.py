@@ -80,7 +80,8 @@ class OutputLevel:
 
     def joint_error(self, ranks: dict[str, int | None]) -> float:
         """The outputs' error with every conv at its rank in ``ranks`` at once (one probe run)."""
-        return self.probe.error({k: self.fits[k][r] for k, r in ranks.items() if r is not None and r in self.fits.get(k, {})})
+        fitted = {k: self.fits[k][r] for k, r in ranks.items() if r is not None and r in self.fits.get(k, {})}
+        return self.probe.error(fitted)
 
     def cost(self) -> str:
         return f"{self.probe.runs} runs, {self.probe.seconds:.1f} s"
