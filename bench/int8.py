@@ -40,7 +40,6 @@ import contextlib
 import functools
 import gc
 import json
-import os
 import platform
 import resource
 import statistics
@@ -66,6 +65,7 @@ import dsrewrite.measure  # noqa: E402
 import dsrewrite.quantize  # noqa: E402
 import dsrewrite.stages  # noqa: E402
 from dsrewrite import latency  # noqa: E402
+from dsrewrite.cores import available_cores  # noqa: E402
 
 SETTINGS = {
     "rank=1": {"rank": 1},
@@ -367,7 +367,7 @@ def save(out: Path, name: str, result: dict) -> None:
         except ValueError:
             data = {}
     data["machine"] = {
-        "cpus": len(os.sched_getaffinity(0)), "onnxruntime": ort.__version__, "python": platform.python_version(),
+        "cpus": available_cores(), "onnxruntime": ort.__version__, "python": platform.python_version(),
         "note": "2-core machine shared with other jobs; latencies from one interleaved run per model",
     }  # fmt: skip
     data.setdefault("models", {})[name] = result

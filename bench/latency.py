@@ -32,8 +32,8 @@ from evaluations import EVALUATIONS, agreement, calibration_feeds, predict  # no
 from models import fetch  # noqa: E402
 
 import dsrewrite  # noqa: E402
-from dsrewrite.cores import available_cores  # noqa: E402
 from dsrewrite import latency  # noqa: E402
+from dsrewrite.cores import available_cores  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

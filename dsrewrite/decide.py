@@ -143,13 +143,13 @@ class MacBudget:
             return decisions
         # Output-level curves were measured one conv at a time; measure again around this allocation, with every
         # other conv at its allocated rank, so interactions between convs enter the final allocation.
-        first = {key: decision.rank for key, decision in decisions.layers.items()}
+        first = decisions.ranks
         final = self._allocate(outputs.remeasure(plans, first), measured)
-        changed = sum(1 for key, decision in final.layers.items() if decision.rank != first.get(key))
+        changed = sum(1 for key, rank in final.ranks.items() if rank != first.get(key))
         # The second allocation rests on marginal errors measured around the first; whichever of the two moves
         # the outputs less when all its rewrites run at once is kept (two probe runs).
         first_error = outputs.joint_error(first)
-        final_error = outputs.joint_error({key: decision.rank for key, decision in final.layers.items()})
+        final_error = outputs.joint_error(final.ranks)
         if changed and final_error > first_error:
             kept, outcome = decisions, (
                 f"{changed} conv(s) would have changed rank, but all rewrites at once moved the outputs by "

@@ -80,8 +80,9 @@ class OutputLevel:
 
     def joint_error(self, ranks: dict[str, int | None]) -> float:
         """The outputs' error with every conv at its rank in ``ranks`` at once (one probe run)."""
-        fitted = {k: self.fits[k][r] for k, r in ranks.items() if r is not None and r in self.fits.get(k, {})}
-        return self.probe.error(fitted)
+        from .output_effect import fits_at_ranks  # noqa: PLC0415
+
+        return self.probe.error(fits_at_ranks(self.fits, ranks))
 
     def cost(self) -> str:
         return f"{self.probe.runs} runs, {self.probe.seconds:.1f} s"
@@ -172,8 +173,6 @@ def measure_error_curves(ctx: "RewriteContext", plans: Sequence[LayerPlan]) -> "
 
 def measure_output_curves(ctx: "RewriteContext", plans: Sequence[LayerPlan], fits: dict) -> "OutputLevel | None":
     """Output-level error curves from the calibration fits; None (with a note) when the outputs cannot be compared."""
-    import os  # noqa: PLC0415
-
     from .output_effect import NotComparable, OutputProbe, probe_feeds  # noqa: PLC0415
 
     keys = [p.output for p in plans if p.eligible and p.graph == "main" and fits.get(p.output)]

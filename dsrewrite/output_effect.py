@@ -250,7 +250,7 @@ class OutputProbe:
         twentyfold, its rank 1 looked cheap and was picked, and the joint error rose
         tenfold).
         """
-        base = {k: fits[k][r] for k, r in ranks.items() if r is not None and r in fits.get(k, {})}
+        base = fits_at_ranks(fits, ranks)
         copies = []
         for plan in plans:
             copy = replace(plan, error_at_rank=list(plan.error_at_rank or []), notes=list(plan.notes))
@@ -277,6 +277,11 @@ class OutputProbe:
                 if r not in around and math.isfinite(plan.error_at_rank[r - 1]):
                     copy.error_at_rank[r - 1] = plan.error_at_rank[r - 1] * factor
         return copies
+
+
+def fits_at_ranks(fits: Mapping[str, Mapping[int, Fit]], ranks: Mapping[str, int | None]) -> dict[str, Fit]:
+    """Each conv's fit at its rank in ``ranks`` (convs left alone, or at a rank without a fit, are omitted)."""
+    return {k: fits[k][r] for k, r in ranks.items() if r is not None and r in fits.get(k, {})}
 
 
 def probe_feeds(calibration: Iterable[Feed], total: int, count: int = PROBE_FEEDS) -> list[Feed]:

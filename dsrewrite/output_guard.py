@@ -122,8 +122,8 @@ def guard(
 
     ``bound=None``: the INT8-without-rewrite error (``--quantize int8``). ``fit_without(keys)``: the factors when the
     convs in ``keys`` are left alone; ``fit_independently()``: every decided conv fitted on the original model's
-    inputs, for the ranking (sequential fits overstate an early conv's error alone). Returns the outcome and the factors to emit, or None when there is nothing
-    to guard or the outputs cannot be compared (a note says which).
+    inputs, for the ranking (sequential fits overstate an early conv's error alone). Returns the outcome and the
+    factors to emit, or None when there is nothing to guard or the outputs cannot be compared (a note says which).
     """
     from .decide import revert  # noqa: PLC0415
     from .output_effect import NotComparable, OutputProbe, probe_feeds  # noqa: PLC0415
@@ -151,10 +151,10 @@ def guard(
     outcome = GuardOutcome(bound, source, probe.describe(), len(feeds), error, error)
     if error > bound:
         alone = {p.output: p.model_output_error for p in todo if p.model_output_error is not None}
-        if len(alone) < len(todo):
+        missing = [p.output for p in todo if p.output not in alone]
+        if missing:
             ranking = fit_independently() if fit_independently is not None else fitted
-            alone.update({p.output: joint(ranking, [p.output]) for p in todo if p.output not in alone and p.output in ranking})
-            alone.update({p.output: joint(fitted, [p.output]) for p in todo if p.output not in alone})
+            alone.update({key: joint(ranking if key in ranking else fitted, [key]) for key in missing})
         saved, unit = savings(todo)
         order = admission_order(alone, saved)
         by_key = {p.output: p for p in todo}
