@@ -365,3 +365,37 @@ def test_a_conversion_that_disagrees_past_a_conv_distils_to_the_convs_it_gets_ri
     summary = result.report.finetune
     assert summary["subgraph"] and summary["uncovered_convs"] == ["c2"] and "r2" in summary["disagreement"]
     assert any("distilled to c1" in note for note in result.report.notes)
+
+
+def test_shifted_inputs_move_per_sample_with_edges_repeated():
+    rng = np.random.default_rng(3)
+    image = rng.standard_normal((6, 2, 16, 24)).astype(np.float32)
+    mask = image[:, :1] * 2  # a second input of the same size moves with the first
+    moved, moved_mask = finetune_torch._shifted([image, mask], np.random.default_rng(0))
+    assert moved.shape == image.shape and moved.dtype == image.dtype
+    assert np.array_equal(moved_mask, moved[:, :1] * 2)
+    for sample, out in zip(image, moved):
+        # Some move within the reach (2 rows, 3 columns) reproduces the sample away from the repeated edges.
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-3, 4)
+                   if np.array_equal(out[:, 2 + dy : 14 + dy, 3 + dx : 21 + dx], sample[:, 2:14, 3:21])]  # fmt: skip
+        assert matches
+        dy, dx = matches[0]
+        if dy > 0:  # the rows moved in at the top repeat the sample's first row (moved with it)
+            assert np.array_equal(out[:, :dy], np.repeat(out[:, dy : dy + 1], dy, axis=1))
+    assert not np.array_equal(moved, image)
+    # The same seed moves the same way.
+    again = finetune_torch._shifted([image, mask], np.random.default_rng(0))[0]
+    assert np.array_equal(again, moved)
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        [np.zeros((2, 3, 8), np.float32)],  # a sequence, not an image
+        [np.zeros((2, 3, 8, 8), np.int64)],  # token ids
+        [np.zeros((2, 3, 8, 8), np.float32), np.zeros((2, 1, 4, 4), np.float32)],  # different sizes
+    ],
+)
+def test_inputs_that_are_not_one_image_size_are_not_shifted(inputs):
+    out = finetune_torch._shifted(inputs, np.random.default_rng(0))
+    assert all(a is b for a, b in zip(out, inputs))
