@@ -43,7 +43,9 @@ def check_output_path(path: Path, *, input_path: Path | None = None, overwrite: 
             target = path.resolve()
             if target == Path(input_path).resolve():
                 raise UsageError(f"output path is the input model: {path} (pass --overwrite to replace it)")
-            if target in _input_data_files(Path(input_path)):
+            # Only an existing file can be one the input reads its weights from (a missing one fails the load):
+            # a new output path needs no parse of the input.
+            if target.exists() and target in _input_data_files(Path(input_path)):
                 raise UsageError(f"output path is an external data file of the input model: {path}")
 
 
