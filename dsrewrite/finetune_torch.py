@@ -5,8 +5,8 @@ The rewritten model (its convertible copy, cut at the distillation targets) beco
 Conv modules onnx2torch makes carry the ONNX names of their weight and bias (``onnx_mapping``), which is how a
 trainable initializer finds its parameter. Every other parameter and buffer is frozen. The original model's
 tensors come from onnxruntime on each step's batch. Adam, shuffled mini-batches of calibration feeds (mostly
-mixed), a held-out slice that picks the best weights; with a step cap and a seed the run is deterministic (deterministic algorithms, a fixed
-thread count).
+mixed, image inputs often moved), a held-out slice that picks the best weights; with a step cap and a seed the run
+is deterministic (deterministic algorithms, a fixed thread count).
 """
 
 from __future__ import annotations
