@@ -94,7 +94,7 @@ class TrainSettings:
     # Translated inputs: on this share of steps, image-like inputs (4-D floating point, one spatial size) are also
     # moved by up to an eighth of their height and width, per sample, edges repeated. Mixing alone still leaves
     # the held-out loss bottoming out well before the budget ends on a few hundred feeds; moved inputs are new
-    # feeds the original model labels (captcha_crnn at 4x: held-out loss 7% lower, see bench/README).
+    # feeds the original model labels (held-out loss 4-8% lower on captcha_crnn at 4x, see bench/README).
     shift: float = 2 / 3
     # Layer hints: each rewritten conv's output is also matched (variance-normalised MSE), weighted against the
     # outputs' loss. Far more numbers per feed than the outputs alone, so a few hundred feeds go further.
