@@ -149,7 +149,7 @@ class MacBudget:
         # The second allocation rests on marginal errors measured around the first; whichever of the two moves
         # the outputs less when all its rewrites run at once is kept (two probe runs).
         first_error = outputs.joint_error(first)
-        final_error = outputs.joint_error(final.ranks)
+        final_error = outputs.joint_error(final.ranks) if changed else first_error  # same ranks: same error
         if changed and final_error > first_error:
             kept, outcome = decisions, (
                 f"{changed} conv(s) would have changed rank, but all rewrites at once moved the outputs by "

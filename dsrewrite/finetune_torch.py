@@ -425,13 +425,13 @@ def _shifted(x, rng, reach: float = SHIFT_REACH):
         return x
     reach_y, reach_x = int(height * reach), int(width * reach)
     moves = [(int(rng.integers(-reach_y, reach_y + 1)), int(rng.integers(-reach_x, reach_x + 1))) for _ in x[0]]
+    # Output pixel (y, x) reads input pixel (y - dy, x - dx), clamped to the image: the edges repeat.
+    reads = [(np.clip(np.arange(height) - dy, 0, height - 1), np.clip(np.arange(width) - dx, 0, width - 1))
+             for dy, dx in moves]  # fmt: skip
     moved = []
     for a in x:
         b = np.empty_like(a)
-        for i, (dy, dx) in enumerate(moves):
-            # Output pixel (y, x) reads input pixel (y - dy, x - dx), clamped to the image: the edges repeat.
-            rows = np.clip(np.arange(height) - dy, 0, height - 1)
-            cols = np.clip(np.arange(width) - dx, 0, width - 1)
+        for i, (rows, cols) in enumerate(reads):
             b[i] = a[i][:, rows][:, :, cols]
         moved.append(b)
     return moved
