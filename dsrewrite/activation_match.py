@@ -40,7 +40,7 @@ def match_activation(conv: gs.Node, out_channels: int, graph_outputs: set[str] =
         if not users:
             return "the conv's output has no consumers"
         if len(users) == 1 and users[0].op in AFFINE_OPS:
-            affine = _affine(users[0], tensor, out_channels, spatial)
+            affine = channel_affine(users[0], tensor, out_channels, spatial)
             if affine is None:
                 break
             a, c = affine
@@ -92,7 +92,7 @@ def _other(node: gs.Node, tensor: gs.Tensor) -> gs.Tensor | None:
     return None
 
 
-def _affine(node: gs.Node, tensor: gs.Tensor, channels: int, spatial: int) -> tuple[np.ndarray, np.ndarray] | None:
+def channel_affine(node: gs.Node, tensor: gs.Tensor, channels: int, spatial: int) -> tuple[np.ndarray, np.ndarray] | None:
     """``(a, c)`` with ``node(x) = a·x + c`` per channel, or None."""
     if node.op == "BatchNormalization":
         if node.inputs[0] is not tensor or len(node.outputs) != 1:

@@ -56,6 +56,7 @@ import onnx_graphsurgeon as gs
 from . import lowrank
 from .activation_fit import Activation, fit_activated
 from .activation_match import match_activation
+from .composed_fit import MAX_WORK, composed_geometry, fit_through, interior_positions, to_composed_positions, work
 from .calibration import (
     CalibrationSet,
     RegressionAccumulator,
@@ -67,6 +68,7 @@ from .calibration import (
     sample_positions,
 )
 from .cost import separable_cost
+from .following_depthwise import FollowingDepthwise, match_following_depthwise
 from .graph import ConvSpec, convs_by_output, with_dense_kernels
 from .plan import LayerPlan
 
@@ -123,6 +125,24 @@ class _Target:
     seconds: float = 0.0
     activation: Activation | None = None
     activation_reason: str | None = None  # why there is no activation to fit through
+    through: FollowingDepthwise | None = None  # fitted at this depthwise conv's output instead of its own
+
+    @property
+    def target_name(self) -> str:
+        """The original tensor the fit matches: the conv's output, or the following depthwise conv's."""
+        return self.through.output if self.through is not None else self.y_name
+
+    def accumulator(self) -> RegressionAccumulator:
+        taps = self.through.composed_taps if self.through is not None else self.spec.kernel_size
+        return RegressionAccumulator(self.spec.in_channels, self.spec.out_channels, taps, self.spec.group)
+
+    def patches(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The input patches at target ``positions``: the conv's own, or the composed kernel's."""
+        if self.through is None:
+            return extract_patches(x, self.spec.geometry, positions).astype(np.float64)
+        geometry, _, z = composed_geometry(self.spec.geometry, self.through.geometry, x.shape[2:])
+        composed = to_composed_positions(positions, z, geometry.output_spatial(x.shape[2:]))
+        return extract_patches(x, geometry, composed).astype(np.float64)
 
 
 def describe(options: DistillOptions) -> str:
@@ -145,7 +165,7 @@ def distill(
 ) -> dict[str, FittedLayer]:
     """Fit every rewritten main-graph conv of ``plans``; return ``{output tensor name: FittedLayer}``."""
     graph = gs.import_onnx(model)
-    targets = _targets(graph, plans)
+    targets = _targets(graph, plans, through=options.refit)
     if not targets:
         return {}
     if options.sequential:
@@ -160,16 +180,14 @@ def distill(
         for w in waves:
             wave = [t for t in targets if t.wave == w]
             later = [t for t in targets if t.wave > w] if w == waves[0] else []
-            accumulators = {
-                t.y_name: RegressionAccumulator(t.spec.in_channels, t.spec.out_channels, t.spec.kernel_size, t.spec.group)
-                for t in wave
-            }
+            accumulators = {t.y_name: t.accumulator() for t in wave}
             samples = _row_samples(wave, options, rng)
             if w == waves[0]:
                 # One pass over the original model: wave 0's inputs and targets, and the targets of every
                 # later wave at their sampled positions, spilled to disk so no later wave reruns the original.
-                wanted = [t.y_name for t in wave + later] + [t.x_name for t in wave]
-                batches = capture(model, wanted, calibration)
+                wanted = [t.target_name for t in wave + later] + [t.x_name for t in wave]
+                wanted += [t.y_name for t in wave + later if t.through is not None]  # its shape places the borders
+                batches = capture(model, list(dict.fromkeys(wanted)), calibration)
             else:
                 batches = capture(current, [t.x_name for t in wave], calibration)
             done = 0
@@ -180,15 +198,14 @@ def distill(
                         positions, y = _sample_targets(t, values, accumulators[t.y_name], rng, count, len(calibration))
                     else:
                         positions, y = _load_targets(spill, t, index)
-                    patches = extract_patches(values[t.x_name], t.spec.geometry, positions).astype(np.float64)
+                    patches = t.patches(values[t.x_name], positions)
                     accumulators[t.y_name].add(patches, y)
                     if t.y_name in samples:
                         samples[t.y_name].add(patches, y)
                     t.seconds += time.perf_counter() - start
                 for t in later:
                     start = time.perf_counter()
-                    acc = RegressionAccumulator(t.spec.in_channels, t.spec.out_channels, t.spec.kernel_size, t.spec.group)
-                    positions, y = _sample_targets(t, values, acc, rng, count, len(calibration))
+                    positions, y = _sample_targets(t, values, t.accumulator(), rng, count, len(calibration))
                     _save_targets(spill, t, index, positions, y)
                     t.seconds += time.perf_counter() - start
                 done += count
@@ -209,13 +226,17 @@ def distill(
 
 
 def _sample_targets(t: _Target, values: dict, accumulator: RegressionAccumulator, rng, feeds: int, total_feeds: int):
-    """Positions to sample for one batch of ``feeds`` (of ``total_feeds``), and the original conv's outputs there ``(N, P)``."""
-    y = values[t.y_name]
-    count = y.shape[0] * int(np.prod(y.shape[2:]))
+    """Positions to sample for one batch of ``feeds`` (of ``total_feeds``), and the original targets there ``(N, P)``.
+
+    A fit through a following depthwise conv samples only the positions where that conv reads no padding.
+    """
+    y = values[t.target_name]
+    if t.through is None:
+        candidates = np.arange(y.shape[0] * int(np.prod(y.shape[2:])))
+    else:
+        candidates = interior_positions(t.through.geometry, values[t.y_name].shape[2:], y.shape[2:], y.shape[0])
     limit = max(1, round(positions_per_feed(accumulator.features, accumulator.groups, total_feeds) * feeds))
-    positions = sample_positions(count, rng, limit)
-    if isinstance(positions, slice):
-        positions = np.arange(count)
+    positions = candidates[sample_positions(len(candidates), rng, limit)]
     return positions, flatten_output(y)[:, positions]
 
 
@@ -298,8 +319,11 @@ def calibrated_error_curves(
             t.plan.error_source = "calibration"
 
 
-def _targets(graph: gs.Graph, plans: Sequence[LayerPlan], eligible: bool = False) -> list[_Target]:
-    """Main-graph convs planned for rewriting (or all eligible ones), with what fitting needs."""
+def _targets(graph: gs.Graph, plans: Sequence[LayerPlan], eligible: bool = False, through: bool = False) -> list[_Target]:
+    """Main-graph convs planned for rewriting (or all eligible ones), with what fitting needs.
+
+    ``through``: a conv whose output reaches a depthwise conv linearly is fitted at that conv's output.
+    """
     wanted = {p.output: p for p in plans if (p.eligible if eligible else p.rewritten) and p.graph == "main"}
     for p in plans:
         if p.rewritten and p.graph != "main" and not eligible:
@@ -315,8 +339,24 @@ def _targets(graph: gs.Graph, plans: Sequence[LayerPlan], eligible: bool = False
                 target.activation = found
             else:
                 target.activation_reason = found
+            if through and not isinstance(found, Activation):
+                _fit_through_if_linear(target, node, graph_outputs)
             targets.append(target)
     return targets
+
+
+def _fit_through_if_linear(target: _Target, node: gs.Node, graph_outputs: set[str]) -> None:
+    """Point ``target`` at the depthwise conv its output feeds with nothing nonlinear between, if any, and the
+    composed problem is small enough (``composed_fit.MAX_WORK``)."""
+    following = match_following_depthwise(node, target.spec, graph_outputs)
+    if isinstance(following, str):
+        return
+    spec = target.spec
+    cost = work(spec.in_channels, spec.out_channels, spec.kernel_size, following.composed_taps, target.plan.rank)
+    if cost > MAX_WORK:
+        return
+    target.through = following
+    target.activation_reason = None
 
 
 def _row_samples(wave: list[_Target], options: DistillOptions, rng: np.random.Generator) -> dict[str, RowSample]:
@@ -379,6 +419,8 @@ def _fit(
     method: str,
     sample: RowSample | None = None,
 ) -> FittedLayer:
+    if t.through is not None:
+        return _fit_at_following_depthwise(t, stats, options, wave)
     result = lowrank.fit_separable(
         t.spec.weight,
         t.spec.group,
@@ -419,6 +461,27 @@ def _fit(
         activated_error=activated,
         activated_error_linear=activated_linear,
         note=note if options.activation_aware and options.refit else None,
+    )
+
+
+def _fit_at_following_depthwise(t: _Target, stats: lowrank.RegressionStats, options: DistillOptions, wave: int) -> FittedLayer:
+    """The composed fit (``composed_fit``): errors are the following depthwise conv's output errors."""
+    through = t.through
+    result = fit_through(
+        t.spec.weight, t.spec.bias, stats, t.plan.rank, through.operator, through.gain, through.offset, ridge=options.ridge
+    )
+    weight = t.spec.weight.astype(np.float64)
+    return FittedLayer(
+        factors=result.factors,
+        bias=result.bias,
+        weight_error=float(np.linalg.norm(lowrank.reconstruct(result.factors) - weight) / max(np.linalg.norm(weight), 1e-30)),
+        output_error=result.squared_error / stats.centred_energy,
+        output_error_data_free=result.data_free_error / stats.centred_energy,
+        seconds=0.0,
+        wave=wave,
+        method="SVD + ALS at the following depthwise conv's output" + (" (sequential)" if options.sequential else " (independent)"),
+        objective="after-depthwise",
+        note=f"fitted at the output of the depthwise conv that follows ({through.node}), where the errors are measured",
     )
 
 

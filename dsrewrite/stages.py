@@ -177,8 +177,9 @@ def record_fits(plans: Sequence[LayerPlan], fitted: dict) -> None:
             plan.fit_target = layer.objective
             plan.activated_error = layer.activated_error
             plan.activated_error_linear = layer.activated_error_linear
-            if layer.note and f"linear fit: {layer.note}" not in plan.notes:  # the output guard may fit again
-                plan.notes.append(f"linear fit: {layer.note}")
+            note = layer.note if layer.objective == "after-depthwise" else f"linear fit: {layer.note}"
+            if layer.note and note not in plan.notes:  # the output guard may fit again
+                plan.notes.append(note)
 
 
 def guard_outputs(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict) -> dict:
