@@ -137,7 +137,8 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("--linear-fit", is_flag=True,
               help="With calibration: fit every conv's own output only. By default a conv that feeds an activation "
                    "(Relu, LeakyRelu, PRelu, Clip, HardSwish, HardSigmoid·x, SiLU, Gelu) is fitted so the activated "
-                   "output matches, where that measures better.")
+                   "output matches, where that measures better; one whose output reaches a depthwise conv with "
+                   "nothing nonlinear between is fitted at that depthwise conv's output.")
 @click.option("--fold-batchnorm/--no-fold-batchnorm", default=True, show_default=True,
               help="Fold inference BatchNormalization into the preceding conv first.")
 @click.option("--passes", "pass_list", default=None, metavar="NAME,...",

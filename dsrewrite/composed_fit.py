@@ -160,16 +160,20 @@ def fit_through(
     p = start.pointwise  # (N, M, r)
     b = original_bias.copy()
     data_free = regression_error(composed_weights(d, p, b, operator, gain, offset), measured)
+    best = (data_free, d, p, b)  # the ridge can cost more than a round gains (an exact start at full rank)
     error = data_free
     for _ in range(max(1, rounds)):
         p, b = _solve_pointwise(d, s, t, operator, gain, offset, b, free_bias, ridge)
         d = _solve_depthwise(p, b, s, t, operator, gain, offset, kernel_shape, ridge)
         p, b = _solve_pointwise(d, s, t, operator, gain, offset, b, free_bias, ridge)
         new = regression_error(composed_weights(d, p, b, operator, gain, offset), measured)
+        if new < best[0]:
+            best = (new, d, p, b)
         converged = error - new <= TOLERANCE * max(error, 1e-30)
         error = new
         if converged:
             break
+    error, d, p, b = best
     factors = SeparableFactors(depthwise=d, pointwise=p, groups=1, kernel_shape=kernel_shape)
     return FittedFactors(factors=factors, bias=b, squared_error=error, data_free_error=data_free)
 

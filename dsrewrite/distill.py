@@ -87,6 +87,7 @@ class DistillOptions:
     seed: int = 0
     activation_aware: bool = True  # refine towards the activated output where an activation follows
     activation_iterations: int = 3
+    through_depthwise: bool = True  # fit a conv that reaches a depthwise conv linearly at that conv's output
 
 
 # The activation-aware refinement's in-memory sample: rows per conv, and bytes for all convs of a wave.
@@ -165,7 +166,7 @@ def distill(
 ) -> dict[str, FittedLayer]:
     """Fit every rewritten main-graph conv of ``plans``; return ``{output tensor name: FittedLayer}``."""
     graph = gs.import_onnx(model)
-    targets = _targets(graph, plans, through=options.refit)
+    targets = _targets(graph, plans, through=options.refit and options.through_depthwise)
     if not targets:
         return {}
     if options.sequential:

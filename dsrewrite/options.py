@@ -126,7 +126,7 @@ class CalibrationSettings:
     data: Any = None  # an .npz path, a directory of .npz feeds, or an iterable of {input: array} dicts
     samples: int | None = None
     sequential: bool = True
-    linear_fit: bool = False  # fit the conv outputs themselves, not the activated outputs
+    linear_fit: bool = False  # fit the conv outputs themselves, not the activated ones or a following depthwise conv's
     distill: Any = None  # a distill.DistillOptions for fine control; overrides `sequential`, `linear_fit` and the seed
 
     def validate(self) -> None:
@@ -136,7 +136,9 @@ class CalibrationSettings:
     def fit_options(self, seed: int):
         from .distill import DistillOptions  # noqa: PLC0415
 
-        return self.distill or DistillOptions(sequential=self.sequential, seed=seed, activation_aware=not self.linear_fit)
+        return self.distill or DistillOptions(
+            sequential=self.sequential, seed=seed, activation_aware=not self.linear_fit, through_depthwise=not self.linear_fit
+        )
 
 
 @dataclass(frozen=True)
