@@ -277,11 +277,11 @@ def calibrated_error_curves(
     few passes as ``CURVE_MEMORY_BUDGET`` allows.
     """
     graph = gs.import_onnx(model)
-    targets = _targets(graph, plans, eligible=True)
+    targets = _targets(graph, plans, eligible=True, through=options.refit and options.through_depthwise)
     rng = np.random.default_rng(options.seed)
     chunks, chunk, used = [], [], 0
     for t in targets:
-        size = 8 * t.spec.group * (t.spec.weight_shape[1] * t.spec.kernel_size + 1) ** 2
+        size = 8 * t.spec.group * (t.accumulator().features + 1) ** 2
         if chunk and used + size > CURVE_MEMORY_BUDGET:
             chunks.append(chunk)
             chunk, used = [], 0
@@ -290,13 +290,10 @@ def calibrated_error_curves(
     if chunk:
         chunks.append(chunk)
     for index, group in enumerate(chunks):
-        accumulators = {
-            t.y_name: RegressionAccumulator(t.spec.in_channels, t.spec.out_channels, t.spec.kernel_size, t.spec.group)
-            for t in group
-        }
+        accumulators = {t.y_name: t.accumulator() for t in group}
         done = 0
-        names = [t.y_name for t in group] + [t.x_name for t in group]
-        for values, count in capture(model, names, calibration):
+        names = [t.target_name for t in group] + [t.x_name for t in group] + [t.y_name for t in group if t.through]
+        for values, count in capture(model, list(dict.fromkeys(names)), calibration):
             for t in group:
                 _accumulate(t, values, accumulators[t.y_name], rng, count, len(calibration))
             done += count
@@ -310,9 +307,15 @@ def calibrated_error_curves(
                 cost = separable_cost(t.spec.in_channels, t.spec.out_channels, t.spec.kernel_size, t.spec.group, r, None, False)
                 if cost.macs_per_pixel >= t.plan.macs_per_pixel_before:
                     break
-                fit = lowrank.fit_separable(
-                    t.spec.weight, t.spec.group, t.spec.bias, stats, r, rounds=1, ridge=options.ridge, whiten=options.whiten
-                )
+                if t.through is not None:
+                    fit = fit_through(
+                        t.spec.weight, t.spec.bias, stats, r, t.through.operator, t.through.gain, t.through.offset,
+                        ridge=options.ridge,
+                    )  # fmt: skip
+                else:
+                    fit = lowrank.fit_separable(
+                        t.spec.weight, t.spec.group, t.spec.bias, stats, r, rounds=1, ridge=options.ridge, whiten=options.whiten
+                    )
                 errors[r - 1] = fit.squared_error / stats.centred_energy
                 if fits is not None:
                     fits.setdefault(t.y_name, {})[r] = (fit.factors, fit.bias)
@@ -341,19 +344,20 @@ def _targets(graph: gs.Graph, plans: Sequence[LayerPlan], eligible: bool = False
             else:
                 target.activation_reason = found
             if through and not isinstance(found, Activation):
-                _fit_through_if_linear(target, node, graph_outputs)
+                # Error curves fit every rank up to the kernel size; a planned fit only its own.
+                _fit_through_if_linear(target, node, graph_outputs, spec.kernel_size if eligible else wanted[output].rank)
             targets.append(target)
     return targets
 
 
-def _fit_through_if_linear(target: _Target, node: gs.Node, graph_outputs: set[str]) -> None:
+def _fit_through_if_linear(target: _Target, node: gs.Node, graph_outputs: set[str], rank: int) -> None:
     """Point ``target`` at the depthwise conv its output feeds with nothing nonlinear between, if any, and the
-    composed problem is small enough (``composed_fit.MAX_WORK``)."""
+    composed problem at ``rank`` is small enough (``composed_fit.MAX_WORK``)."""
     following = match_following_depthwise(node, target.spec, graph_outputs)
     if isinstance(following, str):
         return
     spec = target.spec
-    cost = work(spec.in_channels, spec.out_channels, spec.kernel_size, following.composed_taps, target.plan.rank)
+    cost = work(spec.in_channels, spec.out_channels, spec.kernel_size, following.composed_taps, rank)
     if cost > MAX_WORK:
         return
     target.through = following
@@ -409,7 +413,7 @@ def _accumulate(
 ) -> None:
     """Add one batch of the original model's inputs and outputs of ``t``, at sampled positions."""
     positions, y = _sample_targets(t, values, accumulator, rng, feeds, total_feeds)
-    accumulator.add(extract_patches(values[t.x_name], t.spec.geometry, positions).astype(np.float64), y)
+    accumulator.add(t.patches(values[t.x_name], positions), y)
 
 
 def _fit(

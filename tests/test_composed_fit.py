@@ -232,3 +232,20 @@ def test_problems_over_the_work_cap_keep_the_plain_fit(monkeypatch):
     monkeypatch.setattr(distill, "MAX_WORK", 0)
     result = dsrewrite.rewrite(stem_model("mul"), rank=1, calibration=_feeds(4, 8), benchmark=False, verify=False)
     assert next(p for p in result.report.layers if p.node == "stem").fit_target == "linear"
+
+
+def test_error_curves_and_allocation_use_the_composed_fit(monkeypatch):
+    ranks = []
+    original = distill.fit_through
+
+    def counting(*args, **kwargs):
+        ranks.append(args[3])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "fit_through", counting)
+    result = dsrewrite.rewrite(
+        stem_model("mul"), target_macs=0.5, calibration=_feeds(5, 8), latency_aware=False, benchmark=False, verify=False
+    )
+    layer = next(p for p in result.report.layers if p.node == "stem")
+    assert set(range(1, 4)) <= set(ranks)  # the curve: every rank that saves MACs (3→8, 3×3: ranks 1..3)
+    assert layer.rewritten and layer.fit_target == "after-depthwise"
