@@ -1,4 +1,4 @@
-"""Task score at 2×, 3× and 4× eligible-MAC cuts: data-free SVD, the linear fit and the activation-aware fit.
+"""Task score at 2×, 3× and 4× eligible-MAC cuts: data-free SVD, the linear fit, the activation-aware fit, the default.
 
 For each real pretrained model and each setting (``--target-macs`` 0.5, 0.333,
 0.25, and the uniform ranks given), rewrite with
@@ -8,17 +8,19 @@ For each real pretrained model and each setting (``--target-macs`` 0.5, 0.333,
   wave by wave on the rewritten model's inputs against each conv's own output
   (sequential; ``--linear-fit``);
 * ``activation-aware``: the same, then refined so each conv's *activated* output
-  matches the original's where an activation follows (dsrewrite's default with
-  ``--calibration``);
-* ``fine-tuned``: the activation-aware fit, then the new factors distilled
+  matches the original's where an activation follows;
+* ``default``: dsrewrite's default with ``--calibration``: the activation-aware fit,
+  and convs whose output reaches a depthwise conv linearly fitted at that conv's
+  output (``composed_fit``);
+* ``fine-tuned``: the default fit, then the new factors distilled
   against the original model's outputs on the same feeds
   (``--finetune-seconds``; needs the ``finetune`` extra);
 
 and score each on its labelled evaluation, with the share of decisions that
 agree with the original model's next to it. Calibration feeds and evaluation
 sets come from different seeds. ``--target-macs`` settings are allocated once
-(on the linear fit's error curves) and reused, so all methods compare at the
-same ranks.
+(with the default options, as a user's run would) and reused, so all methods
+compare at the same ranks.
 
 Usage:
     python bench/distill.py [--models captcha_crnn ...] [--targets 0.5 0.333 0.25] [--ranks 2 4] [--samples 64] [--n 1000]
@@ -50,9 +52,10 @@ INPUT_SHAPES = {
 
 METHODS = {
     "data-free": None,
-    "linear": DistillOptions(sequential=True, activation_aware=False),
-    "activation-aware": DistillOptions(sequential=True, activation_aware=True),
-    "fine-tuned": DistillOptions(sequential=True, activation_aware=True),  # + fine-tuning (see FINETUNED)
+    "linear": DistillOptions(sequential=True, activation_aware=False, through_depthwise=False),
+    "activation-aware": DistillOptions(sequential=True, activation_aware=True, through_depthwise=False),
+    "default": DistillOptions(sequential=True),
+    "fine-tuned": DistillOptions(sequential=True),  # + fine-tuning (see FINETUNED)
 }
 FINETUNED = "fine-tuned"
 
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="fine-tuning threads (default: every core)")
     args = parser.parse_args(argv)
 
-    print("| model | setting | eligible MAC ratio | " + " | ".join(args.methods) + " | tool time (linear → aware → fine-tuned) |")
+    print("| model | setting | eligible MAC ratio | " + " | ".join(args.methods) + " | tool time (linear → aware → default → fine-tuned) |")
     print("|---|---|---|" + "---|" * len(args.methods) + "---|")
     for name in args.models:
         path = fetch(name)
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             if "target_macs" in setting:
                 # Allocate once, then fit every method at those ranks.
                 allocated = dsrewrite.rewrite(path, **setting, verify=False, input_shapes=shapes, calibration=feeds,
-                                              distill=METHODS["linear"], latency_aware=False, benchmark=False)  # fmt: skip
+                                              distill=METHODS["default"], latency_aware=False, benchmark=False)  # fmt: skip
                 setting = {"plan": allocated.plan_document()}
             cells, ratio, times = [], None, {}
             for method in args.methods:
@@ -102,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = result.report.totals.eligible_macs_ratio
                 scored = predict(name, result.model, n=args.n)
                 cells.append(f"{scored.score:.3f} ({agreement(scored, original):.3f})")
-                if method == "activation-aware":
+                if method in ("activation-aware", "default"):
                     kept = sum(1 for p in result.report.layers if p.fit_target == "activated")
                     aware = sum(1 for p in result.report.layers if p.activated_error is not None)
                     cells[-1] += f" [{kept}/{aware}]"
                 if method == FINETUNED and result.report.finetune:
                     tuned = result.report.finetune
                     cells[-1] += f" [{tuned.get('steps', 0)} steps, {tuned.get('seconds', 0):.0f}s]"
-            fit_time = " → ".join(f"{times[m]:.0f}s" for m in ("linear", "activation-aware", FINETUNED) if m in times)
+            fit_time = " → ".join(f"{times[m]:.0f}s" for m in ("linear", "activation-aware", "default", FINETUNED) if m in times)
             print(f"| {name} | {label} | {ratio:.3f} | " + " | ".join(cells) + f" | {fit_time} |", flush=True)
     return 0
 

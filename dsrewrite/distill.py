@@ -25,6 +25,12 @@ uniform sample of positions (``calibration.RowSample``, float32): at most
 convs of a wave together. The refined fit is kept only if it lowers the
 activated error on that sample; the plan says which fit was used.
 
+**Through a following depthwise conv** (the default): when a conv's output reaches a depthwise conv with
+nothing nonlinear between (``following_depthwise``), the conv is fitted at that conv's output instead, where
+its error meets the next nonlinearity (``composed_fit``): the target captured is the depthwise conv's output,
+the patches are those of the composed kernel, and only positions where the depthwise conv reads no padding
+are sampled. The error curves (``calibrated_error_curves``) use the same fit, so the allocation sees it too.
+
 Cost: one pass over the calibration data through the original model (it
 captures the first wave's inputs and every wave's targets at their sampled
 positions, which are spilled to a temporary directory), then one pass through
