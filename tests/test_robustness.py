@@ -515,7 +515,9 @@ def test_the_same_run_gives_the_same_bytes(tmp_path, sample, rank):
     outputs = []
     for i in range(2):
         out = tmp_path / f"{i}.onnx"
-        code, _, err = dsrewrite_cli(SAMPLES / f"{sample}.onnx", "-o", out, "--rank", rank, "-q")
+        # Untimed: a latency-aware decision (the default for --rank auto) follows the machine's load from run to
+        # run; a saved plan (--plan) is what reproduces a timed one.
+        code, _, err = dsrewrite_cli(SAMPLES / f"{sample}.onnx", "-o", out, "--rank", rank, "-q", "--no-latency-aware")
         assert code == 0, err
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
