@@ -249,3 +249,41 @@ def test_error_curves_and_allocation_use_the_composed_fit(monkeypatch):
     layer = next(p for p in result.report.layers if p.node == "stem")
     assert set(range(1, 4)) <= set(ranks)  # the curve: every rank that saves MACs (3→8, 3×3: ranks 1..3)
     assert layer.rewritten and layer.fit_target == "after-depthwise"
+
+
+def _pair_model(kernel, stride, dilation, stride2, dilation2, spatial):
+    """x (1,3,*spatial) -> Conv (3→6) -> Mul -> depthwise Conv -> Relu; 1-D or 2-D."""
+    rng = np.random.default_rng(sum(kernel) + stride + 7 * dilation)
+    d = len(spatial)
+    inits = [
+        _const("w", rng.standard_normal((6, 3, *kernel)) * 0.3), _const("b", rng.standard_normal(6)),
+        _const("scale", rng.uniform(0.5, 2.0, (1, 6) + (1,) * d)),
+        _const("h", rng.standard_normal((6, 1) + (3,) * d)), _const("hb", rng.standard_normal(6)),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=[stride] * d, dilations=[dilation] * d,
+                         pads=[1] * d + [2] * d, name="stem"),
+        helper.make_node("Mul", ["y", "scale"], ["u"]),
+        helper.make_node("Conv", ["u", "h", "hb"], ["z"], group=6, strides=[stride2] * d, dilations=[dilation2] * d,
+                         pads=[1] * (2 * d), name="dw"),
+        helper.make_node("Relu", ["z"], ["out"]),
+    ]  # fmt: skip
+    graph = helper.make_graph(nodes, "pair", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, *spatial])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    kernel=st.sampled_from([(3, 3), (1, 3), (5, 5), (3,), (5,)]), stride=st.integers(1, 2), dilation=st.integers(1, 2),
+    stride2=st.integers(1, 2), dilation2=st.integers(1, 2),
+)  # fmt: skip
+def test_full_rank_is_exact_for_any_pair_geometry(kernel, stride, dilation, stride2, dilation2):
+    spatial = (20, 24)[: len(kernel)] if len(kernel) == 2 else (40,)
+    model = _pair_model(kernel, stride, dilation, stride2, dilation2, spatial)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 3, *spatial)).astype(np.float32)} for _ in range(6)]
+    result = dsrewrite.rewrite(model, rank="full", calibration=feeds, benchmark=False)
+    layer = next(p for p in result.report.layers if p.node == "stem")
+    assert layer.fit_target == "after-depthwise"
+    assert result.verification.passed
