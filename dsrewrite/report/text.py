@@ -105,7 +105,7 @@ def layer_cells(layer: Mapping[str, Any]) -> dict[str, str]:
     if output_error and layer.get("output_error_data_free") is not None:
         output_error += f" (data-free {fmt_error(layer.get('output_error_data_free'))})"
     if output_error and layer.get("fit_target") == "after-depthwise":
-        output_error += ", at the next depthwise conv's output"  # where this fit measures (and minimises) it
+        output_error += " at the next depthwise conv"  # where this fit measures (and minimises) it
     if output_error and layer.get("activated_error") is not None:
         # The activated output's error, of the fit used; "linear" when the activation-aware one did not win.
         kept = "" if layer.get("fit_target") == "activated" else ", linear kept"
