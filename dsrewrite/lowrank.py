@@ -289,12 +289,12 @@ def fit_separable(
     fitted_bias = np.concatenate(biases)
     dense = reconstruct(factors).reshape(groups, ng, mg * k)
     fitted_weights = np.concatenate([dense, fitted_bias.reshape(groups, ng, 1)], axis=2)
-    return FittedFactors(
-        factors=factors,
-        bias=fitted_bias,
-        squared_error=regression_error(fitted_weights, measured),
-        data_free_error=regression_error(free_weights, measured),
-    )
+    squared_error = regression_error(fitted_weights, measured)
+    data_free_error = regression_error(free_weights, measured)
+    if data_free_error < squared_error:
+        # The ridge can cost more than the fit gains: at full rank the SVD is exact and stays so.
+        return FittedFactors(factors=data_free, bias=original_bias, squared_error=data_free_error, data_free_error=data_free_error)
+    return FittedFactors(factors=factors, bias=fitted_bias, squared_error=squared_error, data_free_error=data_free_error)
 
 
 def refine_separable(

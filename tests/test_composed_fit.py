@@ -287,3 +287,30 @@ def test_full_rank_is_exact_for_any_pair_geometry(kernel, stride, dilation, stri
     layer = next(p for p in result.report.layers if p.node == "stem")
     assert layer.fit_target == "after-depthwise"
     assert result.verification.passed
+
+
+def test_a_later_wave_is_fitted_through_its_depthwise_conv_on_spilled_targets():
+    """conv A → Relu → conv B → Mul → depthwise → Relu: B is in wave 1, its targets come from the first pass."""
+    rng = np.random.default_rng(3)
+    inits = [
+        _const("wa", rng.standard_normal((8, 3, 3, 3)) * 0.3), _const("wb", rng.standard_normal((8, 8, 3, 3)) * 0.2),
+        _const("scale", rng.uniform(0.5, 2.0, (1, 8, 1, 1))), _const("h", rng.standard_normal((8, 1, 3, 3))),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1, 1, 1, 1], name="A"),
+        helper.make_node("Relu", ["a"], ["ar"]),
+        helper.make_node("Conv", ["ar", "wb"], ["b"], pads=[1, 1, 1, 1], strides=[2, 2], name="B"),
+        helper.make_node("Mul", ["b", "scale"], ["u"]),
+        helper.make_node("Conv", ["u", "h"], ["z"], group=8, pads=[1, 1, 1, 1], name="dw"),
+        helper.make_node("Relu", ["z"], ["out"]),
+    ]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 40])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    full = dsrewrite.rewrite(model, rank="full", calibration=_feeds(6, 8), benchmark=False)
+    assert full.verification.passed
+    assert {p.node: p.fit_target for p in full.report.layers if p.rewritten}["B"] == "after-depthwise"
+    low = dsrewrite.rewrite(model, rank=1, calibration=_feeds(6, 16), benchmark=False, verify=False)
+    layers = {p.node: p for p in low.report.layers}
+    assert layers["A"].fit_target == "activated" or layers["A"].fit_target == "linear"
+    assert layers["B"].fit_target == "after-depthwise" and layers["B"].output_error < layers["B"].output_error_data_free
