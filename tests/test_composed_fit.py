@@ -314,3 +314,17 @@ def test_a_later_wave_is_fitted_through_its_depthwise_conv_on_spilled_targets():
     layers = {p.node: p for p in low.report.layers}
     assert layers["A"].fit_target == "activated" or layers["A"].fit_target == "linear"
     assert layers["B"].fit_target == "after-depthwise" and layers["B"].output_error < layers["B"].output_error_data_free
+
+
+def test_feeds_of_different_sizes_and_a_depthwise_output_that_is_a_graph_output():
+    model = stem_model("mul")
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "h"
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "w"
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    rng = np.random.default_rng(7)
+    feeds = [{"x": rng.standard_normal((1, 3, h, w)).astype(np.float32)} for h, w in [(32, 40), (24, 56)] * 6]
+    result = dsrewrite.rewrite(model, rank=1, calibration=feeds, benchmark=False, verify=False, input_shapes={"x": (1, 3, 32, 40)})
+    layer = next(p for p in result.report.layers if p.node == "stem")
+    assert layer.fit_target == "after-depthwise" and layer.output_error < layer.output_error_data_free
+    full = dsrewrite.rewrite(model, rank="full", calibration=feeds, benchmark=False, input_shapes={"x": (1, 3, 32, 40)})
+    assert full.verification.passed
