@@ -76,8 +76,9 @@ class LayerPlan:
     output_error_data_free: float | None = None  # the same for the plain SVD factors, for comparison
     fit: str = "data-free"  # how the weights were obtained
     # With calibration: the activation the conv's output feeds (its graph pattern), which output the kept fit
-    # matches ("activated" or "linear"), and the activated output's NMSE on the fit's sample for the factors used
-    # and for the linear fit.
+    # matches ("activated", "linear", or "after-depthwise": the output of the depthwise conv it feeds linearly, where
+    # output_error is then measured), and the activated output's NMSE on the fit's sample for the factors used and
+    # for the linear fit.
     activation: str | None = None
     fit_target: str | None = None
     activated_error: float | None = None
