@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .activation_match import AFFINE_OPS, channel_affine
-from .composed_fit import composed_taps, composition_operator
+from .composed_fit import composition_operator
 from .geometry import ConvGeometry
 from .graph import ConvSpec
 
@@ -70,7 +70,6 @@ def match_following_depthwise(conv: gs.Node, spec: ConvSpec, graph_outputs: set[
     sums = filters.reshape(channels, -1).sum(axis=1)
     bias = np.zeros(channels) if after.bias is None else after.bias.astype(np.float64).reshape(-1)
     operator = composition_operator(spec.geometry, spec.kernel_shape, after.geometry, scale.reshape(-1, *[1] * spatial) * filters)
-    assert operator.shape[1] == int(np.prod(composed_taps(spec.geometry, after.geometry)))
     return FollowingDepthwise(
         node=user.name or user.outputs[0].name,
         output=user.outputs[0].name,
