@@ -34,7 +34,8 @@ import numpy as np
 from .geometry import ConvGeometry
 from .lowrank import FittedFactors, RegressionStats, SeparableFactors, channel_spectra, factorize, regression_error
 
-# Multiply-adds of one alternating round, above which the composed fit is not attempted (seconds of numpy).
+# Multiply-adds of one alternating round above which the composed fit is not attempted (8e8 took 0.2 s for a
+# whole fit, so this bounds a fit to seconds).
 MAX_WORK = 4e9
 ROUNDS = 40
 TOLERANCE = 1e-7  # stop when a round lowers the error by less than this share
@@ -164,7 +165,7 @@ def fit_through(
     error = data_free
     for _ in range(max(1, rounds)):
         p, b = _solve_pointwise(d, s, t, operator, gain, offset, b, free_bias, ridge)
-        d = _solve_depthwise(p, b, s, t, operator, gain, offset, kernel_shape, ridge)
+        d = _solve_depthwise(p, b, s, t, operator, gain, offset, ridge)
         p, b = _solve_pointwise(d, s, t, operator, gain, offset, b, free_bias, ridge)
         new = regression_error(composed_weights(d, p, b, operator, gain, offset), measured)
         if new < best[0]:
@@ -209,11 +210,10 @@ def _solve_pointwise(d, s, t, operator, gain, offset, bias, free_bias, ridge):
     return solution[:, :-1].reshape(n, m, r), solution[:, -1]
 
 
-def _solve_depthwise(p, bias, s, t, operator, gain, offset, kernel_shape, ridge):
+def _solve_depthwise(p, bias, s, t, operator, gain, offset, ridge):
     """All depthwise filters at once for fixed pointwise weights and bias."""
     n, m, r = p.shape
     taps, k = operator.shape[1:]
-    f1 = s.shape[0]
     design = np.zeros((n, m, taps, m, r, k))  # t̂_o's patch weights as a linear map of every filter tap
     channels = np.arange(m)
     design[:, channels, :, channels, :, :] = np.einsum("ocj,ouk->cojuk", p, operator).transpose(0, 1, 3, 2, 4)
