@@ -184,3 +184,5 @@ def _forget_fit(plan: LayerPlan) -> None:
     plan.output_error = plan.output_error_data_free = plan.fit_seconds = None
     plan.activation = plan.fit_target = plan.activated_error = plan.activated_error_linear = None
     plan.fit = "data-free"
+    # The fit's own notes (stages.record_fits) describe it too.
+    plan.notes[:] = [n for n in plan.notes if not (n.startswith("linear fit: ") or n.startswith("fitted at the output of"))]

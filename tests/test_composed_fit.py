@@ -327,3 +327,11 @@ def test_feeds_of_different_sizes_and_a_depthwise_output_that_is_a_graph_output(
     assert layer.fit_target == "after-depthwise" and layer.output_error < layer.output_error_data_free
     full = dsrewrite.rewrite(model, rank="full", calibration=feeds, benchmark=False, input_shapes={"x": (1, 3, 32, 40)})
     assert full.verification.passed
+
+
+def test_a_conv_the_output_guard_leaves_alone_keeps_no_note_of_its_fit():
+    result = dsrewrite.rewrite(stem_model("mul"), rank=1, calibration=_feeds(8, 16), max_output_error=1e-9,
+                               benchmark=False, latency_aware=False, verify=False)  # fmt: skip
+    layer = next(p for p in result.report.layers if p.node == "stem")
+    assert not layer.rewritten and layer.fit_target is None
+    assert not any(note.startswith("fitted at the output of") for note in layer.notes)
