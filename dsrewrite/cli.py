@@ -97,7 +97,8 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
 @click.option("--plan", "plan_in", type=click.Path(path_type=Path), default=None, metavar="PATH",
               help="Reapply the per-conv decisions saved by --plan-out.")
 @click.option("--plan-out", type=click.Path(path_type=Path), default=None, metavar="PATH",
-              help="Save the per-conv decisions (rank, form or skip reason) as JSON.")
+              help="Save the per-conv decisions (rank, form or skip reason) as JSON. Timed decisions follow the "
+                   "machine's load; --plan with this file reproduces them exactly.")
 @click.option("--eval-script", type=click.Path(path_type=Path), default=None, metavar="FILE.py",
               help="A Python file defining evaluate(model_path) -> float (higher is better): "
                    "rank decisions then follow measured task sensitivity.")
