@@ -17,6 +17,7 @@ its ``scale``/``shift``) or a reason why the linear fit is used. Reading only.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -27,10 +28,20 @@ from .graph import constant_value
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div", "BatchNormalization")
 
 
-def match_activation(conv: gs.Node, out_channels: int, graph_outputs: set[str] = frozenset()) -> Activation | str:
-    """The activation on ``conv``'s output, or a reason string when there is none to fit through."""
-    spatial = len(conv.inputs[1].shape) - 2 if conv.inputs[1].shape is not None else 2
-    scale, shift = np.ones(out_channels), np.zeros(out_channels)
+@dataclass(frozen=True)
+class AffineChain:
+    """Where a conv's output ends up after single-consumer per-channel affine ops: ``tensor = scale·y + shift``."""
+
+    tensor: gs.Tensor
+    scale: np.ndarray
+    shift: np.ndarray
+    steps: tuple[str, ...]  # the ops walked through
+
+
+def follow_channel_affine(conv: gs.Node, channels: int, spatial: int, graph_outputs: set[str] = frozenset()) -> AffineChain | str:
+    """Walk from ``conv``'s output through single-consumer Mul/Add/Sub/Div/BatchNormalization by per-channel
+    constants; stop at anything else. A reason string when the walk meets a graph output or a dead end."""
+    scale, shift = np.ones(channels), np.zeros(channels)
     tensor = conv.outputs[0]
     steps = []
     while True:
@@ -39,22 +50,30 @@ def match_activation(conv: gs.Node, out_channels: int, graph_outputs: set[str] =
         users = list(tensor.outputs)
         if not users:
             return "the conv's output has no consumers"
-        if len(users) == 1 and users[0].op in AFFINE_OPS:
-            affine = channel_affine(users[0], tensor, out_channels, spatial)
-            if affine is None:
-                break
-            a, c = affine
-            scale, shift = a * scale, a * shift + c
-            steps.append(users[0].op)
-            tensor = users[0].outputs[0]
-            continue
-        break
-    found = _activation(tensor, out_channels, spatial)
+        if len(users) != 1 or users[0].op not in AFFINE_OPS:
+            break
+        affine = _affine(users[0], tensor, channels, spatial)
+        if affine is None:
+            break
+        a, c = affine
+        scale, shift = a * scale, a * shift + c
+        steps.append(users[0].op)
+        tensor = users[0].outputs[0]
+    return AffineChain(tensor, scale, shift, tuple(steps))
+
+
+def match_activation(conv: gs.Node, out_channels: int, graph_outputs: set[str] = frozenset()) -> Activation | str:
+    """The activation on ``conv``'s output, or a reason string when there is none to fit through."""
+    spatial = len(conv.inputs[1].shape) - 2 if conv.inputs[1].shape is not None else 2
+    chain = follow_channel_affine(conv, out_channels, spatial, graph_outputs)
+    if isinstance(chain, str):
+        return chain
+    found = _activation(chain.tensor, out_channels, spatial)
     if isinstance(found, str):
         return found
     kind, params, label = found
-    prefix = "·".join(steps)
-    return Activation(kind, scale=scale, shift=shift, label=f"{prefix} → {label}" if prefix else label, **params)
+    prefix = "·".join(chain.steps)
+    return Activation(kind, scale=chain.scale, shift=chain.shift, label=f"{prefix} → {label}" if prefix else label, **params)
 
 
 def _channel_constant(tensor: gs.Tensor, channels: int, spatial: int) -> np.ndarray | None:
@@ -92,7 +111,7 @@ def _other(node: gs.Node, tensor: gs.Tensor) -> gs.Tensor | None:
     return None
 
 
-def channel_affine(node: gs.Node, tensor: gs.Tensor, channels: int, spatial: int) -> tuple[np.ndarray, np.ndarray] | None:
+def _affine(node: gs.Node, tensor: gs.Tensor, channels: int, spatial: int) -> tuple[np.ndarray, np.ndarray] | None:
     """``(a, c)`` with ``node(x) = a·x + c`` per channel, or None."""
     if node.op == "BatchNormalization":
         if node.inputs[0] is not tensor or len(node.outputs) != 1:

@@ -32,7 +32,15 @@ from typing import Sequence
 import numpy as np
 
 from .geometry import ConvGeometry
-from .lowrank import FittedFactors, RegressionStats, SeparableFactors, channel_spectra, factorize, regression_error
+from .lowrank import (
+    FittedFactors,
+    RegressionStats,
+    SeparableFactors,
+    channel_spectra,
+    factorize,
+    regression_error,
+    relative_ridge,
+)
 
 # Multiply-adds of one alternating round above which the composed fit is not attempted (8e8 took 0.2 s for a
 # whole fit, so this bounds a fit to seconds).
@@ -223,7 +231,6 @@ def _solve_depthwise(p, bias, s, t, operator, gain, offset, ridge):
     xx = s[:-1, :-1]
     gram = np.einsum("nfa,fg,ngb->ab", design, xx, design, optimize=True)
     cross = np.einsum("nfa,nf->a", design, target)
-    mean = float(np.mean(np.diag(gram)))
-    gram += ridge * (mean if mean > 0 else 1.0) * np.eye(gram.shape[0])
+    gram += relative_ridge(np.diag(gram), ridge) * np.eye(gram.shape[0])
     solution = np.linalg.solve(gram, cross)
     return solution.reshape(m, r, k)

@@ -1,8 +1,8 @@
 """Find the depthwise conv a conv's output feeds with nothing nonlinear between (reading only).
 
 ``match_following_depthwise(conv, spec)`` walks from the conv's output through single-consumer per-channel
-affine ops (Mul/Add/Sub/Div by constants, BatchNormalization; as ``activation_match`` does) to one Conv
-whose group equals the channel count and which has one constant filter per channel. The two convs are then
+affine ops (``activation_match.follow_channel_affine``: Mul/Add/Sub/Div by constants, BatchNormalization) to one
+Conv whose group equals the channel count and which has one constant filter per channel. The two convs are then
 one linear map, and ``composed_fit`` fits the first one at the second one's output. It answers a
 :class:`FollowingDepthwise` (the affine scale folded into the filters) or a reason string.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .activation_match import AFFINE_OPS, channel_affine
+from .activation_match import AFFINE_OPS, follow_channel_affine
 from .composed_fit import composition_operator
 from .geometry import ConvGeometry
 from .graph import ConvSpec
@@ -40,23 +40,16 @@ def match_following_depthwise(conv: gs.Node, spec: ConvSpec, graph_outputs: set[
         return "grouped conv"
     channels = spec.out_channels
     spatial = len(spec.kernel_shape)
-    scale, shift = np.ones(channels), np.zeros(channels)
-    tensor = conv.outputs[0]
-    while True:
-        if tensor.name in graph_outputs:
-            return "the conv's output is a graph output"
-        users = list(tensor.outputs)
-        if len(users) != 1:
-            return f"the output has {len(users)} consumers"
-        user = users[0]
-        if user.op not in AFFINE_OPS:
-            break
-        affine = channel_affine(user, tensor, channels, spatial)
-        if affine is None:
-            return f"the output feeds a {user.op} that is not a per-channel constant"
-        a, c = affine
-        scale, shift = a * scale, a * shift + c
-        tensor = user.outputs[0]
+    chain = follow_channel_affine(conv, channels, spatial, graph_outputs)
+    if isinstance(chain, str):
+        return chain
+    tensor, scale, shift = chain.tensor, chain.scale, chain.shift
+    users = list(tensor.outputs)
+    if len(users) != 1:
+        return f"the output has {len(users)} consumers"
+    user = users[0]
+    if user.op in AFFINE_OPS:
+        return f"the output feeds a {user.op} that is not a per-channel constant"
     if user.op != "Conv" or user.inputs[0] is not tensor:
         return f"the output feeds {user.op}, not a depthwise conv"
     after = ConvSpec.from_node(user, spec.graph, {})

@@ -349,7 +349,8 @@ def _diagonal_blocks(s: np.ndarray, channels: int, taps: int) -> np.ndarray:
     return xx[np.arange(channels), :, np.arange(channels), :]
 
 
-def _ridge(matrix_diag: np.ndarray, ridge: float) -> float:
+def relative_ridge(matrix_diag: np.ndarray, ridge: float) -> float:
+    """``ridge`` times the mean of a normal matrix's diagonal (``ridge`` itself where that is not positive)."""
     mean = float(np.mean(matrix_diag)) if matrix_diag.size else 0.0
     return ridge * mean if mean > 0 else ridge
 
@@ -370,7 +371,7 @@ def _solve_pointwise(d: np.ndarray, s: np.ndarray, t: np.ndarray, ridge: float) 
     gram = np.empty((mg * r + 1, mg * r + 1))
     gram[:-1, :-1], gram[:-1, -1], gram[-1, :-1], gram[-1, -1] = zz, z1, z1, s[-1, -1]
     cross = np.concatenate([yz, t[:, -1:]], axis=1)
-    penalty = np.full(mg * r + 1, _ridge(np.diag(zz), ridge))
+    penalty = np.full(mg * r + 1, relative_ridge(np.diag(zz), ridge))
     penalty[-1] = 0.0  # the bias is not shrunk
     solution = _solve_symmetric(gram + np.diag(penalty), cross.T).T
     return solution[:, :-1].reshape(ng, mg, r), solution[:, -1]
