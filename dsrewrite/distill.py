@@ -76,7 +76,7 @@ from .calibration import (
 from .cost import separable_cost
 from .following_depthwise import FollowingDepthwise, match_following_depthwise
 from .graph import ConvSpec, convs_by_output, with_dense_kernels
-from .plan import LayerPlan
+from .plan import THROUGH_FIT_NOTE, LayerPlan
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,24 @@ class _Target:
         """The original tensor the fit matches: the conv's output, or the following depthwise conv's."""
         return self.through.output if self.through is not None else self.y_name
 
+    @property
+    def sampled(self) -> list[str]:
+        """The original tensors read at sampled positions: the target, and for a composed fit the conv's own
+        output too (its shape places the depthwise conv's borders)."""
+        return [self.target_name, self.y_name] if self.through is not None else [self.y_name]
+
+    @property
+    def taps(self) -> int:
+        """Kernel taps of the patches fitted: the conv's own, or the composed kernel's."""
+        return self.through.composed_taps if self.through is not None else self.spec.kernel_size
+
+    @property
+    def features(self) -> int:
+        """Patch values per group (``F``), what the statistics' size and the positions sampled follow."""
+        return self.spec.in_channels // self.spec.group * self.taps
+
     def accumulator(self) -> RegressionAccumulator:
-        taps = self.through.composed_taps if self.through is not None else self.spec.kernel_size
-        return RegressionAccumulator(self.spec.in_channels, self.spec.out_channels, taps, self.spec.group)
+        return RegressionAccumulator(self.spec.in_channels, self.spec.out_channels, self.taps, self.spec.group)
 
     def patches(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """The input patches at target ``positions``: the conv's own, or the composed kernel's."""
@@ -192,8 +207,7 @@ def distill(
             if w == waves[0]:
                 # One pass over the original model: wave 0's inputs and targets, and the targets of every
                 # later wave at their sampled positions, spilled to disk so no later wave reruns the original.
-                wanted = [t.target_name for t in wave + later] + [t.x_name for t in wave]
-                wanted += [t.y_name for t in wave + later if t.through is not None]  # its shape places the borders
+                wanted = [name for t in wave + later for name in t.sampled] + [t.x_name for t in wave]
                 batches = capture(model, list(dict.fromkeys(wanted)), calibration)
             else:
                 batches = capture(current, [t.x_name for t in wave], calibration)
@@ -202,7 +216,7 @@ def distill(
                 for t in wave:
                     start = time.perf_counter()
                     if w == waves[0]:
-                        positions, y = _sample_targets(t, values, accumulators[t.y_name], rng, count, len(calibration))
+                        positions, y = _sample_targets(t, values, rng, count, len(calibration))
                     else:
                         positions, y = _load_targets(spill, t, index)
                     patches = t.patches(values[t.x_name], positions)
@@ -212,7 +226,7 @@ def distill(
                     t.seconds += time.perf_counter() - start
                 for t in later:
                     start = time.perf_counter()
-                    positions, y = _sample_targets(t, values, t.accumulator(), rng, count, len(calibration))
+                    positions, y = _sample_targets(t, values, rng, count, len(calibration))
                     _save_targets(spill, t, index, positions, y)
                     t.seconds += time.perf_counter() - start
                 done += count
@@ -232,7 +246,7 @@ def distill(
     return fitted
 
 
-def _sample_targets(t: _Target, values: dict, accumulator: RegressionAccumulator, rng, feeds: int, total_feeds: int):
+def _sample_targets(t: _Target, values: dict, rng, feeds: int, total_feeds: int):
     """Positions to sample for one batch of ``feeds`` (of ``total_feeds``), and the original targets there ``(N, P)``.
 
     A fit through a following depthwise conv samples only the positions where that conv reads no padding.
@@ -242,7 +256,7 @@ def _sample_targets(t: _Target, values: dict, accumulator: RegressionAccumulator
         candidates = np.arange(y.shape[0] * int(np.prod(y.shape[2:])))
     else:
         candidates = interior_positions(t.through.geometry, values[t.y_name].shape[2:], y.shape[2:], y.shape[0])
-    limit = max(1, round(positions_per_feed(accumulator.features, accumulator.groups, total_feeds) * feeds))
+    limit = max(1, round(positions_per_feed(t.features, t.spec.group, total_feeds) * feeds))
     positions = candidates[sample_positions(len(candidates), rng, limit)]
     return positions, flatten_output(y)[:, positions]
 
@@ -287,7 +301,7 @@ def calibrated_error_curves(
     rng = np.random.default_rng(options.seed)
     chunks, chunk, used = [], [], 0
     for t in targets:
-        size = 8 * t.spec.group * (t.accumulator().features + 1) ** 2
+        size = 8 * t.spec.group * (t.features + 1) ** 2
         if chunk and used + size > CURVE_MEMORY_BUDGET:
             chunks.append(chunk)
             chunk, used = [], 0
@@ -298,7 +312,7 @@ def calibrated_error_curves(
     for index, group in enumerate(chunks):
         accumulators = {t.y_name: t.accumulator() for t in group}
         done = 0
-        names = [t.target_name for t in group] + [t.x_name for t in group] + [t.y_name for t in group if t.through]
+        names = [name for t in group for name in t.sampled] + [t.x_name for t in group]
         for values, count in capture(model, list(dict.fromkeys(names)), calibration):
             for t in group:
                 _accumulate(t, values, accumulators[t.y_name], rng, count, len(calibration))
@@ -418,7 +432,7 @@ def _accumulate(
     total_feeds: int,
 ) -> None:
     """Add one batch of the original model's inputs and outputs of ``t``, at sampled positions."""
-    positions, y = _sample_targets(t, values, accumulator, rng, feeds, total_feeds)
+    positions, y = _sample_targets(t, values, rng, feeds, total_feeds)
     accumulator.add(t.patches(values[t.x_name], positions), y)
 
 
@@ -492,7 +506,7 @@ def _fit_at_following_depthwise(t: _Target, stats: lowrank.RegressionStats, opti
         wave=wave,
         method="SVD + ALS at the following depthwise conv's output" + (" (sequential)" if options.sequential else " (independent)"),
         objective="after-depthwise",
-        note=f"fitted at the output of the depthwise conv that follows ({through.node}), where the errors are measured",
+        note=f"{THROUGH_FIT_NOTE} ({through.node}), where the errors are measured",
     )
 
 

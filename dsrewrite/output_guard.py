@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from .cores import available_cores
-from .plan import LayerPlan
+from .plan import LayerPlan, is_fit_note
 
 if TYPE_CHECKING:
     from .context import RewriteContext
@@ -184,5 +184,4 @@ def _forget_fit(plan: LayerPlan) -> None:
     plan.output_error = plan.output_error_data_free = plan.fit_seconds = None
     plan.activation = plan.fit_target = plan.activated_error = plan.activated_error_linear = None
     plan.fit = "data-free"
-    # The fit's own notes (stages.record_fits) describe it too.
-    plan.notes[:] = [n for n in plan.notes if not (n.startswith("linear fit: ") or n.startswith("fitted at the output of"))]
+    plan.notes[:] = [n for n in plan.notes if not is_fit_note(n)]  # the fit's own notes describe it too

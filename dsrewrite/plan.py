@@ -16,6 +16,16 @@ from dataclasses import asdict, dataclass, field
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
 
+# The notes a fit writes into a plan (``stages.record_fits``), which a conv left alone afterwards drops
+# (``output_guard``): the linear fit's reason for not going further, and the fit at a following depthwise conv.
+LINEAR_FIT_NOTE = "linear fit: "
+THROUGH_FIT_NOTE = "fitted at the output of the depthwise conv that follows"
+
+
+def is_fit_note(note: str) -> bool:
+    return note.startswith((LINEAR_FIT_NOTE, THROUGH_FIT_NOTE))
+
+
 # Emission forms, all computing the same function:
 # "concat": r multiplier-1 depthwise convs + Concat + one pointwise conv (rank 1: no Concat);
 # "multiplier": one depthwise conv of depth multiplier r (channel m·r + j), then the pointwise conv;

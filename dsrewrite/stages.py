@@ -24,7 +24,7 @@ from .cores import available_cores
 from .decide import ERROR_CURVES, MIN_SPEEDUP, SavedPlan, apply_decisions, choose_strategy, revert, sweep
 from .measure import measure
 from .pipeline import Pass, Pipeline, default_opset
-from .plan import LayerPlan
+from .plan import LINEAR_FIT_NOTE, LayerPlan
 from .report import Report, compute_totals
 from .report.text import speedups
 from .verify import VerificationResult, output_precision, verify
@@ -177,7 +177,7 @@ def record_fits(plans: Sequence[LayerPlan], fitted: dict) -> None:
             plan.fit_target = layer.objective
             plan.activated_error = layer.activated_error
             plan.activated_error_linear = layer.activated_error_linear
-            note = layer.note if layer.objective == "after-depthwise" else f"linear fit: {layer.note}"
+            note = layer.note if layer.objective == "after-depthwise" else f"{LINEAR_FIT_NOTE}{layer.note}"
             if layer.note and note not in plan.notes:  # the output guard may fit again
                 plan.notes.append(note)
 
