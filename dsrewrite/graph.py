@@ -21,6 +21,7 @@ from typing import Iterator, Mapping
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from .geometry import ConvGeometry, output_elements
 
@@ -59,15 +60,29 @@ def iter_nodes(graph: gs.Graph) -> Iterator[tuple[gs.Graph, gs.Node]]:
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of an initializer or of a ``Constant`` node's output; None if computed at run time."""
+    """The value of an initializer or of a ``Constant`` node's output; None if computed at run time.
+
+    Do not write to it. A tensor that graphsurgeon has not loaded yet is read as a read-only view of its bytes:
+    loading would copy it (all the model's conv weights, for a run that replaces them anyway) and keep the copy.
+    """
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        return _read_only(tensor)
     node = producer(tensor)
     if node is not None and node.op == "Constant":
         value = node.attrs.get("value")
         if isinstance(value, gs.Constant):
-            return np.asarray(value.values)
+            return _read_only(value)
     return None
+
+
+def _read_only(constant: gs.Constant) -> np.ndarray:
+    lazy = constant._values  # graphsurgeon keeps the TensorProto until .values is first read
+    if type(lazy) is gs.ir.tensor.LazyValues:  # not SparseValues, whose load builds the dense array
+        values = np.asarray(numpy_helper.to_array(lazy.tensor))
+        if values.flags.writeable:  # a copy (e.g. from typed fields): nothing shares it
+            values.flags.writeable = False
+        return values
+    return np.asarray(constant.values)
 
 
 def is_graph_output(tensor: gs.Tensor, root: gs.Graph) -> bool:

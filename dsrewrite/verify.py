@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .cores import available_cores
 from .errors import InputError, UsageError
 from .model_io import onnxruntime_source
 
@@ -81,10 +82,20 @@ class VerificationResult:
 
 
 def session(
-    model: onnx.ModelProto, *, threads: int = 1, optimize: bool = True, profile_prefix: str | None = None
+    model: onnx.ModelProto,
+    *,
+    threads: int = 1,
+    optimize: bool = True,
+    profile_prefix: str | None = None,
+    spin: bool = True,
 ) -> ort.InferenceSession:
-    """A CPU session for any model dsrewrite handles (over 2 GB included); ``profile_prefix`` turns on profiling."""
+    """A CPU session for any model dsrewrite handles (over 2 GB included); ``profile_prefix`` turns on profiling.
+
+    ``spin=False`` stops idle worker threads from spinning: for runs that are not timed, on a machine that other
+    work may share (spinning threads that wait for a busy core slow everyone down)."""
     options = ort.SessionOptions()
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
@@ -147,12 +158,13 @@ def verify(
 ) -> VerificationResult:
     """Compare the two models on ``feeds``. Raises InputError if the original itself cannot run."""
     result = VerificationResult(ran=True, passed=None, atol=atol, rtol=rtol, inputs=inputs_label)
+    threads = available_cores()  # not a timing: every core shortens the two models' runs
     try:
-        reference = session(original)
+        reference = session(original, threads=threads, spin=False)
     except Exception as exc:
         raise InputError(f"the input model does not load in onnxruntime ({_short(exc)}); use --no-verify to skip") from None
     try:
-        candidate = session(rewritten)
+        candidate = session(rewritten, threads=threads, spin=False)
     except Exception as exc:
         result.passed = False
         result.problems.append(f"the rewritten model does not load in onnxruntime: {_short(exc)}")
