@@ -334,10 +334,15 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
     steps = 3 if cores != threads else 2
     if ctx.progress:
         ctx.progress("benchmarking", 0, steps)
+    totals = compute_totals(plans)
     references = {}
-    if options.deploy.quantize is not None:  # INT8 alone: no conv rewritten, prepared and quantized alike
+    if options.deploy.quantize is not None and totals.rewritten:  # INT8 alone: prepared and quantized alike
         references[f"{options.deploy.quantize}_without_rewrite"] = ctx.deployed_model()
+    elif options.deploy.quantize is not None:  # it is the model written: timing it against itself measures noise
+        ctx.notes.append(f"no conv rewritten: the model written is {options.deploy.quantize.upper()} alone (prepared "
+                         "and quantized the same way), so it is not timed against itself")  # fmt: skip
     result = latency.benchmark_models(ctx.original, rewritten, feed, threads=threads, references=references)
+    result["rewritten_convs"] = totals.rewritten
     if ctx.progress:
         ctx.progress("benchmarking", 1, steps)
     if cores != threads:
@@ -347,7 +352,6 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
         if ctx.progress:
             ctx.progress("benchmarking", 2, steps)
     share = latency.conv_time_share(ctx.original, feed, threads=threads)
-    totals = compute_totals(plans)
     result["conv_time_share"] = share
     result["macs_ratio"] = totals.macs_ratio
     result["predicted_speedup"] = result["speedup_vs_predicted"] = None
@@ -379,10 +383,13 @@ def slowness_warnings(bench: dict, options) -> list[str]:
 
 def _slowness_hint(threads: int, options, bench: dict | None = None, versus: str = "original") -> str:
     quantize = options.deploy.quantize
+    nothing_rewritten = bench is not None and bench.get("rewritten_convs") == 0
     if quantize is not None and versus == "original" and bench is not None:
         alone = bench.get(f"speedup_vs_{quantize}_without_rewrite" + ("" if threads == bench.get("threads") else f"_{threads}_threads"))
-        if alone is not None and alone >= latency.SLOWER_BELOW:
+        if nothing_rewritten or (alone is not None and alone >= latency.SLOWER_BELOW):
             return f"{quantize.upper()} itself is slower than float32 for this model here: consider shipping float32 (no --quantize)"
+    if nothing_rewritten:
+        return "no conv was rewritten: the difference is the other passes (e.g. BatchNorm folding) or the machine's load"
     if not options.uses_latency():
         return "try --latency-aware: it times each rewrite against its conv and keeps only those that pay"
     if threads != options.latency.threads:
