@@ -32,7 +32,7 @@ from evaluations import EVALUATIONS, agreement, calibration_feeds, predict  # no
 from models import fetch  # noqa: E402
 
 import dsrewrite  # noqa: E402
-from dsrewrite import latency  # noqa: E402
+from dsrewrite import decide, latency  # noqa: E402
 from dsrewrite.cores import available_cores  # noqa: E402
 
 
@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cores = available_cores()
     if args.min_efficiency is not None:
-        import dsrewrite.decide  # noqa: PLC0415
-
-        dsrewrite.decide.MIN_EFFICIENCY = args.min_efficiency
+        decide.MIN_EFFICIENCY = args.min_efficiency
 
     print(
         "| model | timing | eligible MAC ratio | conv share of time | latency before → after (ms) | speedup | Amdahl | "

@@ -353,6 +353,10 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
             ctx.progress("benchmarking", 2, steps)
     share = latency.conv_time_share(ctx.original, feed, threads=threads)
     result["conv_time_share"] = share
+    for label, model in references.items():  # e.g. INT8 alone: how much of its time a conv rewrite can touch at all
+        ref_share = latency.conv_time_share(model, feed, threads=threads)
+        result[f"conv_time_share_{label}"] = ref_share
+        result[f"ceiling_vs_{label}"] = 1.0 / (1.0 - ref_share) if ref_share is not None and ref_share < 1.0 else None
     result["macs_ratio"] = totals.macs_ratio
     result["predicted_speedup"] = result["speedup_vs_predicted"] = None
     if share is not None and totals.macs_ratio is not None:

@@ -254,6 +254,8 @@ def test_quantize_int8_times_in_int8_and_delivers_a_qdq_model(tmp_path, tmp_mode
         assert any(note.startswith("no conv rewritten: the model written is INT8 alone") for note in data["notes"])
     else:
         assert bench["latency_int8_without_rewrite_ms"] > 0 and bench["speedup_vs_int8_without_rewrite"] > 0
+        share = bench["conv_time_share_int8_without_rewrite"]  # the one-conv model: nearly all its time
+        assert 0.5 < share <= 1.0 and (bench["ceiling_vs_int8_without_rewrite"] is None or bench["ceiling_vs_int8_without_rewrite"] >= 2.0)
     (output,) = data["verification"]["outputs"]
     assert -1 <= output["cosine"] <= 1 and output["argmax_agreement"] is None  # a 4-D map holds no decisions
 
@@ -289,6 +291,19 @@ def test_slowness_is_reported_for_every_thread_count_and_reference():
     assert "no conv was rewritten" in only and "--rank" not in only
     (only,) = slowness_warnings({"threads": 1, "speedup": 0.5, "rewritten_convs": 0}, quantized)
     assert "INT8 itself is slower than float32" in only
+
+
+def test_a_reference_with_a_profiled_conv_share_shows_what_any_rewrite_could_gain_over_it():
+    from dsrewrite.report.text import comparisons_text
+
+    bench = {
+        "threads": 1, "speedup": 2.1, "speedup_vs_int8_without_rewrite": 0.97, "conv_time_share_int8_without_rewrite": 0.245,
+        "ceiling_vs_int8_without_rewrite": 1 / 0.755, "speedup_vs_int8_without_rewrite_2_threads": 1.01,
+    }  # fmt: skip
+    text = comparisons_text(bench)
+    assert "0.97× against the int8 without rewrite (its convs are 24% of its time: at most 1.32×)" in text
+    assert text.endswith("1.01× against the int8 without rewrite at 2 threads")  # the ceiling once, at the headline count
+    assert "at most" not in comparisons_text({"speedup": 1.0, "speedup_vs_int8_without_rewrite": 1.0})
 
 
 def test_timing_sessions_stop_spinning_when_a_run_returns():
