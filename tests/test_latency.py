@@ -260,6 +260,18 @@ def test_quantize_int8_times_in_int8_and_delivers_a_qdq_model(tmp_path, tmp_mode
     assert -1 <= output["cosine"] <= 1 and output["argmax_agreement"] is None  # a 4-D map holds no decisions
 
 
+def test_with_nothing_rewritten_int8_alone_is_not_timed_against_itself(tmp_path):
+    """The model written is then INT8 alone: the report says so and how little any conv rewrite could gain."""
+    model = conv_model(in_channels=16, out_channels=32, spatial=(16, 16), pads=(1, 1, 1, 1))
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 16, 16, 16)).astype(np.float32)} for i in range(4)]
+    result = dsrewrite.rewrite(model, plan={"schema": "dsrewrite.plan/1", "layers": []}, calibration=feeds,
+                               quantize="int8", benchmark=True)  # fmt: skip
+    bench = result.report.benchmark
+    assert bench["rewritten_convs"] == 0 and not any(key.startswith("speedup_vs_int8") for key in bench)
+    (note,) = [n for n in result.report.notes if n.startswith("no conv rewritten")]
+    assert "INT8 alone" in note and "its convs take" in note and "no conv rewrite could make it more than" in note
+
+
 def test_quantize_needs_calibration_data(tmp_path, tmp_model):
     from conftest import dsrewrite_cli
 
