@@ -95,8 +95,9 @@ def session(
     work may share (spinning threads that wait for a busy core slow everyone down)."""
     options = ort.SessionOptions()
     # Worker threads spin for tens of ms after a run by default. Timings interleave sessions, and every other live
-    # session's spinning workers then take the cores: two identical 2-thread sessions measured 2-3x slower than one
-    # alone. Stopping the spin when a run returns keeps it inside runs, where it pays (under 2% on the bench models).
+    # session's spinning workers then take the cores: three identical 2-thread sessions timed in turn measured
+    # 2.3-3.6x slower than one alone. Stopping the spin when a run returns keeps it inside runs, where it pays:
+    # on captcha_crnn at 2 threads, no spinning at all cost 16%, stopping it after each run about 1%.
     options.add_session_config_entry("session.force_spinning_stop", "1")
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
