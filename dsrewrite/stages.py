@@ -361,6 +361,11 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
         ref_share = latency.conv_time_share(model, feed, threads=threads)
         result[f"conv_time_share_{label}"] = ref_share
         result[f"ceiling_vs_{label}"] = 1.0 / (1.0 - ref_share) if ref_share is not None and ref_share < 1.0 else None
+        result[f"predicted_speedup_vs_{label}"] = (
+            1.0 / ((1.0 - ref_share) + ref_share * totals.macs_ratio)
+            if ref_share is not None and totals.macs_ratio is not None
+            else None
+        )
     result["macs_ratio"] = totals.macs_ratio
     result["predicted_speedup"] = result["speedup_vs_predicted"] = None
     if share is not None and totals.macs_ratio is not None:

@@ -255,6 +255,7 @@ def test_quantize_int8_times_in_int8_and_delivers_a_qdq_model(tmp_path, tmp_mode
     else:
         assert bench["latency_int8_without_rewrite_ms"] > 0 and bench["speedup_vs_int8_without_rewrite"] > 0
         share = bench["conv_time_share_int8_without_rewrite"]  # the one-conv model: nearly all its time
+        assert bench["predicted_speedup_vs_int8_without_rewrite"] == pytest.approx(1 / ((1 - share) + share * bench["macs_ratio"]))
         assert 0.5 < share <= 1.0 and (bench["ceiling_vs_int8_without_rewrite"] is None or bench["ceiling_vs_int8_without_rewrite"] >= 2.0)
     (output,) = data["verification"]["outputs"]
     assert -1 <= output["cosine"] <= 1 and output["argmax_agreement"] is None  # a 4-D map holds no decisions
@@ -314,6 +315,8 @@ def test_a_reference_with_a_profiled_conv_share_shows_what_any_rewrite_could_gai
     }  # fmt: skip
     text = comparisons_text(bench)
     assert "0.97× against the int8 without rewrite (its convs are 24% of its time: at most 1.32×)" in text
+    bench["predicted_speedup_vs_int8_without_rewrite"] = 1.1
+    assert "(its convs are 24% of its time: MAC-predicted 1.10×, at most 1.32×)" in comparisons_text(bench)
     assert text.endswith("1.01× against the int8 without rewrite at 2 threads")  # the ceiling once, at the headline count
     assert "at most" not in comparisons_text({"speedup": 1.0, "speedup_vs_int8_without_rewrite": 1.0})
 

@@ -225,8 +225,9 @@ def speedups(benchmark: Mapping[str, Any] | None) -> list[tuple[str, float, str 
 def comparisons_text(benchmark: Mapping[str, Any] | None) -> str | None:
     """The speedups beyond the headline one, e.g. "1.02× at 2 threads; 1.06× against the int8 without rewrite", or None.
 
-    A reference whose conv share of run time was profiled also gets the most any conv rewrite could gain over it
-    (Amdahl with the convs' time at zero), e.g. "(its convs are 24% of its time: at most 1.32×)".
+    A reference whose conv share of run time was profiled also gets what the conv MAC ratio predicts over it and
+    the most any conv rewrite could gain over it (Amdahl with the convs' time at zero), e.g. "(its convs are 59% of
+    its time: MAC-predicted 1.38×, at most 2.41×)".
     """
     parts = []
     for key, value, versus, threads in speedups(benchmark):
@@ -234,9 +235,13 @@ def comparisons_text(benchmark: Mapping[str, Any] | None) -> str | None:
             continue
         part = fmt_speedup(value) + (f" against the {versus.replace('_', ' ')}" if versus else "")
         part += f" at {threads} threads" if threads else ""
-        share, ceiling = (benchmark.get(f"conv_time_share_{versus}"), benchmark.get(f"ceiling_vs_{versus}")) if versus else (None, None)
+        share, ceiling, predicted = (
+            (benchmark.get(f"{name}_{versus}") for name in ("conv_time_share", "ceiling_vs", "predicted_speedup_vs"))
+            if versus else (None, None, None)
+        )  # fmt: skip
         if threads is None and isinstance(share, float) and isinstance(ceiling, float):
-            part += f" (its convs are {share:.0%} of its time: at most {fmt_speedup(ceiling)})"
+            mac_predicted = f"MAC-predicted {fmt_speedup(predicted)}, " if isinstance(predicted, float) else ""
+            part += f" (its convs are {share:.0%} of its time: {mac_predicted}at most {fmt_speedup(ceiling)})"
         parts.append(part)
     return "; ".join(parts) or None
 
