@@ -90,7 +90,8 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
     """Profile the rewrite inside the whole model and revert the convs that do not pay in place.
 
     A conv timed alone misses what the model around it does: onnxruntime's NCHWc layout chains, Conv+activation
-    and Conv+Add fusions. Both models are profiled (in the deployed precision); each node's kernel time is
+    and Conv+Add fusions. Both models are profiled (in the deployed precision, at ``--threads`` and at the core
+    count: a rewrite must pay at each); each node's kernel time is
     attributed to the conv it came from (``in_model.in_model_times``). A rewrite slower than its original conv in
     place gets another emission form of its rank, and is reverted when none is left (or in the last round); the
     rounds repeat while something changed, since a change moves the layout around it.
@@ -104,21 +105,29 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
     if options.dry_run or not options.uses_latency() or not todo:
         return
     threads, precision = options.latency.threads, options.deploy.quantize
+    counts = [threads] + [n for n in [available_cores()] if n != threads]  # the rewrite must pay at each
     feed = ctx.one_feed()
     original = ctx.deployed_model()
     keys = {p.output: p.output for p in todo} | {p.node: p.output for p in todo if p.node}
-    before, _ = in_model_times(original, latency.node_times(original, feed, threads=threads), keys)
+
+    def profiled(model, owners) -> dict[int, dict[str, float]]:
+        return {n: in_model_times(model, latency.node_times(model, feed, threads=n), owners)[0] for n in counts}
+
+    before = profiled(original, keys)
     where = timing_label(precision)
-    reverted, attributed, reformed, tried = [], set(), set(), {}
+    reverted, attributed, reformed, tried, losing_at = [], set(), set(), {}, {}
     for index in range(rounds):
         candidate, owners = timing_candidate(ctx, plans, "in-model check")
-        after, _ = in_model_times(candidate, latency.node_times(candidate, feed, threads=threads), owners)
+        after = profiled(candidate, owners)
         slower = []
         for plan in plans:
-            if plan.rewritten and plan.output in before and plan.output in after:
-                attributed.add(plan.output)
-                plan.in_model_before_ms, plan.in_model_after_ms = before[plan.output], after[plan.output]
-                if plan.in_model_after_ms * MIN_SPEEDUP > plan.in_model_before_ms:
+            name = plan.output
+            if plan.rewritten and all(name in before[n] and name in after[n] for n in counts):
+                attributed.add(name)
+                plan.in_model_before_ms, plan.in_model_after_ms = before[threads][name], after[threads][name]
+                losing = [n for n in counts if after[n][name] * MIN_SPEEDUP > before[n][name]]
+                if losing:
+                    losing_at[name] = losing[0]
                     slower.append(plan)
         if not slower:
             break
@@ -131,13 +140,16 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
                 tried[plan.output].add(plan.form)
                 reformed.add(plan.output)
                 continue
-            revert(plan, f"slower in the whole model than the original conv ({plan.in_model_after_ms:.3f} ms vs "
-                         f"{plan.in_model_before_ms:.3f} ms, {where} profile)")  # fmt: skip
+            n = losing_at[plan.output]
+            revert(plan, f"slower in the whole model than the original conv ({after[n][plan.output]:.3f} ms vs "
+                         f"{before[n][plan.output]:.3f} ms, {where} profile at {n} thread(s))")  # fmt: skip
             reverted.append(plan)
     unattributed = len(todo) - len(attributed)
+    at = " and ".join(str(n) for n in counts)
     ctx.notes.append(
         f"in-model check: {len(attributed)} of {len(todo)} rewritten conv(s) timed inside the whole model ({where} "
-        f"profile, {threads} thread(s)); {len(reverted)} reverted as slower in place than the original conv"
+        f"profile, {at} thread(s); a rewrite must pay at each); {len(reverted)} reverted as slower in place than the "
+        "original conv"
         + (f"; {len(reformed)} given another emission form after a slower first one" if reformed else "")
         + (f"; {unattributed} could not be told apart in the profile and keep their per-conv timing" if unattributed else "")
     )

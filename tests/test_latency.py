@@ -397,6 +397,19 @@ def test_a_rewrite_slower_in_the_whole_model_is_reverted(faked, monkeypatch):
     assert any("1 of 1 rewritten conv(s) timed inside the whole model" in note and "1 reverted" in note for note in result.report.notes)
 
 
+def test_the_in_model_check_reverts_a_rewrite_that_loses_at_the_core_count(faked, monkeypatch):
+    faked(lambda p, c: 1.0 if c == "original" else 0.5)  # alone (at 1 thread), rank 1 pays
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)), raising=False)  # a 4-core process
+    # In the whole model: 0.4 vs 1.0 ms at 1 thread, 1.2 vs 1.0 ms at 4.
+    monkeypatch.setattr(latency, "node_times", fake_profile(lambda t: 1.0, lambda t: 0.2 if t == 1 else 0.6))
+    model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
+    result = dsrewrite.rewrite(model, rank=1, latency_aware=True, verify=False, latency_cache=None, in_place_timing=False)
+    (layer,) = result.report.layers
+    assert not layer.rewritten and "slower in the whole model" in layer.reason and "at 4 thread(s)" in layer.reason
+    assert "(1.200 ms vs 1.000 ms" in layer.reason  # the losing count's figures
+    assert any("1 and 4 thread(s); a rewrite must pay at each" in note for note in result.report.notes)
+
+
 def test_a_rewrite_slower_in_place_gets_another_form_before_it_is_reverted(faked, monkeypatch):
     faked(lambda p, c: 1.0 if c == "original" else (0.4 if c.endswith("branches") else 0.5))  # alone: branches
     model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
