@@ -145,33 +145,48 @@ def benchmark_models(
     }
 
 
-def node_times(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], *, threads: int = 1, runs: int = 20) -> dict[str, tuple[str, float]]:
-    """Mean kernel time per run of every node onnxruntime executes: ``{node name: (op type, ms)}``.
+def node_times(
+    model: onnx.ModelProto, feed: Mapping[str, np.ndarray], *, threads: int = 1, runs: int = 20, warmup: int = 2
+) -> dict[str, tuple[str, float]]:
+    """Kernel time per run of every node onnxruntime executes: ``{node name: (op type, ms)}``.
 
     From onnxruntime's profiler, on the optimised graph (``ORT_ENABLE_ALL``): fused and
-    layout-transformed nodes appear under the names onnxruntime gives them.
+    layout-transformed nodes appear under the names onnxruntime gives them. The profiler records every run, so
+    the first ``warmup`` runs (allocation, first touches) are dropped, and each node gets its median over the
+    ``runs`` after them: one run preempted by another process must not move a node's share.
     """
     import tempfile  # noqa: PLC0415
 
+    total_runs = runs + warmup
     with tempfile.TemporaryDirectory(prefix="dsrewrite-profile-") as tmp:
         # The same session path as every other run, so models over 2 GB are profiled too.
         sess = session(model, threads=threads, optimize=True, profile_prefix=os.path.join(tmp, "profile"))
-        for _ in range(runs):
+        for _ in range(total_runs):
             sess.run(None, dict(feed))
         path = sess.end_profiling()
         try:
             events = json.loads(Path(path).read_text())
         except (OSError, ValueError):
             return {}
-    times: dict[str, tuple[str, float]] = {}
+    samples: dict[str, tuple[str, list[float]]] = {}
     for event in events:
         name = str(event.get("name", ""))
         if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
             continue
         node = name[: -len("_kernel_time")]
-        op, total = times.get(node, (str(event.get("args", {}).get("op_name", "")), 0.0))
-        times[node] = (op, total + float(event.get("dur", 0)) / 1e3 / runs)
-    return times
+        op, durations = samples.setdefault(node, (str(event.get("args", {}).get("op_name", "")), []))
+        durations.append(float(event.get("dur", 0)) / 1e3)
+    return {node: (op, _per_run(durations, total_runs, warmup)) for node, (op, durations) in samples.items()}
+
+
+def _per_run(durations: list[float], total_runs: int, warmup: int) -> float:
+    """A node's time per run: the median over the timed runs of its per-run sums (a node inside a loop runs
+    several times a run); the mean over all runs when its count does not split evenly into runs."""
+    per_run, remainder = divmod(len(durations), total_runs)
+    if per_run == 0 or remainder:
+        return sum(durations) / total_runs
+    sums = np.asarray(durations).reshape(total_runs, per_run).sum(axis=1)
+    return float(np.median(sums[warmup:]))
 
 
 def conv_time_share(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], *, threads: int = 1, runs: int = 20) -> float | None:

@@ -254,9 +254,11 @@ def test_quantize_int8_times_in_int8_and_delivers_a_qdq_model(tmp_path, tmp_mode
         assert any(note.startswith("no conv rewritten: the model written is INT8 alone") for note in data["notes"])
     else:
         assert bench["latency_int8_without_rewrite_ms"] > 0 and bench["speedup_vs_int8_without_rewrite"] > 0
-        share = bench["conv_time_share_int8_without_rewrite"]  # the one-conv model: nearly all its time
+        share = bench["conv_time_share_int8_without_rewrite"]
+        assert 0.0 < share <= 1.0
         assert bench["predicted_speedup_vs_int8_without_rewrite"] == pytest.approx(1 / ((1 - share) + share * bench["macs_ratio"]))
-        assert 0.5 < share <= 1.0 and (bench["ceiling_vs_int8_without_rewrite"] is None or bench["ceiling_vs_int8_without_rewrite"] >= 2.0)
+        ceiling = bench["ceiling_vs_int8_without_rewrite"]
+        assert ceiling is None if share == 1.0 else ceiling == pytest.approx(1 / (1 - share))
     (output,) = data["verification"]["outputs"]
     assert -1 <= output["cosine"] <= 1 and output["argmax_agreement"] is None  # a 4-D map holds no decisions
 
@@ -270,7 +272,7 @@ def test_with_nothing_rewritten_int8_alone_is_not_timed_against_itself(tmp_path)
     bench = result.report.benchmark
     assert bench["rewritten_convs"] == 0 and not any(key.startswith("speedup_vs_int8") for key in bench)
     (note,) = [n for n in result.report.notes if n.startswith("no conv rewritten")]
-    assert "INT8 alone" in note and "its convs take" in note and "no conv rewrite could make it more than" in note
+    assert "INT8 alone" in note and "its conv kernels take" in note and "even at zero time they would make it only" in note
 
 
 def test_quantize_needs_calibration_data(tmp_path, tmp_model):
@@ -314,16 +316,28 @@ def test_a_reference_with_a_profiled_conv_share_shows_what_any_rewrite_could_gai
         "ceiling_vs_int8_without_rewrite": 1 / 0.755, "speedup_vs_int8_without_rewrite_2_threads": 1.01,
     }  # fmt: skip
     text = comparisons_text(bench)
-    assert "0.97× against the int8 without rewrite (its convs are 24% of its time: at most 1.32×)" in text
+    assert "0.97× against the int8 without rewrite (its conv kernels are 24% of its time: convs at zero time 1.32×)" in text
     bench["predicted_speedup_vs_int8_without_rewrite"] = 1.1
-    assert "(its convs are 24% of its time: MAC-predicted 1.10×, at most 1.32×)" in comparisons_text(bench)
+    assert "(its conv kernels are 24% of its time: MAC-predicted 1.10×, convs at zero time 1.32×)" in comparisons_text(bench)
     assert text.endswith("1.01× against the int8 without rewrite at 2 threads")  # the ceiling once, at the headline count
-    assert "at most" not in comparisons_text({"speedup": 1.0, "speedup_vs_int8_without_rewrite": 1.0})
+    assert "zero time" not in comparisons_text({"speedup": 1.0, "speedup_vs_int8_without_rewrite": 1.0})
+
+
+def test_profiled_node_times_drop_warm_up_runs_and_resist_a_preempted_run():
+    from dsrewrite.latency import _per_run
+
+    runs = [9.0, 5.0] + [1.0] * 9 + [40.0]  # two warm-up runs, then one run preempted by another process
+    assert _per_run(runs, total_runs=12, warmup=2) == 1.0
+    twice = [x for r in runs for x in (r / 2, r / 2)]  # a node in a loop runs twice per run: per-run sums
+    assert _per_run(twice, total_runs=12, warmup=2) == 1.0
+    assert _per_run([1.0, 2.0, 3.0], total_runs=2, warmup=0) == 3.0  # uneven (a branch): the mean per run
+    times = latency.node_times(conv_model(), {"x": np.zeros((1, 4, 9, 9), np.float32)}, runs=3)
+    assert [op for op, _ms in times.values()].count("Conv") == 1 and all(ms >= 0 for _op, ms in times.values())
 
 
 def test_timing_sessions_stop_spinning_when_a_run_returns():
-    """Interleaved sessions must not share the cores with each other's idle spinning workers: two identical
-    2-thread sessions timed in turn measured 2-3x slower than one alone before this."""
+    """Interleaved sessions must not share the cores with each other's idle spinning workers: three identical
+    2-thread sessions timed in turn measured 2.3-3.6x slower than one alone before this."""
     from dsrewrite.verify import session
 
     model = conv_model()

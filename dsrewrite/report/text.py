@@ -226,8 +226,8 @@ def comparisons_text(benchmark: Mapping[str, Any] | None) -> str | None:
     """The speedups beyond the headline one, e.g. "1.02× at 2 threads; 1.06× against the int8 without rewrite", or None.
 
     A reference whose conv share of run time was profiled also gets what the conv MAC ratio predicts over it and
-    the most any conv rewrite could gain over it (Amdahl with the convs' time at zero), e.g. "(its convs are 59% of
-    its time: MAC-predicted 1.38×, at most 2.41×)".
+    what convs taking no time at all would give (Amdahl's limit for any conv rewrite), e.g. "(its conv kernels are
+    59% of its time: MAC-predicted 1.38×, convs at zero time 2.41×)".
     """
     parts = []
     for key, value, versus, threads in speedups(benchmark):
@@ -241,7 +241,7 @@ def comparisons_text(benchmark: Mapping[str, Any] | None) -> str | None:
         )  # fmt: skip
         if threads is None and isinstance(share, float) and isinstance(ceiling, float):
             mac_predicted = f"MAC-predicted {fmt_speedup(predicted)}, " if isinstance(predicted, float) else ""
-            part += f" (its convs are {share:.0%} of its time: {mac_predicted}at most {fmt_speedup(ceiling)})"
+            part += f" (its conv kernels are {share:.0%} of its time: {mac_predicted}convs at zero time {fmt_speedup(ceiling)})"
         parts.append(part)
     return "; ".join(parts) or None
 
