@@ -16,3 +16,9 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # no affinity API (macOS, Windows)
         return os.cpu_count() or 1
+
+
+def timed_thread_counts(threads: int) -> list[int]:
+    """The thread counts a latency-aware decision must pay at: ``--threads`` first, then the cores this process
+    may use when that differs."""
+    return list(dict.fromkeys([threads, available_cores()]))

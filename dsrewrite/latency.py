@@ -189,6 +189,15 @@ def _per_run(durations: list[float], total_runs: int, warmup: int) -> float:
     return float(np.median(sums[warmup:]))
 
 
+def amdahl(share: float | None, ratio: float | None) -> float | None:
+    """The whole-model speedup when a ``share`` of the run time is scaled by ``ratio`` (``ratio=0``: that part takes
+    no time at all); None when either is unknown or the model would take no time."""
+    if share is None or ratio is None:
+        return None
+    remaining = (1.0 - share) + share * ratio
+    return 1.0 / remaining if remaining > 0 else None
+
+
 def conv_time_share(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], *, threads: int = 1, runs: int = 20) -> float | None:
     """Fraction of the model's run time spent in Conv nodes, from onnxruntime's profiler.
 

@@ -27,7 +27,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import latency
-from .cores import available_cores
+from .cores import available_cores, timed_thread_counts
 from .decide import ERROR_CURVES, MODEL_TIME, RANK_LADDERS
 from .graph import constant_value, find_conv
 from .plan import Decision, Decisions, LayerPlan, valid_forms
@@ -129,7 +129,7 @@ def measure(ctx: "RewriteContext", plans: Sequence[LayerPlan], needs: frozenset[
     if ctx.options.latency.in_place:
         from .in_model import InPlaceTimer  # noqa: PLC0415
 
-        timer = InPlaceTimer(ctx, timer, [ctx.options.latency.threads, available_cores()])
+        timer = InPlaceTimer(ctx, timer, timed_thread_counts(ctx.options.latency.threads))
     measured = Measured(timer, outputs=outputs)
     if MODEL_TIME in needs:
         session = latency.make_session(ctx.deployed_model(), ctx.options.latency.threads)

@@ -20,7 +20,7 @@ import onnx
 from . import latency
 from ._version import __version__
 from .context import RewriteContext
-from .cores import available_cores
+from .cores import available_cores, timed_thread_counts
 from .decide import ERROR_CURVES, MIN_SPEEDUP, SavedPlan, apply_decisions, choose_strategy, revert, sweep
 from .measure import measure
 from .pipeline import Pass, Pipeline, default_opset
@@ -105,7 +105,7 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
     if options.dry_run or not options.uses_latency() or not todo:
         return
     threads, precision = options.latency.threads, options.deploy.quantize
-    counts = [threads] + [n for n in [available_cores()] if n != threads]  # the rewrite must pay at each
+    counts = timed_thread_counts(threads)  # the rewrite must pay at each
     feed = ctx.one_feed()
     original = ctx.deployed_model()
     keys = {p.output: p.output for p in todo} | {p.node: p.output for p in todo if p.node}
@@ -115,11 +115,11 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
 
     before = profiled(original, keys)
     where = timing_label(precision)
-    reverted, attributed, reformed, tried, losing_at = [], set(), set(), {}, {}
+    reverted, attributed, reformed, tried = [], set(), set(), {}
     for index in range(rounds):
         candidate, owners = timing_candidate(ctx, plans, "in-model check")
         after = profiled(candidate, owners)
-        slower = []
+        slower = []  # (plan, the first thread count at which it loses)
         for plan in plans:
             name = plan.output
             if plan.rewritten and all(name in before[n] and name in after[n] for n in counts):
@@ -127,11 +127,10 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
                 plan.in_model_before_ms, plan.in_model_after_ms = before[threads][name], after[threads][name]
                 losing = [n for n in counts if after[n][name] * MIN_SPEEDUP > before[n][name]]
                 if losing:
-                    losing_at[name] = losing[0]
-                    slower.append(plan)
+                    slower.append((plan, losing[0]))
         if not slower:
             break
-        for plan in slower:
+        for plan, n in slower:
             # Another emission form of the same rank first (same function, same MACs); revert when none is left.
             tried.setdefault(plan.output, {plan.form})
             untried = [f for f in valid_forms(plan.rank, plan.group) if f not in tried[plan.output]]
@@ -140,7 +139,6 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
                 tried[plan.output].add(plan.form)
                 reformed.add(plan.output)
                 continue
-            n = losing_at[plan.output]
             revert(plan, f"slower in the whole model than the original conv ({after[n][plan.output]:.3f} ms vs "
                          f"{before[n][plan.output]:.3f} ms, {where} profile at {n} thread(s))")  # fmt: skip
             reverted.append(plan)
@@ -353,8 +351,9 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
     elif options.deploy.quantize is not None:  # it is the model written: timing it against itself measures noise
         alone = options.deploy.quantize.upper()
         share = latency.conv_time_share(rewritten, feed, threads=threads)
+        limit = latency.amdahl(share, 0.0)
         ceiling = (f"; its conv kernels take {share:.0%} of its run time (profiler): even at zero time they would "
-                   f"make it only {1.0 / (1.0 - share):.2f}x faster" if share is not None and share < 1.0 else "")  # fmt: skip
+                   f"make it only {limit:.2f}x faster" if limit is not None else "")  # fmt: skip
         ctx.notes.append(f"no conv rewritten: the model written is {alone} alone (prepared and quantized the same "
                          f"way), so it is not timed against itself{ceiling}")  # fmt: skip
     result = latency.benchmark_models(ctx.original, rewritten, feed, threads=threads, references=references)
@@ -372,19 +371,14 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
     for label, model in references.items():  # e.g. INT8 alone: how much of its time a conv rewrite can touch at all
         ref_share = latency.conv_time_share(model, feed, threads=threads)
         result[f"conv_time_share_{label}"] = ref_share
-        result[f"ceiling_vs_{label}"] = 1.0 / (1.0 - ref_share) if ref_share is not None and ref_share < 1.0 else None
-        result[f"predicted_speedup_vs_{label}"] = (
-            1.0 / ((1.0 - ref_share) + ref_share * totals.macs_ratio)
-            if ref_share is not None and totals.macs_ratio is not None
-            else None
-        )
+        result[f"ceiling_vs_{label}"] = latency.amdahl(ref_share, 0.0)
+        result[f"predicted_speedup_vs_{label}"] = latency.amdahl(ref_share, totals.macs_ratio)
     result["macs_ratio"] = totals.macs_ratio
-    result["predicted_speedup"] = result["speedup_vs_predicted"] = None
-    if share is not None and totals.macs_ratio is not None:
-        predicted = 1.0 / ((1.0 - share) + share * totals.macs_ratio)
-        result["predicted_speedup"] = predicted
-        measured = result["speedup"]
-        result["speedup_vs_predicted"] = (measured - 1.0) / (predicted - 1.0) if measured and predicted > 1.0 else None
+    predicted = result["predicted_speedup"] = latency.amdahl(share, totals.macs_ratio)
+    measured = result["speedup"]
+    result["speedup_vs_predicted"] = (
+        (measured - 1.0) / (predicted - 1.0) if predicted is not None and measured and predicted > 1.0 else None
+    )
     if ctx.progress:
         ctx.progress("benchmarking", steps, steps)
     ctx.warn(slowness_warnings(result, options))
