@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             bench = latency.benchmark_models(original, result.model, feed, threads=args.threads, budget_seconds=10.0)
             more = latency.benchmark_models(original, result.model, feed, threads=cores, budget_seconds=10.0)
             totals = result.report.totals
-            predicted = 1.0 / ((1.0 - share) + share * totals.macs_ratio)
+            predicted = latency.amdahl(share, totals.macs_ratio)
             of_amdahl = (bench["speedup"] - 1.0) / (predicted - 1.0) if predicted > 1 else float("nan")
             rewritten = predict(name, result.model, n=args.n)
             print(
