@@ -323,6 +323,16 @@ def test_a_reference_with_a_profiled_conv_share_shows_what_any_rewrite_could_gai
     assert "zero time" not in comparisons_text({"speedup": 1.0, "speedup_vs_int8_without_rewrite": 1.0})
 
 
+def test_amdahl_and_the_thread_counts_a_decision_must_pay_at(monkeypatch):
+    from dsrewrite.cores import timed_thread_counts
+
+    assert latency.amdahl(0.5, 0.5) == pytest.approx(1 / 0.75)
+    assert latency.amdahl(0.245, 0.0) == pytest.approx(1 / 0.755)  # the conv kernels at zero time
+    assert latency.amdahl(1.0, 0.0) is None and latency.amdahl(None, 0.5) is None and latency.amdahl(0.5, None) is None
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert timed_thread_counts(1) == [1, 4] and timed_thread_counts(4) == [4]
+
+
 def test_profiled_node_times_drop_warm_up_runs_and_resist_a_preempted_run():
     from dsrewrite.latency import _per_run
 
