@@ -29,7 +29,7 @@ def is_fit_note(note: str) -> bool:
 # Emission forms, all computing the same function:
 # "concat": r multiplier-1 depthwise convs + Concat + one pointwise conv (rank 1: no Concat);
 # "multiplier": one depthwise conv of depth multiplier r (channel m·r + j), then the pointwise conv;
-# "branches": r (depthwise -> pointwise) branches added by one Sum.
+# "branches": r (depthwise -> pointwise) branches added by a chain of Adds (onnxruntime fuses each into its conv).
 FORM_CONCAT = "concat"
 FORM_MULTIPLIER = "multiplier"
 FORM_BRANCHES = "branches"

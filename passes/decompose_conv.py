@@ -214,13 +214,19 @@ def _emit(
 
 
 def _emit_branches(spec, factors, names, base, x, y, dw_attrs, bias, bias_tensor, new_nodes) -> None:
-    """r (depthwise j -> pointwise j) branches, summed; the bias rides on the first pointwise conv."""
+    """r (depthwise j -> pointwise j) branches, accumulated by a chain of two-input Adds; the bias rides on the
+    first pointwise conv.
+
+    A chain, not one r-input Sum: onnxruntime fuses each Add into the pointwise conv that produces it (NCHWc conv
+    with a summand) and an activation after the last one, where a Sum stays a separate node with layout reorders
+    around every input (measured on a ResNet-style CRNN: 0.2 ms of a 12 ms run for seven rank-4 convs).
+    """
     dtype = spec.weight.dtype
     m, r, _k = factors.depthwise.shape
     n, mg, _ = factors.pointwise.shape
     kernel = list(spec.kernel_shape)
     pw_attrs = {"group": spec.group, "kernel_shape": [1] * len(kernel)}
-    branch_outputs = []
+    total = None
     for j in range(r):
         dw_out = gs.Variable(names.fresh(f"{base}/dw{j}_out"))
         dw_weight = factors.depthwise[:, j, :].reshape(m, 1, *kernel).astype(dtype)
@@ -231,10 +237,15 @@ def _emit_branches(spec, factors, names, base, x, y, dw_attrs, bias, bias_tensor
             inputs.append(gs.Constant(names.fresh(f"{base}/pw/B"), np.asarray(bias).astype(dtype)))
         elif j == 0 and bias_tensor is not None:
             inputs.append(bias_tensor)
-        out = gs.Variable(names.fresh(f"{base}/pw{j}_out"))
+        out = y if r == 1 else gs.Variable(names.fresh(f"{base}/pw{j}_out"))
         new_nodes.append(gs.Node("Conv", names.fresh(f"{base}/pw{j}"), dict(pw_attrs), inputs, [out]))
-        branch_outputs.append(out)
-    new_nodes.append(gs.Node("Sum", names.fresh(f"{base}/sum"), {}, branch_outputs, [y]))
+        if j == 0:
+            total = out
+            continue
+        # The new branch first: onnxruntime fuses the Add into the conv that computes its first input.
+        acc = y if j == r - 1 else gs.Variable(names.fresh(f"{base}/sum{j}_out"))
+        new_nodes.append(gs.Node("Add", names.fresh(f"{base}/add{j}"), {}, [out, total], [acc]))
+        total = acc
 
 
 def _conv(name: str, x: gs.Tensor, w: gs.Constant, y: gs.Variable, attrs: dict) -> gs.Node:

@@ -1,8 +1,10 @@
-"""fold_batchnorm: fold an inference-mode BatchNormalization into the Conv before it.
+"""fold_batchnorm: fold an inference-mode BatchNormalization into the Conv before it,
+also when it was exported as a per-channel Mul and Add.
 
 Before::
 
     x ─ Conv(W, b) ─ t ─ BatchNormalization(γ, β, μ, σ², ε) ─ y
+    x ─ Conv(W, b) ─ t ─ Mul(s) ─ Add(c) ─ y          (s, c constant per channel or scalar)
 
 After::
 
@@ -10,12 +12,16 @@ After::
 
 Math: with ``a = γ / √(σ² + ε)`` per output channel,
 ``W'[n] = a[n]·W[n]`` and ``b' = a·(b − μ) + β`` (``b = 0`` when absent).
-Computed in float64, stored in the weight's dtype.
+A constant ``Mul`` by ``s`` gives ``W'[n] = s[n]·W[n]``, ``b' = s·b``; an ``Add`` of ``c``
+(or ``Sub`` of it) gives ``b' = b ± c``. Computed in float64, stored in the weight's dtype.
 
-Folded only when ``t`` feeds nothing but the BatchNormalization and is not a
-graph output, the BatchNormalization is in inference mode (one output), and
-every parameter is a constant. Folding first means the later factorisation
-sees the kernel the model really applies.
+Folded only when ``t`` feeds nothing but the BatchNormalization (or the Mul/Add/Sub)
+and is not a graph output, the BatchNormalization is in inference mode (one output),
+every parameter is a constant, and a Mul/Add/Sub constant varies along the channel
+axis at most. Folding first means the later factorisation sees the kernel the model
+really applies. It also keeps onnxruntime's fusions after a rewrite: onnxruntime
+folds a constant Mul/Add into a Conv itself, but not into the Sum or Add that ends a
+rewritten conv, where they would stay as separate nodes that split its NCHWc chain.
 """
 
 from __future__ import annotations
@@ -48,16 +54,57 @@ class FoldBatchNorm(PassBase):
                     continue
                 self._fold(g, conv, bn, names)
                 result.changes.append(Change(conv.name, f"folded BatchNormalization '{bn.name}'"))
+            for conv in [n for n in g.nodes if n.op == "Conv"]:
+                self._fold_affine_chain(g, conv, graph, names, result)
         return result
 
+    # -- a BatchNormalization exported as per-channel Mul / Add --------------------------------
+
+    def _fold_affine_chain(self, g: gs.Graph, conv: gs.Node, root: gs.Graph, names: NameAllocator, result: PassResult) -> None:
+        """Fold the constant per-channel Mul, Add and Sub that follow ``conv``, one after another."""
+        while True:
+            affine = [(op, values) for op in consumers(conv.outputs[0]) if (values := _channel_values(conv, op)) is not None]
+            if not affine:
+                return  # an ordinary Mul/Add (a residual sum, a runtime scale) or none: nothing to report
+            op, values = affine[0]
+            reason = self._why_not(conv, op, root, check_bn=False)
+            if reason:
+                result.skips.append(Skip(op.name, reason))
+                return
+            self._fold_affine(g, conv, op, values, names)
+            result.changes.append(Change(conv.name, f"folded {op.op} '{op.name}' (a per-channel affine)"))
+
     @staticmethod
-    def _why_not(conv: gs.Node, bn: gs.Node, root: gs.Graph) -> str | None:
+    def _fold_affine(g: gs.Graph, conv: gs.Node, op: gs.Node, values: np.ndarray, names: NameAllocator) -> None:
+        weight = constant_value(conv.inputs[1])
+        has_bias = len(conv.inputs) > 2 and conv.inputs[2].name
+        bias = constant_value(conv.inputs[2]).astype(np.float64) if has_bias else np.zeros(weight.shape[0])
+        new_weight = weight
+        if op.op == "Mul":
+            shape = (-1,) + (1,) * (weight.ndim - 1)
+            new_weight = (weight.astype(np.float64) * values.reshape(shape)).astype(weight.dtype)
+            bias = bias * values
+        else:
+            bias = bias + values if op.op == "Add" else bias - values
+        base = conv.name or "conv"
+        w_const = conv.inputs[1] if op.op != "Mul" else gs.Constant(names.fresh(f"{base}/W_affinefolded"), new_weight)
+        b_const = gs.Constant(names.fresh(f"{base}/B_affinefolded"), bias.astype(weight.dtype))
+        conv.inputs = [conv.inputs[0], w_const, b_const]
+        y = op.outputs[0]
+        op.inputs.clear()
+        op.outputs.clear()
+        conv.outputs = [y]
+        g.nodes.remove(op)
+        log.debug("folded %s %s into %s", op.op, op.name, conv.name)
+
+    @staticmethod
+    def _why_not(conv: gs.Node, bn: gs.Node, root: gs.Graph, check_bn: bool = True) -> str | None:
         t = conv.outputs[0]
         if len(consumers(t)) != 1 or is_graph_output(t, root):
             return f"not folded into '{conv.name}': the conv output has other consumers"
-        if len([o for o in bn.outputs if o.name]) > 1 or int(bn.attrs.get("training_mode", 0)):
+        if check_bn and (len([o for o in bn.outputs if o.name]) > 1 or int(bn.attrs.get("training_mode", 0))):
             return "not folded: BatchNormalization is in training mode"
-        if any(constant_value(t) is None for t in bn.inputs[1:5]):
+        if check_bn and any(constant_value(t) is None for t in bn.inputs[1:5]):
             return "not folded: BatchNormalization parameters are computed at run time"
         weight = constant_value(conv.inputs[1])
         if weight is None or weight.dtype.kind != "f":
@@ -90,3 +137,30 @@ class FoldBatchNorm(PassBase):
         conv.outputs = [y]
         g.nodes.remove(bn)
         log.debug("folded %s into %s", bn.name, conv.name)
+
+
+def _channel_values(conv: gs.Node, op: gs.Node) -> np.ndarray | None:
+    """``op``'s constant operand as one float64 value per output channel of ``conv``, or None.
+
+    None unless ``op`` reads the conv output and a constant of the weight's dtype that broadcasts along the channel
+    axis only (a scalar, ``(N,1,1)``, ``(1,N,1,1)``, ...), so the result keeps the conv output's shape. A Sub must
+    subtract the constant (``t − c``); ``c − t`` is left alone.
+    """
+    t = conv.outputs[0]
+    if op.op not in ("Mul", "Add", "Sub") or len(op.inputs) != 2 or t not in op.inputs:
+        return None
+    other = op.inputs[1] if op.inputs[0] is t else op.inputs[0]
+    if other is t or (op.op == "Sub" and op.inputs[0] is not t):
+        return None
+    value = constant_value(other)
+    weight = constant_value(conv.inputs[1]) if len(conv.inputs) > 1 else None
+    if value is None or weight is None or value.dtype != weight.dtype or value.dtype.kind != "f":
+        return None
+    rank, channels = weight.ndim, weight.shape[0]
+    if value.ndim > rank:
+        return None
+    shape = (1,) * (rank - value.ndim) + tuple(value.shape)
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return None
+    values = np.broadcast_to(np.asarray(value, dtype=np.float64).reshape(-1), (channels,)).copy()
+    return values if np.all(np.isfinite(values)) else None

@@ -251,13 +251,16 @@ def test_the_wave_memory_cap_bounds_the_sample_or_skips_with_a_reason(monkeypatc
 def test_default_fit_is_activation_aware_and_linear_fit_opts_out():
     model = activated_model("affine+relu", seed=3)
     feeds = [{"x": np.random.default_rng(i).standard_normal((1, 4, 8, 8)).astype(np.float32)} for i in range(16)]
-    aware = dsrewrite.rewrite(model, rank=1, calibration=feeds, verify=False, benchmark=False)
+    folded = dsrewrite.rewrite(model, rank=1, calibration=feeds, verify=False, benchmark=False)
+    assert next(p for p in folded.report.layers if p.rewritten).activation == "Relu"  # the Mul·Add folded into the conv
+    # Unfolded, the fit reaches the activation through the affine ops.
+    aware = dsrewrite.rewrite(model, rank=1, calibration=feeds, verify=False, benchmark=False, fold_batchnorm=False)
     layer = next(p for p in aware.report.layers if p.rewritten)
     assert layer.activation == "Mul·Add → Relu"
     assert layer.activated_error is not None and layer.activated_error_linear is not None
     assert layer.activated_error <= layer.activated_error_linear
     assert layer.fit_target in ("activated", "linear")
-    linear = dsrewrite.rewrite(model, rank=1, calibration=feeds, verify=False, benchmark=False, linear_fit=True)
+    linear = dsrewrite.rewrite(model, rank=1, calibration=feeds, verify=False, benchmark=False, linear_fit=True, fold_batchnorm=False)
     plain = next(p for p in linear.report.layers if p.rewritten)
     assert plain.fit_target == "linear" and plain.activated_error is None and "activation-aware" not in plain.fit
 

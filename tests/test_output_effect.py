@@ -23,8 +23,9 @@ def two_branch_model(loud: float = 10.0, quiet: float = 0.1, softmax: bool = Fal
         numpy_helper.from_array(rng.standard_normal((6, 4, 3, 3)).astype(np.float32), "Wa"),
         numpy_helper.from_array(rng.standard_normal((6, 4, 3, 3)).astype(np.float32), "Wb"),
         numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "Ba"),
-        numpy_helper.from_array(np.array(loud, np.float32), "loud"),
-        numpy_helper.from_array(np.array(quiet, np.float32), "quiet"),
+        # Constant along the last axis, so fold_batchnorm leaves them (and the conv outputs 'a', 'b') alone.
+        numpy_helper.from_array(np.full((1, 1, 1, 8), loud, np.float32), "loud"),
+        numpy_helper.from_array(np.full((1, 1, 1, 8), quiet, np.float32), "quiet"),
     ]
     nodes = [
         helper.make_node("Conv", ["x", "Wa", "Ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),

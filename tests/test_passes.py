@@ -89,7 +89,10 @@ def test_emission_follows_the_decided_plan_rank_and_form():
     plans = analysed(model)[0].facts
     apply_decisions(plans, Decisions({"y": Decision(3, form="branches")}))
     outcome = Pipeline([DecomposeConv(plans=plans), Cleanup()]).run(model)
-    assert ops(outcome.model).count("Conv") == 6 and "Sum" in ops(outcome.model)
+    # Three branches accumulated by two Adds, the new branch first (onnxruntime fuses an Add into its first input's conv).
+    assert ops(outcome.model).count("Conv") == 6 and ops(outcome.model).count("Add") == 2 and "Sum" not in ops(outcome.model)
+    adds = [n for n in outcome.model.graph.node if n.op_type == "Add"]
+    assert adds[0].input[0].endswith("pw1_out") and adds[0].input[1].endswith("pw0_out") and adds[1].output[0] == "y"
     assert outcome.results[0].facts[0] is plans[0]
     assert [c.description for c in outcome.results[0].changes] == ["rank 3 (branches)"]
 
