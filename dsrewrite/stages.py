@@ -91,10 +91,10 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
 
     A conv timed alone misses what the model around it does: onnxruntime's NCHWc layout chains, Conv+activation
     and Conv+Add fusions. Both models are profiled (in the deployed precision, at ``--threads`` and at the core
-    count: a rewrite must pay at each); each node's kernel time is
-    attributed to the conv it came from (``in_model.in_model_times``). A rewrite slower than its original conv in
-    place gets another emission form of its rank, and is reverted when none is left (or in the last round); the
-    rounds repeat while something changed, since a change moves the layout around it.
+    count: a rewrite must pay at ``--threads``, the rewrites together at the core count, ``_slower_in_place``);
+    each node's kernel time is attributed to the conv it came from (``in_model.in_model_times``). A rewrite that
+    does not pay in place gets another emission form of its rank, and is reverted when none is left (or in the
+    last round); the rounds repeat while something changed, since a change moves the layout around it.
     """
     from .in_model import in_model_times, timing_candidate  # noqa: PLC0415
     from .plan import valid_forms  # noqa: PLC0415
@@ -119,15 +119,14 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
     for index in range(rounds):
         candidate, owners = timing_candidate(ctx, plans, "in-model check")
         after = profiled(candidate, owners)
-        slower = []  # (plan, the first thread count at which it loses)
+        timed = []
         for plan in plans:
             name = plan.output
             if plan.rewritten and all(name in before[n] and name in after[n] for n in counts):
                 attributed.add(name)
+                timed.append(plan)
                 plan.in_model_before_ms, plan.in_model_after_ms = before[threads][name], after[threads][name]
-                losing = [n for n in counts if after[n][name] * MIN_SPEEDUP > before[n][name]]
-                if losing:
-                    slower.append((plan, losing[0]))
+        slower = _slower_in_place(timed, before, after, threads, counts)
         if not slower:
             break
         for plan, n in slower:
@@ -143,14 +142,45 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
                          f"{before[n][plan.output]:.3f} ms, {where} profile at {n} thread(s))")  # fmt: skip
             reverted.append(plan)
     unattributed = len(todo) - len(attributed)
-    at = " and ".join(str(n) for n in counts)
+    others = [str(n) for n in counts if n != threads]
+    rule = f"{' and '.join(str(n) for n in counts)} thread(s); a rewrite must pay at {threads}" + (
+        f", the rewrites together at {' and '.join(others)}" if others else ""
+    )
     ctx.notes.append(
         f"in-model check: {len(attributed)} of {len(todo)} rewritten conv(s) timed inside the whole model ({where} "
-        f"profile, {at} thread(s); a rewrite must pay at each); {len(reverted)} reverted as slower in place than the "
+        f"profile, {rule}); {len(reverted)} reverted as slower in place than the "
         "original conv"
         + (f"; {len(reformed)} given another emission form after a slower first one" if reformed else "")
         + (f"; {unattributed} could not be told apart in the profile and keep their per-conv timing" if unattributed else "")
     )
+
+
+def _slower_in_place(timed, before, after, threads: int, counts) -> list:
+    """The rewrites that do not pay in place, each with the thread count it loses at.
+
+    At ``--threads``, the count the user deploys at, every rewrite must be MIN_SPEEDUP faster than its conv. At the
+    other counts (the core count) the model must not get slower, so the rewrites are judged together: while their
+    summed in-place time is not MIN_SPEEDUP under the originals', the one that loses most there goes. A rewrite
+    38% faster at 1 thread and 2% slower at 2 stays when the others carry it.
+    """
+    slower = [(p, threads) for p in timed if after[threads][p.output] * MIN_SPEEDUP > before[threads][p.output]]
+    for n in counts:
+        if n == threads:
+            continue
+        kept = [p for p in timed if all(p is not q for q, _ in slower)]
+        total_before = sum(before[n][p.output] for p in kept)
+        total_after = sum(after[n][p.output] for p in kept)
+        losers = sorted(
+            (p for p in kept if after[n][p.output] > before[n][p.output]),
+            key=lambda p: after[n][p.output] - before[n][p.output], reverse=True,
+        )  # fmt: skip
+        for plan in losers:
+            if total_after * MIN_SPEEDUP <= total_before:
+                break
+            slower.append((plan, n))
+            total_before -= before[n][plan.output]
+            total_after -= after[n][plan.output]
+    return slower
 
 
 def fit(ctx: RewriteContext, plans: list[LayerPlan]) -> dict:
@@ -331,7 +361,8 @@ def verify_outputs(ctx: RewriteContext, rewritten: onnx.ModelProto) -> Verificat
 def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[LayerPlan]) -> dict | None:
     """Whole-model latency before and after, next to the speedup Amdahl's law predicts from MACs.
 
-    Timed at ``--threads`` and, when the machine has more cores, at all of them: a rewrite must pay at both.
+    Timed at ``--threads`` and, when the machine has more cores, at all of them: the model must not get slower at
+    either.
     With ``--quantize`` the model without any conv rewritten (after the preparing passes, e.g. BatchNorm folded)
     is quantized alike and timed in the same rounds: what the rewrite adds over INT8 alone.
     """

@@ -431,7 +431,7 @@ def test_the_in_model_check_reverts_a_rewrite_that_loses_at_the_core_count(faked
     (layer,) = result.report.layers
     assert not layer.rewritten and "slower in the whole model" in layer.reason and "at 4 thread(s)" in layer.reason
     assert "(1.200 ms vs 1.000 ms" in layer.reason  # the losing count's figures
-    assert any("1 and 4 thread(s); a rewrite must pay at each" in note for note in result.report.notes)
+    assert any("1 and 4 thread(s); a rewrite must pay at 1, the rewrites together at 4" in note for note in result.report.notes)
 
 
 def test_a_rewrite_slower_in_place_gets_another_form_before_it_is_reverted(faked, monkeypatch):
@@ -489,3 +489,23 @@ def test_available_cores_follows_the_affinity_mask(monkeypatch):
 
     monkeypatch.setattr(os, "sched_getaffinity", unsupported, raising=False)
     assert available_cores() == 64
+
+
+def test_at_the_core_count_the_rewrites_are_judged_together():
+    from types import SimpleNamespace
+
+    from dsrewrite.stages import _slower_in_place
+
+    a, b, c = (SimpleNamespace(output=name) for name in "abc")
+    before = {1: {"a": 1.0, "b": 1.0, "c": 1.0}, 2: {"a": 0.6, "b": 0.6, "c": 0.6}}
+    # b is 2% slower at 2 threads, but a and c carry it: nothing goes.
+    after = {1: {"a": 0.6, "b": 0.6, "c": 0.6}, 2: {"a": 0.4, "b": 0.612, "c": 0.5}}
+    assert _slower_in_place([a, b, c], before, after, 1, [1, 2]) == []
+    # Together slower at 2 threads: the worst loser there goes first, and only as many as it takes.
+    after[2] = {"a": 0.4, "b": 0.9, "c": 0.61}
+    assert _slower_in_place([a, b, c], before, after, 1, [1, 2]) == [(b, 2)]
+    after[2]["c"] = 0.8
+    assert _slower_in_place([a, b, c], before, after, 1, [1, 2]) == [(b, 2), (c, 2)]
+    # At --threads each one must pay on its own.
+    after[1]["a"] = 0.99
+    assert _slower_in_place([a, b, c], before, after, 1, [1]) == [(a, 1)]
