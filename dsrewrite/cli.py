@@ -141,7 +141,8 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
                    "output matches, where that measures better; one whose output reaches a depthwise conv with "
                    "nothing nonlinear between is fitted at that depthwise conv's output.")
 @click.option("--fold-batchnorm/--no-fold-batchnorm", default=True, show_default=True,
-              help="Fold inference BatchNormalization into the preceding conv first.")
+              help="Fold inference BatchNormalization into the preceding conv first (also one exported as a "
+                   "per-channel constant Mul/Add).")
 @click.option("--passes", "pass_list", default=None, metavar="NAME,...",
               help="The pass list, comma-separated: registry names (fold_batchnorm, decompose_conv, cleanup) or "
                    "package.module:ClassName for your own pass. decompose_conv marks where the rewrite happens. "
