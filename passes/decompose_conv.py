@@ -219,7 +219,7 @@ def _emit_branches(spec, factors, names, base, x, y, dw_attrs, bias, bias_tensor
 
     A chain, not one r-input Sum: onnxruntime fuses each Add into the pointwise conv that produces it (NCHWc conv
     with a summand) and an activation after the last one, where a Sum stays a separate node with layout reorders
-    around every input (measured on a ResNet-style CRNN: 0.2 ms of a 12 ms run for seven rank-4 convs).
+    around every input (measured on a ResNet-style CRNN: 0.2 ms of a 12 ms run for seven convs at ranks 2–5).
     """
     dtype = spec.weight.dtype
     m, r, _k = factors.depthwise.shape
