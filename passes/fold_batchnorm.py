@@ -63,10 +63,13 @@ class FoldBatchNorm(PassBase):
     def _fold_affine_chain(self, g: gs.Graph, conv: gs.Node, root: gs.Graph, names: NameAllocator, result: PassResult) -> None:
         """Fold the constant per-channel Mul, Add and Sub that follow ``conv``, one after another."""
         while True:
-            affine = [(op, values) for op in consumers(conv.outputs[0]) if (values := _channel_values(conv, op)) is not None]
-            if not affine:
-                return  # an ordinary Mul/Add (a residual sum, a runtime scale) or none: nothing to report
-            op, values = affine[0]
+            nodes = consumers(conv.outputs[0])
+            values = _channel_values(conv, nodes[0]) if len(nodes) == 1 else None
+            if values is None:
+                # Not a BatchNorm written out: an ordinary Mul/Add (a residual sum, a runtime scale), or one of
+                # several readers of the conv output (e.g. the x + 3 of a HardSwish written out). Nothing to report.
+                return
+            op = nodes[0]
             reason = self._why_not(conv, op, root, check_bn=False)
             if reason:
                 result.skips.append(Skip(op.name, reason))

@@ -111,8 +111,14 @@ def test_leaves_a_subtraction_from_a_constant_and_a_runtime_operand():
     assert ops(Pipeline([FoldBatchNorm()]).run(model).model) == ["Conv", "Mul", "Relu"]
 
 
-def test_does_not_fold_an_affine_when_the_conv_output_has_other_consumers():
+def test_does_not_fold_an_affine_when_the_conv_output_has_other_consumers_or_is_a_graph_output():
+    # Another reader of the conv output: not a BatchNorm written out (e.g. the x + 3 of a written-out HardSwish).
     model = with_affine(conv_model(pads=(1, 1, 1, 1)), [("Mul", (1, 6, 1, 1))], extra_consumer=True)
+    outcome = Pipeline([FoldBatchNorm()]).run(model)
+    assert "Mul" in ops(outcome.model) and not outcome.results[0].skips
+    # The affine's only reader, but the conv output is also a graph output: a skip with the reason.
+    model = with_affine(conv_model(pads=(1, 1, 1, 1)), [("Mul", (1, 6, 1, 1))])
+    model.graph.output.append(helper.make_tensor_value_info("t0", TensorProto.FLOAT, [None] * 4))
     outcome = Pipeline([FoldBatchNorm()]).run(model)
     assert "Mul" in ops(outcome.model)
     assert "other consumers" in outcome.results[0].skips[0].reason
