@@ -45,6 +45,7 @@ class RewriteContext:
     output_guard: dict | None = None  # what the output guard measured and left alone, for the report
     _latency_cache: object = None
     _deployed_model: onnx.ModelProto | None = None
+    _timing_ranges: object = None  # quantize.TimingRanges, once the working model is deployed in INT8
 
     @classmethod
     def open(cls, model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions) -> "RewriteContext":
@@ -107,10 +108,25 @@ class RewriteContext:
         if self.options.deploy.quantize is None:
             return self.model
         if self._deployed_model is None:
-            from .quantize import quantize_int8  # noqa: PLC0415
+            from .quantize import TimingRanges  # noqa: PLC0415
 
-            self._deployed_model = quantize_int8(self.model, self.calibration)
+            self._deployed_model, self._timing_ranges = TimingRanges.calibrate(self.model, self.calibration)
         return self._deployed_model
+
+    def deploy_candidate(self, model: onnx.ModelProto, owners: dict[str, str]) -> onnx.ModelProto:
+        """A timing candidate (the working model with ``owners``' convs rewritten) in the deployed precision, its
+        unchanged part quantized with the deployed working model's ranges (``quantize.TimingRanges``)."""
+        if self.options.deploy.quantize is None:
+            return model
+        from .quantize import quantize_int8  # noqa: PLC0415
+
+        self.deployed_model()
+        if self._timing_ranges is not None:
+            try:
+                return self._timing_ranges.quantize(model, owners)
+            except Exception as exc:  # noqa: BLE001 - a range the quantizer cannot use: calibrate this one instead
+                log.info("timing candidate quantized with its own calibration (%s)", exc)
+        return quantize_int8(model, [self.one_feed()])  # speed does not depend on the ranges
 
     def one_feed(self) -> dict:
         """The first calibration feed, else seeded random inputs at the analysed shapes."""

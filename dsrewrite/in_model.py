@@ -140,14 +140,11 @@ def timing_candidate(ctx, plans: Sequence[LayerPlan], label: str) -> tuple[onnx.
     deployed in the precision it will run in; and which conv (by output) owns each emitted node."""
     from .passes import Cleanup, DecomposeConv  # noqa: PLC0415
     from .pipeline import Pipeline  # noqa: PLC0415
-    from .quantize import quantize_int8  # noqa: PLC0415
 
     emission = DecomposeConv(plans=plans)
     model = Pipeline([emission, Cleanup()], name=label).run(ctx.model, shapes=ctx.shapes).model
-    if ctx.options.deploy.quantize is not None:  # one feed calibrates it: speed does not depend on the ranges
-        model = quantize_int8(model, [ctx.one_feed()])
     owners = {name: key for key, names in emission.emitted.items() for name in names}
-    return model, owners
+    return ctx.deploy_candidate(model, owners), owners
 
 
 def spread(ranks: list[int], limit: int) -> list[int]:
