@@ -68,3 +68,26 @@ def test_timing_candidates_reuse_the_reference_ranges_without_a_calibration_run(
     t = ranges._payload["data"]["t"]
     low, high = t["lowest"]["data"][0], t["highest"]["data"][0]
     assert scales["conv/dw_out"] == pytest.approx((high - low) / 255)  # QUInt8 over the conv output's range
+
+
+def test_a_candidate_the_shared_ranges_cannot_quantize_is_calibrated_on_its_own(monkeypatch):
+    import dsrewrite
+
+    def refuse(self, model, owners):
+        raise KeyError("a tensor without a range")
+
+    used = []
+    monkeypatch.setattr(TimingRanges, "quantize", refuse)
+    real = quantize_int8
+
+    def recorded(model, feeds, **kw):
+        feeds = list(feeds) if feeds is not None else None
+        used.append((len(feeds or []), kw))
+        return real(model, feeds, **kw)
+
+    monkeypatch.setattr("dsrewrite.quantize.quantize_int8", recorded)
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 16, 16, 16)).astype(np.float32)} for i in range(4)]
+    model = conv_model(in_channels=16, out_channels=32, spatial=(16, 16), pads=(1, 1, 1, 1))
+    result = dsrewrite.rewrite(model, rank=1, calibration=feeds, quantize="int8", latency_aware=True, verify=False, benchmark=False)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(ops(result.model))
+    assert (1, {}) in used  # the fallback: the candidate calibrated on one feed of its own
