@@ -128,3 +128,19 @@ def test_float16_models_go_through_the_latency_aware_budget_and_calibration(tmp_
     result = dsrewrite.rewrite(model, target_macs=0.5, calibration=path, latency_cache=None)  # timed in float16
     assert result.ok and any(layer.latency_before_ms is not None for layer in result.report.layers)
     assert any("cast to the model's float16" in note for note in result.report.notes)
+
+
+def test_figures_accumulated_feed_by_feed_match_one_comparison_of_everything():
+    from dsrewrite.verify import _compare
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((3, 4, 50)).astype(np.float32)
+    a[0, 0, :5] = 0.0  # exact zeros: the relative error's floor comes from the largest magnitude of all feeds
+    a[2, 1, 3] = np.nan  # not finite in the reference: left out
+    b = (a + rng.standard_normal(a.shape).astype(np.float32) * 0.01).astype(np.float32)
+    for atol, rtol in ((None, None), (0.02, 0.0), (0.0, 0.5)):
+        per_feed, _ = _compare("y", [(a[i : i + 1], b[i : i + 1]) for i in range(3)], atol, rtol)
+        whole, _ = _compare("y", [(a.reshape(1, 12, 50), b.reshape(1, 12, 50))], atol, rtol)
+        for field in ("max_abs", "mean_abs", "max_rel", "cosine", "min_atol", "min_rtol"):
+            assert getattr(per_feed, field) == pytest.approx(getattr(whole, field), rel=1e-9), field
+        assert per_feed.passed == whole.passed and per_feed.finite and whole.finite
