@@ -207,3 +207,14 @@ def test_allocate_by_is_validated():
 
     with pytest.raises(UsageError, match="--allocate-by"):
         dsrewrite.rewrite(two_branch_model(), target_macs=0.5, allocate_by="task", verify=False)
+
+
+def test_probe_batches_hold_about_batch_bytes_of_inputs(monkeypatch):
+    from dsrewrite import calibration
+    from dsrewrite.output_effect import _batched
+
+    small = feeds(6)  # 1 KB each: one batch
+    assert [b["x"].shape[0] for b in _batched(small, True)] == [6]
+    monkeypatch.setattr(calibration, "BATCH_BYTES", 2 * small[0]["x"].nbytes)
+    assert [b["x"].shape[0] for b in _batched(small, True)] == [2, 2, 2]
+    assert len(_batched(small, False)) == 6
