@@ -104,7 +104,7 @@ class FoldBatchNorm(PassBase):
     def _why_not(conv: gs.Node, bn: gs.Node, root: gs.Graph, check_bn: bool = True) -> str | None:
         t = conv.outputs[0]
         if len(consumers(t)) != 1 or is_graph_output(t, root):
-            return f"not folded into '{conv.name}': the conv output has other consumers"
+            return f"not folded into '{conv.name}': the conv output has other consumers or is a graph output"
         if check_bn and (len([o for o in bn.outputs if o.name]) > 1 or int(bn.attrs.get("training_mode", 0))):
             return "not folded: BatchNormalization is in training mode"
         if check_bn and any(constant_value(t) is None for t in bn.inputs[1:5]):
