@@ -95,13 +95,21 @@ def random_graphs(draw):
             result = name
             if draw(st.booleans()):  # BatchNormalization after it; sometimes the conv output is used elsewhere too
                 bn = fresh("bn")
-                params = [
-                    constant(f"{bn}/scale", rng.uniform(0.5, 1.5, cout)),
-                    constant(f"{bn}/bias", rng.standard_normal(cout) * 0.1),
-                    constant(f"{bn}/mean", rng.standard_normal(cout) * 0.1),
-                    constant(f"{bn}/var", rng.uniform(0.5, 2.0, cout)),
-                ]
-                nodes.append(helper.make_node("BatchNormalization", [name, *params], [bn], name=bn, epsilon=1e-5))
+                if draw(st.booleans()):
+                    params = [
+                        constant(f"{bn}/scale", rng.uniform(0.5, 1.5, cout)),
+                        constant(f"{bn}/bias", rng.standard_normal(cout) * 0.1),
+                        constant(f"{bn}/mean", rng.standard_normal(cout) * 0.1),
+                        constant(f"{bn}/var", rng.uniform(0.5, 2.0, cout)),
+                    ]
+                    nodes.append(helper.make_node("BatchNormalization", [name, *params], [bn], name=bn, epsilon=1e-5))
+                else:  # as exporters often write it: a per-channel (or scalar) Mul, then Add or Sub
+                    shape = draw(st.sampled_from([(1, cout) + (1,) * d, (cout,) + (1,) * d, (), (1,)]))
+                    scale = constant(f"{bn}/s", rng.uniform(0.5, 1.5, shape))
+                    shift = constant(f"{bn}/c", rng.standard_normal(shape) * 0.1)
+                    second = draw(st.sampled_from(["Add", "Sub"]))
+                    nodes.append(helper.make_node("Mul", [scale, name] if draw(st.booleans()) else [name, scale], [f"{bn}/m"]))
+                    nodes.append(helper.make_node(second, [f"{bn}/m", shift], [bn], name=bn))
                 consumed.add(name)
                 if draw(st.booleans()):
                     tensors.append((name, cout, out))
