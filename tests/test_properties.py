@@ -80,3 +80,34 @@ def test_rank_r_macs_follow_the_formula(config, rank):
     assert layer.macs_after == per_pixel * pixels
     if r == 1:
         assert layer.macs_after / layer.macs_before == pytest.approx(1 / n + 1 / k, rel=1e-12)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_configs())
+def test_every_emission_form_at_full_rank_is_exact(config):
+    """concat, multiplier and branches (its chain of Adds) compute the same function: each reproduces the conv."""
+    import json
+    import tempfile
+
+    from dsrewrite.plan import valid_forms
+
+    model = conv_model(**config)
+    full = dsrewrite.rewrite(model, rank="full", verify=False)
+    (layer,) = full.report.layers
+    if layer.status != "rewritten":
+        return
+    x = random_input((config["batch"], config["in_channels"], *config["spatial"]), seed=config["seed"])
+    (expected,) = run(model, {"x": x})
+    scale = max(1.0, float(np.abs(expected).max()))
+    for form in valid_forms(layer.rank, config["group"]):
+        plan = {"schema": "dsrewrite.plan/1", "model": {"input": "<ModelProto>"}, "layers": [
+            {"output": layer.output, "node": layer.node, "status": "rewritten", "rank": layer.rank, "form": form, "reason": None}
+        ]}  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/plan.json"
+            with open(path, "w") as f:
+                json.dump(plan, f)
+            result = dsrewrite.rewrite(model, plan=path, verify=False, benchmark=False)
+        assert result.report.layers[0].form == form
+        (actual,) = run(result.model, {"x": x})
+        np.testing.assert_allclose(actual, expected, atol=2e-5 * scale, rtol=1e-4, err_msg=form)
