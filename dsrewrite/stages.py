@@ -115,7 +115,7 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
 
     before = profiled(original, keys)
     where = timing_label(precision)
-    reverted, attributed, reformed, tried = [], set(), set(), {}
+    reverted, attributed, reformed, tried, unconfirmed = [], set(), set(), {}, []
     for index in range(rounds):
         candidate, owners = timing_candidate(ctx, plans, "in-model check")
         after = profiled(candidate, owners)
@@ -127,6 +127,13 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
                 timed.append(plan)
                 plan.in_model_before_ms, plan.in_model_after_ms = before[threads][name], after[threads][name]
         slower = _slower_in_place(timed, before, after, threads, counts)
+        # A loss at the core count is about the whole model: confirm it by timing the whole model there
+        # (interleaved medians, steadier than one profile of small kernels) before reverting anything for it.
+        for n in sorted({n for _plan, n in slower if n != threads}):
+            speedup = latency.benchmark_models(original, candidate, feed, threads=n, budget_seconds=CONFIRM_SECONDS)["speedup"]
+            if speedup is not None and speedup >= 1.0:
+                slower = [(plan, m) for plan, m in slower if m != n]
+                unconfirmed.append(f"{speedup:.2f}x at {n} thread(s)")
         if not slower:
             break
         for plan, n in slower:
@@ -152,7 +159,16 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
         "original conv"
         + (f"; {len(reformed)} given another emission form after a slower first one" if reformed else "")
         + (f"; {unattributed} could not be told apart in the profile and keep their per-conv timing" if unattributed else "")
+        + (
+            f"; the profile at the core count showed them slower together, but the whole model timed "
+            f"{', '.join(unconfirmed)} against the original, so none was reverted for it"
+            if unconfirmed else ""
+        )
     )
+
+
+# Seconds of interleaved whole-model runs that confirm a loss the profile attributes at the core count.
+CONFIRM_SECONDS = 2.0
 
 
 def _slower_in_place(timed, before, after, threads: int, counts) -> list:

@@ -122,8 +122,9 @@ def test_a_rank_slower_alone_but_faster_in_place_is_rewritten(monkeypatch):
 def test_a_rank_that_pays_at_threads_but_slows_the_model_at_the_core_count_is_reverted(monkeypatch):
     monkeypatch.setattr(ConvTimer, "candidates", fake_timer(lambda p, c: 1.0 if c == "original" else 0.5))
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)), raising=False)  # a 4-core process
-    # Faster at 1 thread (0.4 vs 1.0 ms), slower at 4 (1.2 vs 1.0 ms).
+    # Faster at 1 thread (0.4 vs 1.0 ms), slower at 4 (1.2 vs 1.0 ms), and the whole model confirms it there.
     monkeypatch.setattr(latency, "node_times", fake_profile(lambda t: 1.0, lambda t: 0.2 if t == 1 else 0.6))
+    monkeypatch.setattr(latency, "benchmark_models", lambda *a, threads=1, **k: {"speedup": 0.9})
     model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
     result = dsrewrite.rewrite(model, rank=1, latency_aware=True, verify=False, latency_cache=None)
     (layer,) = result.report.layers
@@ -426,14 +427,30 @@ def test_a_rewrite_slower_in_the_whole_model_is_reverted(faked, monkeypatch):
 def test_the_in_model_check_reverts_a_rewrite_that_loses_at_the_core_count(faked, monkeypatch):
     faked(lambda p, c: 1.0 if c == "original" else 0.5)  # alone (at 1 thread), rank 1 pays
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)), raising=False)  # a 4-core process
-    # In the whole model: 0.4 vs 1.0 ms at 1 thread, 1.2 vs 1.0 ms at 4.
+    # In the whole model: 0.4 vs 1.0 ms at 1 thread, 1.2 vs 1.0 ms at 4; the whole model timed there confirms it.
     monkeypatch.setattr(latency, "node_times", fake_profile(lambda t: 1.0, lambda t: 0.2 if t == 1 else 0.6))
+    timed_at = []
+    monkeypatch.setattr(latency, "benchmark_models", lambda *a, threads=1, **k: timed_at.append(threads) or {"speedup": 0.9})
     model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
     result = dsrewrite.rewrite(model, rank=1, latency_aware=True, verify=False, latency_cache=None, in_place_timing=False)
     (layer,) = result.report.layers
     assert not layer.rewritten and "slower in the whole model" in layer.reason and "at 4 thread(s)" in layer.reason
     assert "(1.200 ms vs 1.000 ms" in layer.reason  # the losing count's figures
     assert any("1 and 4 thread(s); a rewrite must pay at 1, the rewrites together at 4" in note for note in result.report.notes)
+    assert 4 in timed_at
+
+
+def test_a_loss_the_profile_shows_at_the_core_count_is_confirmed_on_the_whole_model(faked, monkeypatch):
+    faked(lambda p, c: 1.0 if c == "original" else 0.5)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(latency, "node_times", fake_profile(lambda t: 1.0, lambda t: 0.2 if t == 1 else 0.6))
+    # The profile at 4 threads says slower; the whole model, timed there, runs 1.08x faster: nothing is reverted.
+    monkeypatch.setattr(latency, "benchmark_models", lambda *a, threads=1, **k: {"speedup": 1.08})
+    model = conv_model(in_channels=8, out_channels=16, pads=(1, 1, 1, 1))
+    result = dsrewrite.rewrite(model, rank=1, latency_aware=True, verify=False, latency_cache=None, in_place_timing=False)
+    (layer,) = result.report.layers
+    assert layer.rewritten
+    assert any("the whole model timed 1.08x at 4 thread(s)" in note and "none was reverted" in note for note in result.report.notes)
 
 
 def test_a_rewrite_slower_in_place_gets_another_form_before_it_is_reverted(faked, monkeypatch):
