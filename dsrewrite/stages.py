@@ -91,10 +91,11 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
 
     A conv timed alone misses what the model around it does: onnxruntime's NCHWc layout chains, Conv+activation
     and Conv+Add fusions. Both models are profiled (in the deployed precision, at ``--threads`` and at the core
-    count: a rewrite must pay at ``--threads``, the rewrites together at the core count, ``_slower_in_place``);
-    each node's kernel time is attributed to the conv it came from (``in_model.in_model_times``). A rewrite that
-    does not pay in place gets another emission form of its rank, and is reverted when none is left (or in the
-    last round); the rounds repeat while something changed, since a change moves the layout around it.
+    count: a rewrite must pay at ``--threads``, the rewrites together at the core count, ``_slower_in_place``;
+    a loss at the core count is confirmed by timing the whole model there); each node's kernel time is attributed
+    to the conv it came from (``in_model.in_model_times``). A rewrite that does not pay in place gets another
+    emission form of its rank, and is reverted when none is left (or in the last round); the rounds repeat while
+    something changed, since a change moves the layout around it.
     """
     from .in_model import in_model_times, timing_candidate  # noqa: PLC0415
     from .plan import valid_forms  # noqa: PLC0415
@@ -105,7 +106,7 @@ def check_in_model(ctx: RewriteContext, plans: list[LayerPlan], rounds: int = 3)
     if options.dry_run or not options.uses_latency() or not todo:
         return
     threads, precision = options.latency.threads, options.deploy.quantize
-    counts = timed_thread_counts(threads)  # the rewrite must pay at each
+    counts = timed_thread_counts(threads)  # --threads, then the core count when it differs
     feed = ctx.one_feed()
     original = ctx.deployed_model()
     keys = {p.output: p.output for p in todo} | {p.node: p.output for p in todo if p.node}
