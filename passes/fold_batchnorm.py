@@ -92,12 +92,7 @@ class FoldBatchNorm(PassBase):
         base = conv.name or "conv"
         w_const = conv.inputs[1] if op.op != "Mul" else gs.Constant(names.fresh(f"{base}/W_affinefolded"), new_weight)
         b_const = gs.Constant(names.fresh(f"{base}/B_affinefolded"), bias.astype(weight.dtype))
-        conv.inputs = [conv.inputs[0], w_const, b_const]
-        y = op.outputs[0]
-        op.inputs.clear()
-        op.outputs.clear()
-        conv.outputs = [y]
-        g.nodes.remove(op)
+        _absorb(g, conv, op, w_const, b_const)
         log.debug("folded %s %s into %s", op.op, op.name, conv.name)
 
     @staticmethod
@@ -133,13 +128,18 @@ class FoldBatchNorm(PassBase):
         base = conv.name or "conv"
         w_const = gs.Constant(names.fresh(f"{base}/W_bnfolded"), new_weight)
         b_const = gs.Constant(names.fresh(f"{base}/B_bnfolded"), new_bias)
-        conv.inputs = [conv.inputs[0], w_const, b_const]
-        y = bn.outputs[0]
-        bn.inputs.clear()
-        bn.outputs.clear()
-        conv.outputs = [y]
-        g.nodes.remove(bn)
+        _absorb(g, conv, bn, w_const, b_const)
         log.debug("folded %s into %s", bn.name, conv.name)
+
+
+def _absorb(g: gs.Graph, conv: gs.Node, node: gs.Node, weight: gs.Tensor, bias: gs.Tensor) -> None:
+    """``conv`` takes the folded weight and bias and computes ``node``'s output; ``node`` leaves the graph."""
+    conv.inputs = [conv.inputs[0], weight, bias]
+    y = node.outputs[0]
+    node.inputs.clear()
+    node.outputs.clear()
+    conv.outputs = [y]
+    g.nodes.remove(node)
 
 
 def _channel_values(conv: gs.Node, op: gs.Node) -> np.ndarray | None:
