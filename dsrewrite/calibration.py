@@ -250,13 +250,7 @@ def capture(
         return values
 
     batching = [can_batch]
-    if can_batch:
-        # Keep one batch of inputs near BATCH_BYTES: large images batch fewer at a time.
-        first = next(iter(feeds), None)
-        if first is not None:
-            feed_bytes = max(1, sum(np.asarray(v).nbytes for v in first.values()))
-            batch_size = int(max(1, min(batch_size, BATCH_BYTES // feed_bytes)))
-    for group in _group_feeds(feeds, batch_size if can_batch else 1):
+    for group in batch_groups(feeds, batch_size if can_batch else 1):
         if len(group) == 1:
             yield run(group[0]), 1
             continue
@@ -273,12 +267,18 @@ def capture(
         yield {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}, len(group)
 
 
-def _group_feeds(feeds: Iterable[Feed], batch_size: int) -> Iterator[list[Feed]]:
+def batch_groups(feeds: Iterable[Feed], max_feeds: int) -> Iterator[list[Feed]]:
+    """Consecutive feeds of equal shapes, grouped for one batched run: at most ``max_feeds`` of them and about
+    ``BATCH_BYTES`` of inputs (large images batch fewer at a time), at least one."""
     group: list[Feed] = []
+    limit = 1
     for feed in feeds:
-        if group and (len(group) >= batch_size or _shapes(feed) != _shapes(group[0])):
+        if group and (len(group) >= limit or _shapes(feed) != _shapes(group[0])):
             yield group
             group = []
+        if not group:
+            feed_bytes = max(1, sum(np.asarray(v).nbytes for v in feed.values()))
+            limit = int(max(1, min(max_feeds, BATCH_BYTES // feed_bytes)))
         group.append(feed)
     if group:
         yield group

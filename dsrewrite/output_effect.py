@@ -49,6 +49,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import lowrank
+from .calibration import batch_groups
 from .graph import NameAllocator, constant_value, convs_by_output, export_model
 from .plan import LayerPlan
 
@@ -293,21 +294,12 @@ def probe_feeds(calibration: Iterable[Feed], total: int, count: int = PROBE_FEED
 def _batched(feeds: list[Feed], can_batch: bool) -> list[Feed]:
     """Feeds of equal shapes concatenated on axis 0 when the batch dim is dynamic, else one by one.
 
-    A batch holds about ``calibration.BATCH_BYTES`` of inputs: onnxruntime's arena grows with the batch, and 16 of
-    the PP-OCR detector's 736×736 feeds in one batch took the output guard to 3.8 GB.
+    A batch holds about ``calibration.BATCH_BYTES`` of inputs (``calibration.batch_groups``): onnxruntime's arena
+    grows with the batch, and 16 of the PP-OCR detector's 736×736 feeds in one batch took the output guard to 3.8 GB.
     """
-    from .calibration import BATCH_BYTES  # noqa: PLC0415
-
     if not can_batch:
         return feeds
-    groups: list[list[Feed]] = []
-    for feed in feeds:
-        shapes = {k: v.shape for k, v in feed.items()}
-        size = sum(np.asarray(v).nbytes for v in feed.values())
-        if groups and {k: v.shape for k, v in groups[-1][0].items()} == shapes and (len(groups[-1]) + 1) * size <= BATCH_BYTES:
-            groups[-1].append(feed)
-        else:
-            groups.append([feed])
+    groups = batch_groups(feeds, len(feeds))
     return [{k: np.concatenate([f[k] for f in group], axis=0) for k in group[0]} for group in groups]
 
 
