@@ -52,7 +52,7 @@ def follow_channel_affine(conv: gs.Node, channels: int, spatial: int, graph_outp
             return "the conv's output has no consumers"
         if len(users) != 1 or users[0].op not in AFFINE_OPS:
             break
-        affine = _affine(users[0], tensor, channels, spatial)
+        affine = channel_affine(users[0], tensor, channels, spatial)
         if affine is None:
             break
         a, c = affine
@@ -111,7 +111,7 @@ def _other(node: gs.Node, tensor: gs.Tensor) -> gs.Tensor | None:
     return None
 
 
-def _affine(node: gs.Node, tensor: gs.Tensor, channels: int, spatial: int) -> tuple[np.ndarray, np.ndarray] | None:
+def channel_affine(node: gs.Node, tensor: gs.Tensor, channels: int, spatial: int) -> tuple[np.ndarray, np.ndarray] | None:
     """``(a, c)`` with ``node(x) = a·x + c`` per channel, or None."""
     if node.op == "BatchNormalization":
         if node.inputs[0] is not tensor or len(node.outputs) != 1:

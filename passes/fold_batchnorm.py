@@ -31,6 +31,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from dsrewrite.activation_match import channel_affine
 from dsrewrite.graph import NameAllocator, consumers, constant_value, is_graph_output, iter_graphs, producer
 from dsrewrite.pipeline import Change, PassBase, PassContext, PassResult, Skip
 
@@ -64,8 +65,8 @@ class FoldBatchNorm(PassBase):
         """Fold the constant per-channel Mul, Add and Sub that follow ``conv``, one after another."""
         while True:
             nodes = consumers(conv.outputs[0])
-            values = _channel_values(conv, nodes[0]) if len(nodes) == 1 else None
-            if values is None:
+            affine = _foldable_affine(conv, nodes[0]) if len(nodes) == 1 else None
+            if affine is None:
                 # Not a BatchNorm written out: an ordinary Mul/Add (a residual sum, a runtime scale), or one of
                 # several readers of the conv output (e.g. the x + 3 of a HardSwish written out). Nothing to report.
                 return
@@ -74,24 +75,23 @@ class FoldBatchNorm(PassBase):
             if reason:
                 result.skips.append(Skip(op.name, reason))
                 return
-            self._fold_affine(g, conv, op, values, names)
+            self._fold_affine(g, conv, op, affine, names)
             result.changes.append(Change(conv.name, f"folded {op.op} '{op.name}' (a per-channel affine)"))
 
     @staticmethod
-    def _fold_affine(g: gs.Graph, conv: gs.Node, op: gs.Node, values: np.ndarray, names: NameAllocator) -> None:
+    def _fold_affine(g: gs.Graph, conv: gs.Node, op: gs.Node, affine: tuple[np.ndarray, np.ndarray], names: NameAllocator) -> None:
+        """``W' = a·W`` (a Mul only: Add and Sub keep the weight), ``b' = a·b + c``."""
+        a, c = affine
         weight = constant_value(conv.inputs[1])
         has_bias = len(conv.inputs) > 2 and conv.inputs[2].name
         bias = constant_value(conv.inputs[2]).astype(np.float64) if has_bias else np.zeros(weight.shape[0])
-        new_weight = weight
+        base = conv.name or "conv"
+        w_const = conv.inputs[1]
         if op.op == "Mul":
             shape = (-1,) + (1,) * (weight.ndim - 1)
-            new_weight = (weight.astype(np.float64) * values.reshape(shape)).astype(weight.dtype)
-            bias = bias * values
-        else:
-            bias = bias + values if op.op == "Add" else bias - values
-        base = conv.name or "conv"
-        w_const = conv.inputs[1] if op.op != "Mul" else gs.Constant(names.fresh(f"{base}/W_affinefolded"), new_weight)
-        b_const = gs.Constant(names.fresh(f"{base}/B_affinefolded"), bias.astype(weight.dtype))
+            new_weight = (weight.astype(np.float64) * a.reshape(shape)).astype(weight.dtype)
+            w_const = gs.Constant(names.fresh(f"{base}/W_affinefolded"), new_weight)
+        b_const = gs.Constant(names.fresh(f"{base}/B_affinefolded"), (a * bias + c).astype(weight.dtype))
         _absorb(g, conv, op, w_const, b_const)
         log.debug("folded %s %s into %s", op.op, op.name, conv.name)
 
@@ -142,28 +142,21 @@ def _absorb(g: gs.Graph, conv: gs.Node, node: gs.Node, weight: gs.Tensor, bias: 
     g.nodes.remove(node)
 
 
-def _channel_values(conv: gs.Node, op: gs.Node) -> np.ndarray | None:
-    """``op``'s constant operand as one float64 value per output channel of ``conv``, or None.
+def _foldable_affine(conv: gs.Node, op: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(a, c)`` with ``op(t) = a·t + c`` per output channel of ``conv`` (``activation_match.channel_affine``), or
+    None.
 
-    None unless ``op`` reads the conv output and a constant of the weight's dtype that broadcasts along the channel
-    axis only (a scalar, ``(N,1,1)``, ``(1,N,1,1)``, ...), so the result keeps the conv output's shape. A Sub must
-    subtract the constant (``t − c``); ``c − t`` is left alone.
+    Only for a Mul, Add or Sub of the conv output ``t`` and a constant of the weight's dtype that broadcasts along
+    the channel axis only (a scalar, ``(N,1,1)``, ``(1,N,1,1)``, ...), so the result keeps the conv output's shape.
+    A Sub must subtract the constant (``t − c``); ``c − t`` is left alone.
     """
     t = conv.outputs[0]
-    if op.op not in ("Mul", "Add", "Sub") or len(op.inputs) != 2 or t not in op.inputs:
-        return None
-    other = op.inputs[1] if op.inputs[0] is t else op.inputs[0]
-    if other is t or (op.op == "Sub" and op.inputs[0] is not t):
-        return None
-    value = constant_value(other)
     weight = constant_value(conv.inputs[1]) if len(conv.inputs) > 1 else None
-    if value is None or weight is None or value.dtype != weight.dtype or value.dtype.kind != "f":
+    if weight is None or op.op not in ("Mul", "Add", "Sub") or (op.op == "Sub" and op.inputs[0] is not t):
         return None
-    rank, channels = weight.ndim, weight.shape[0]
-    if value.ndim > rank:
+    others = [constant_value(i) for i in op.inputs if i is not t]
+    value = others[0] if len(others) == 1 else None
+    if value is None or value.dtype != weight.dtype or value.dtype.kind != "f" or value.ndim > weight.ndim:
         return None
-    shape = (1,) * (rank - value.ndim) + tuple(value.shape)
-    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
-        return None
-    values = np.broadcast_to(np.asarray(value, dtype=np.float64).reshape(-1), (channels,)).copy()
-    return values if np.all(np.isfinite(values)) else None
+    affine = channel_affine(op, t, weight.shape[0], weight.ndim - 2)
+    return affine if affine is not None and all(np.all(np.isfinite(v)) for v in affine) else None
