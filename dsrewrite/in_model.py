@@ -42,16 +42,14 @@ RUNS = (3, 20)
 class InPlaceTimer:
     """Rank ladders and at-rank timings of convs inside the whole (deployed) model."""
 
-    def __init__(self, ctx: "RewriteContext", alone: ConvTimer, thread_counts: Sequence[int]):
+    def __init__(self, ctx: "RewriteContext", alone: ConvTimer, threads: int):
+        # One thread count, --threads: whether the model gets slower at the core count is the in-model check's
+        # question, about all the rewrites together (stages.check_in_model).
         self.ctx, self.alone = ctx, alone
-        self.thread_counts = list(dict.fromkeys(thread_counts))  # --threads first
+        self.threads = threads
         self.precision = alone.precision
-        self._original: dict[int, dict[str, float]] | None = None
+        self._original: dict[str, float] | None = None
         self._runs: int | None = None
-
-    @property
-    def threads(self) -> int:
-        return self.thread_counts[0]
 
     def ladders(self, plans: Sequence[LayerPlan]) -> dict[str, RankTimings]:
         alone = self.alone.ladders(plans)
@@ -71,16 +69,14 @@ class InPlaceTimer:
             return alone
         progress = self.ctx.progress
         original = self._original_times(plans)
-        # times[threads][key][rank] = (form, ms in place)
-        times: dict[int, dict[str, dict[int, tuple[str, float]]]] = {t: {} for t in self.thread_counts}
+        times: dict[str, dict[int, tuple[str, float]]] = {}  # times[key][rank] = (form, ms in place)
         for index, assignment in enumerate(assignments):
             if assignment:
                 model, owners = self._candidate(plans, assignment)
-                for threads in self.thread_counts:
-                    after = self._profile(model, owners, threads)
-                    for key, (rank, form) in assignment.items():
-                        if key in after:
-                            times[threads].setdefault(key, {})[rank] = (form, after[key])
+                after = self._profile(model, owners, self.threads)
+                for key, (rank, form) in assignment.items():
+                    if key in after:
+                        times.setdefault(key, {})[rank] = (form, after[key])
             if progress:
                 progress(label, index + 1, len(assignments))
         result = {}
@@ -89,31 +85,21 @@ class InPlaceTimer:
         return result
 
     def _combine(self, key, timing: RankTimings, original, times, assignments) -> RankTimings:
-        """In-place timings of one conv: the original at ``--threads``, each rank at its worst ratio to the original
-        over the thread counts (so a rank slower at any count is slower here).
+        """In-place timings of one conv: the original and each rank it was given.
 
         A conv given no rank here, or that the profile could not attribute (at the original or at any rank it was
         given), keeps ``timing``.
         """
         wanted = {a[key][0] for a in assignments if key in a}
-        attributed = all(key in original[t] and wanted <= set(times[t].get(key, {})) for t in self.thread_counts)
-        if not wanted or not attributed:
+        if not wanted or key not in original or not wanted <= set(times.get(key, {})):
             log.info("%s: not attributable in the profile; keeps its per-conv timing", key)
             return timing
-        base = original[self.threads][key]
-        best = {}
-        for rank in sorted(wanted):
-            form = times[self.threads][key][rank][0]
-            # The worst ratio over the thread counts, at --threads' scale: a rank pays only if it pays at each.
-            ratio = max(times[t][key][rank][1] / max(original[t][key], 1e-9) for t in self.thread_counts)
-            best[rank] = (form, ratio * base)
-        return RankTimings(base, best, in_place=True)
+        return RankTimings(original[key], {rank: times[key][rank] for rank in sorted(wanted)}, in_place=True)
 
-    def _original_times(self, plans: Sequence[LayerPlan]) -> dict[int, dict[str, float]]:
+    def _original_times(self, plans: Sequence[LayerPlan]) -> dict[str, float]:
         if self._original is None:
             keys = {p.output: p.output for p in plans} | {p.node: p.output for p in plans if p.node}
-            model = self.ctx.deployed_model()
-            self._original = {t: self._profile(model, keys, t) for t in self.thread_counts}
+            self._original = self._profile(self.ctx.deployed_model(), keys, self.threads)
         return self._original
 
     def _candidate(self, plans: Sequence[LayerPlan], assignment: dict) -> tuple[onnx.ModelProto, dict[str, str]]:

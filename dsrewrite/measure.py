@@ -107,12 +107,11 @@ class Measured:
     def describe(self, timings: dict[str, RankTimings]) -> str:
         """How ``timings`` were measured, for the notes: "3 conv(s) timed in onnxruntime: 2 in place ... 1 alone"."""
         in_place = sum(t.in_place for t in timings.values())
-        counts = list(getattr(self.timer, "thread_counts", [self.timer.threads]))
-        threads = " and ".join(str(t) for t in counts) + " thread(s)"
+        threads = f"{self.timer.threads} thread(s)"
         if in_place == len(timings):
             how = f"in place in the whole model (profiled at {threads})"
         elif in_place == 0:
-            how = f"alone ({counts[0]} thread(s))"
+            how = f"alone ({threads})"
         else:
             how = f"{in_place} in place in the whole model (profiled at {threads}), {len(timings) - in_place} alone"
         return f"{len(timings)} conv(s) timed in {self.where}, {how}"
@@ -129,9 +128,7 @@ def measure(ctx: "RewriteContext", plans: Sequence[LayerPlan], needs: frozenset[
     if ctx.options.latency.in_place:
         from .in_model import InPlaceTimer  # noqa: PLC0415
 
-        # The ladders decide at --threads, the count the user deploys at; that the model does not get slower at
-        # the core count is the in-model check's job, on all the rewrites together (stages.check_in_model).
-        timer = InPlaceTimer(ctx, timer, [ctx.options.latency.threads])
+        timer = InPlaceTimer(ctx, timer, ctx.options.latency.threads)  # at --threads only (see InPlaceTimer)
     measured = Measured(timer, outputs=outputs)
     if MODEL_TIME in needs:
         session = latency.make_session(ctx.deployed_model(), ctx.options.latency.threads)
