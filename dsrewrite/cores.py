@@ -19,6 +19,6 @@ def available_cores() -> int:
 
 
 def timed_thread_counts(threads: int) -> list[int]:
-    """The thread counts a latency-aware decision must pay at: ``--threads`` first, then the cores this process
-    may use when that differs."""
+    """The thread counts the in-model check profiles at: ``--threads`` first, then the cores this process may use
+    when that differs."""
     return list(dict.fromkeys([threads, available_cores()]))
