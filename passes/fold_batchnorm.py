@@ -49,7 +49,7 @@ class FoldBatchNorm(PassBase):
                 conv = producer(bn.inputs[0])
                 if conv is None or conv.op != "Conv":
                     continue
-                reason = self._why_not(conv, bn, graph)
+                reason = _output_why_not(conv, graph) or _batchnorm_why_not(bn) or _weights_why_not(conv)
                 if reason:
                     result.skips.append(Skip(bn.name, reason))
                     continue
@@ -71,7 +71,7 @@ class FoldBatchNorm(PassBase):
                 # several readers of the conv output (e.g. the x + 3 of a HardSwish written out). Nothing to report.
                 return
             op = nodes[0]
-            reason = self._why_not(conv, op, root, check_bn=False)
+            reason = _output_why_not(conv, root) or _weights_why_not(conv)
             if reason:
                 result.skips.append(Skip(op.name, reason))
                 return
@@ -95,24 +95,6 @@ class FoldBatchNorm(PassBase):
         _absorb(g, conv, op, w_const, b_const)
         log.debug("folded %s %s into %s", op.op, op.name, conv.name)
 
-    @staticmethod
-    def _why_not(conv: gs.Node, bn: gs.Node, root: gs.Graph, check_bn: bool = True) -> str | None:
-        t = conv.outputs[0]
-        if len(consumers(t)) != 1 or is_graph_output(t, root):
-            return f"not folded into '{conv.name}': the conv output has other consumers or is a graph output"
-        if check_bn and (len([o for o in bn.outputs if o.name]) > 1 or int(bn.attrs.get("training_mode", 0))):
-            return "not folded: BatchNormalization is in training mode"
-        if check_bn and any(constant_value(t) is None for t in bn.inputs[1:5]):
-            return "not folded: BatchNormalization parameters are computed at run time"
-        weight = constant_value(conv.inputs[1])
-        if weight is None or weight.dtype.kind != "f":
-            return f"not folded: '{conv.name}' has no constant float weight"
-        if len(consumers(conv.inputs[1])) != 1:
-            return f"not folded: the weight of '{conv.name}' is shared with other nodes"
-        if len(conv.inputs) > 2 and conv.inputs[2].name:
-            if constant_value(conv.inputs[2]) is None or len(consumers(conv.inputs[2])) != 1:
-                return f"not folded: the bias of '{conv.name}' is computed at run time or shared"
-        return None
 
     @staticmethod
     def _fold(g: gs.Graph, conv: gs.Node, bn: gs.Node, names: NameAllocator) -> None:
@@ -130,6 +112,34 @@ class FoldBatchNorm(PassBase):
         b_const = gs.Constant(names.fresh(f"{base}/B_bnfolded"), new_bias)
         _absorb(g, conv, bn, w_const, b_const)
         log.debug("folded %s into %s", bn.name, conv.name)
+
+
+def _output_why_not(conv: gs.Node, root: gs.Graph) -> str | None:
+    t = conv.outputs[0]
+    if len(consumers(t)) != 1 or is_graph_output(t, root):
+        return f"not folded into '{conv.name}': the conv output has other consumers or is a graph output"
+    return None
+
+
+def _batchnorm_why_not(bn: gs.Node) -> str | None:
+    if len([o for o in bn.outputs if o.name]) > 1 or int(bn.attrs.get("training_mode", 0)):
+        return "not folded: BatchNormalization is in training mode"
+    if any(constant_value(t) is None for t in bn.inputs[1:5]):
+        return "not folded: BatchNormalization parameters are computed at run time"
+    return None
+
+
+def _weights_why_not(conv: gs.Node) -> str | None:
+    """Why the conv's weight and bias cannot take a fold: not constant floats, or shared with other nodes."""
+    weight = constant_value(conv.inputs[1])
+    if weight is None or weight.dtype.kind != "f":
+        return f"not folded: '{conv.name}' has no constant float weight"
+    if len(consumers(conv.inputs[1])) != 1:
+        return f"not folded: the weight of '{conv.name}' is shared with other nodes"
+    if len(conv.inputs) > 2 and conv.inputs[2].name:
+        if constant_value(conv.inputs[2]) is None or len(consumers(conv.inputs[2])) != 1:
+            return f"not folded: the bias of '{conv.name}' is computed at run time or shared"
+    return None
 
 
 def _absorb(g: gs.Graph, conv: gs.Node, node: gs.Node, weight: gs.Tensor, bias: gs.Tensor) -> None:
