@@ -39,19 +39,12 @@ def quantize_int8(
     ``calibration_cache``: ``quantize_static``'s own cache of activation ranges (JSON). An existing file is used
     instead of a calibration run (``feeds`` may then be None); a missing one is written after calibrating.
     """
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static  # noqa: PLC0415
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static  # noqa: PLC0415
     import onnxruntime  # noqa: PLC0415
 
     # quantize_static's own calibration sessions log every initializer they drop at WARNING; dsrewrite's sessions
     # already run at FATAL, so only errors of these reach stderr.
     onnxruntime.set_default_logger_severity(3)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._feeds = iter(feeds or ())
-
-        def get_next(self):
-            return next(self._feeds, None)
 
     from .model_io import save_model  # noqa: PLC0415
 
@@ -61,12 +54,49 @@ def quantize_int8(
         source, path = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
         save_model(model, source)
         large = model.ByteSize() > 1_800_000_000  # protobuf's 2 GiB limit, with room for the QDQ nodes
+        cache = calibration_cache or os.path.join(tmp, "ranges.json")
+        if not os.path.isfile(cache):
+            _calibrate(source, feeds, cache, large, tmp)
         quantize_static(
-            source, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            source, path, None, quant_format=QuantFormat.QDQ, per_channel=True,
             weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, use_external_data_format=large,
-            calibration_cache_path=calibration_cache,
+            calibration_cache_path=cache,
         )  # fmt: skip
         return onnx.load(path)
+
+
+def _calibrate(source: str, feeds: Iterable[Mapping[str, np.ndarray]] | None, cache: str, large: bool, tmp: str) -> None:
+    """Write the MinMax activation ranges of the model at ``source`` over ``feeds`` to ``cache``, in the format
+    ``quantize_static`` reads as its calibration cache.
+
+    This is ``quantize_static``'s own calibrator, run in a session that bounds its memory. Its augmented model
+    appends a ReduceMin and a ReduceMax per tensor at the end of the node list, and onnxruntime's default execution
+    order runs them last, so every intermediate tensor of the model is held until the end of the run; the arena then
+    keeps that block and plans a second one (1.8 GB for the PP-OCR detector at 736×736). The priority-based order
+    takes each range as soon as the tensor exists (0.16 GB). The ranges, and the quantized model, are the same.
+    """
+    import onnxruntime  # noqa: PLC0415
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator, save_tensors_data  # noqa: PLC0415
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._feeds = iter(feeds or ())
+
+        def get_next(self):
+            return next(self._feeds, None)
+
+    calibrator = create_calibrator(
+        source, augmented_model_path=os.path.join(tmp, "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=large, providers=["CPUExecutionProvider"],
+    )  # fmt: skip
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibrator's own
+    options.execution_order = onnxruntime.ExecutionOrder.PRIORITY_BASED
+    calibrator.infer_session = onnxruntime.InferenceSession(
+        calibrator.augmented_model_path, options, providers=["CPUExecutionProvider"]
+    )
+    calibrator.collect_data(Reader())  # raises ValueError on no feeds
+    save_tensors_data(calibrator.compute_data(), cache)
 
 
 class TimingRanges:
