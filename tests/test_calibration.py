@@ -195,3 +195,41 @@ def test_feeds_of_several_shapes_are_costed_at_their_average(tmp_path):
     pixels = round((2 * 9 * 20 + 9 * 11) / 3)
     assert layer.macs_before == 6 * 4 * 9 * pixels and layer.macs_after == layer.macs_per_pixel_after * pixels
     assert any("average over the calibration feeds' 2 shapes" in n and "2 of 3 feeds" in n for n in result.report.notes)
+
+
+def test_an_uncompressed_npz_is_read_a_sample_at_a_time_with_the_same_feeds(model, tmp_path):
+    data = random_input((6, 4, 9, 9)).astype(np.float64)  # cast per feed, as when held
+    np.savez(tmp_path / "stored.npz", x=data)
+    np.savez_compressed(tmp_path / "compressed.npz", x=data)
+    stored = CalibrationSet(tmp_path / "stored.npz", model, limit=5)
+    held = CalibrationSet(tmp_path / "compressed.npz", model, limit=5)
+    assert stored._stored is not None and stored._feeds is None  # nothing of the file is held
+    assert held._stored is None
+    assert len(stored) == len(held) == 5 and stored.casts == held.casts
+    for _ in range(2):  # re-iterable
+        pairs = list(zip(stored, held, strict=True))
+        assert all(a["x"].dtype == b["x"].dtype == np.float32 and np.array_equal(a["x"], b["x"]) for a, b in pairs)
+
+
+def test_a_stored_array_reads_the_samples_asked_for(tmp_path):
+    from dsrewrite.calibration import StoredArray  # noqa: PLC0415
+
+    data = np.arange(2 * 3 * 5, dtype=np.int16).reshape(2, 3, 5).astype(">i2")  # a non-native byte order too
+    np.savez(tmp_path / "a.npz", a=data, f=np.asfortranarray(data), s=np.float32(1))
+    members = StoredArray.members(tmp_path / "a.npz")
+    assert set(members) == {"a.npy"}  # Fortran order and a 0-d array are read whole
+    a = members["a.npy"]
+    assert a.shape == (2, 3, 5) and a.ndim == 3
+    assert np.array_equal(a[1], data[1]) and np.array_equal(a[0:2], data) and np.array_equal(a[1:1], data[1:1])
+    with pytest.raises(IndexError):
+        a[2]
+    with pytest.raises(IndexError):
+        a[0:2:2]
+
+
+def test_a_bad_sample_in_an_uncompressed_npz_fails_before_any_work(model, tmp_path):
+    data = random_input((4, 4, 9, 9))
+    data[3, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "c.npz", x=data)
+    with pytest.raises(InputError, match=r"sample 3\).*NaN"):
+        CalibrationSet(tmp_path / "c.npz", model)

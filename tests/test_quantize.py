@@ -91,3 +91,39 @@ def test_a_candidate_the_shared_ranges_cannot_quantize_is_calibrated_on_its_own(
     result = dsrewrite.rewrite(model, rank=1, calibration=feeds, quantize="int8", latency_aware=True, verify=False, benchmark=False)
     assert {"QuantizeLinear", "DequantizeLinear"} <= set(ops(result.model))
     assert (1, {}) in used  # the fallback: the candidate calibrated on one feed of its own
+
+
+def test_the_calibration_gives_quantize_statics_own_ranges_and_model(tmp_path):
+    """dsrewrite runs quantize_static's calibrator in a session of its own ordering (to bound memory); the ranges
+    and the quantized model must be those of quantize_static calibrating by itself."""
+    import json  # noqa: PLC0415
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static  # noqa: PLC0415
+
+    model = _relu_conv()
+    model.graph.node.append(helper.make_node("Sigmoid", ["y"], ["z"], name="sig"))
+    model.graph.output[0].name = "z"
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 8, 12, 12)).astype(np.float32)} for i in range(5)]
+    ours = quantize_int8(model, feeds, calibration_cache=str(tmp_path / "ours.json"))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self._feeds, None)
+
+    onnx.save(model, tmp_path / "float.onnx")
+    quantize_static(
+        str(tmp_path / "float.onnx"), str(tmp_path / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+        calibration_cache_path=str(tmp_path / "theirs.json"),
+    )  # fmt: skip
+    theirs = json.loads((tmp_path / "theirs.json").read_text())["data"]
+    assert {k: v for k, v in json.loads((tmp_path / "ours.json").read_text())["data"].items() if k in theirs} == theirs
+    assert ours.graph.SerializeToString() == onnx.load(tmp_path / "int8.onnx").graph.SerializeToString()
+
+
+def test_no_feeds_and_no_cache_is_refused():
+    with pytest.raises(ValueError):
+        quantize_int8(_relu_conv(), [])
