@@ -52,6 +52,7 @@ from .protos import (
     first_line,
     itemsize,
     nested_tensors,
+    serialized_below,
     serialized_size,
 )
 
@@ -245,8 +246,10 @@ def onnxruntime_source(model: onnx.ModelProto) -> Iterator[tuple[bytes | str, di
     from a file it maps the data, about 1x.
     """
     folders = {os.path.dirname(external_location(t)) for t in all_tensors(model) if is_disk_backed(t)}
-    if not folders and serialized_size(model) < min(limits.ORT_VIA_FILE_BYTES, limits.PROTOBUF_LIMIT):
-        yield model.SerializeToString(), {}
+    limit = min(limits.ORT_VIA_FILE_BYTES, limits.PROTOBUF_LIMIT)
+    data = None if folders else serialized_below(model, limit)
+    if data is not None:
+        yield data, {}
         return
     if folders:
         folder = os.path.commonpath(sorted(folders))
@@ -261,8 +264,9 @@ def onnxruntime_source(model: onnx.ModelProto) -> Iterator[tuple[bytes | str, di
                         entry.value = os.path.relpath(entry.value, folder)
 
         copy_model(model, relative, initializer)
-        if serialized_size(relative) < min(limits.ORT_VIA_FILE_BYTES, limits.PROTOBUF_LIMIT):
-            yield relative.SerializeToString(), {ORT_EXTERNAL_FOLDER_KEY: folder}
+        data = serialized_below(relative, limit)
+        if data is not None:
+            yield data, {ORT_EXTERNAL_FOLDER_KEY: folder}
             return
         del relative
     with tempfile.TemporaryDirectory(prefix="dsrewrite-ort-", ignore_cleanup_errors=True) as tmp:
@@ -293,8 +297,9 @@ def save_model(
     path = Path(path)
     check_output_path(path)
     threshold = limits.EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
-    if not has_disk_backed_tensors(model) and serialized_size(model) < threshold:
-        atomic_write_bytes(path, model.SerializeToString(deterministic=True))
+    data = None if has_disk_backed_tensors(model) else serialized_below(model, threshold, deterministic=True)
+    if data is not None:
+        atomic_write_bytes(path, data)
         return [path]
 
     data_name = path.name + ".data"

@@ -85,6 +85,23 @@ def serialized_size(message) -> int:
         return limits.PROTOBUF_LIMIT
 
 
+def serialized_below(model: onnx.ModelProto, limit: int, *, deterministic: bool = False) -> bytes | None:
+    """The model's bytes if they number fewer than ``limit``, else None.
+
+    One serialisation and no ByteSize first: upb's ByteSize costs about as much as serialising (0.09 s each for a
+    59 MB VGG16). A model whose in-memory tensor data alone reaches ``limit`` is not serialised at all, so a large
+    model is never copied just to learn that it is large.
+    """
+    inline = sum(data_bytes(t) for t in all_tensors(model) if t.data_location != onnx.TensorProto.EXTERNAL)
+    if inline >= limit:
+        return None
+    try:
+        data = model.SerializeToString(deterministic=deterministic)
+    except Exception:  # noqa: BLE001 - EncodeError past 2 GiB
+        return None
+    return data if len(data) < limit else None
+
+
 def is_repeated(field) -> bool:
     repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.29; `label` is gone in 7
     return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
