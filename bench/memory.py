@@ -5,7 +5,8 @@ parameters, 59 MB) with seeded random weights, then runs the CLI as a subprocess
 
 * ``--target-macs 0.5`` (data-free, latency-aware, with a cold latency cache): peak RSS against the model size
   (goal: at most 2x the model plus 1 GB) and wall time;
-* ``--rank 1`` (data-free): wall time against the model's own ``onnx.load`` + ``onnx.save`` (goal: at most 3x).
+* ``--rank 1`` (data-free): wall time against the model's own ``onnx.load`` + ``onnx.save`` (goal: at most 3x),
+  timed in this process and as a process of its own (the CLI's start-up and imports are in its time).
 
 Both without the whole-model benchmark unless other flags are given (``-- --benchmark``).
 
@@ -84,17 +85,23 @@ def main(argv: list[str] | None = None) -> int:
         onnx.save(onnx.load(str(model_path)), str(folder / "copy.onnx"))
         io_seconds = time.perf_counter() - start
         env = {**os.environ, "XDG_CACHE_HOME": str(folder / "cache")}  # a cold latency cache
+        # The same load and save as a process of its own, as the CLI runs: Python's start-up and `import onnx` too.
+        copy = f"import onnx; onnx.save(onnx.load({str(model_path)!r}), {str(folder / 'copy.onnx')!r})"
+        io_process_seconds = sorted(run([args.python, "-c", copy], env)[0] for _ in range(3))[1]  # the median
         dsrewrite = [args.python, "-m", "dsrewrite", str(model_path), "-q"]
         budget_s, budget_rss = run([*dsrewrite, "-o", str(folder / "half.onnx"), "--target-macs", "0.5", *args.extra], env)
-        rank1_s, rank1_rss = run([*dsrewrite, "-o", str(folder / "rank1.onnx"), "--rank", "1", *args.extra], env)
+        rank1 = sorted(run([*dsrewrite, "-o", str(folder / "rank1.onnx"), "--rank", "1", "--overwrite", *args.extra], env)
+                       for _ in range(3))  # fmt: skip
+        rank1_s, rank1_rss = rank1[1]  # the median run
     mb = 2**20
-    print(f"model: VGG16 convs at {args.size}x{args.size}, {size / mb:.1f} MB; onnx.load + onnx.save {io_seconds:.2f} s")
+    print(f"model: VGG16 convs at {args.size}x{args.size}, {size / mb:.1f} MB; onnx.load + onnx.save {io_seconds:.2f} s "
+          f"in process, {io_process_seconds:.2f} s as a process of its own")  # fmt: skip
     print("| run | wall time | peak RSS | goal |")
     print("|---|---|---|---|")
     print(f"| --target-macs 0.5 (cold latency cache) | {budget_s:.1f} s | {budget_rss / mb:.0f} MB "
           f"({budget_rss / size:.1f}x the model) | <= {(2 * size + 2**30) / mb:.0f} MB |")  # fmt: skip
-    print(f"| --rank 1 | {rank1_s:.1f} s ({rank1_s / io_seconds:.1f}x load+save) | {rank1_rss / mb:.0f} MB "
-          f"| <= 3x load+save |")  # fmt: skip
+    print(f"| --rank 1 | {rank1_s:.2f} s ({rank1_s / io_seconds:.1f}x load+save in process, "
+          f"{rank1_s / io_process_seconds:.1f}x as a process) | {rank1_rss / mb:.0f} MB | <= 3x load+save |")  # fmt: skip
     return 0
 
 
