@@ -14,6 +14,7 @@ Nothing holds activations of more than one batch.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import zipfile
 from dataclasses import dataclass
@@ -64,8 +65,9 @@ class StoredArray:
 
     def __getitem__(self, index) -> np.ndarray:
         """``a[i]`` or ``a[i:j]`` (step 1) along axis 0."""
-        start, stop = (index, index + 1) if isinstance(index, int) else (index.start or 0, index.stop)
-        if isinstance(index, slice) and index.step not in (None, 1) or not 0 <= start <= stop <= self.shape[0]:
+        whole = not isinstance(index, slice)
+        start, stop = (operator.index(index), operator.index(index) + 1) if whole else (index.start or 0, index.stop)
+        if not whole and (index.step not in (None, 1) or stop is None) or not 0 <= start <= stop <= self.shape[0]:
             raise IndexError(index)
         per_sample = int(np.prod(self.shape[1:], dtype=np.int64))
         data = np.fromfile(
@@ -73,7 +75,7 @@ class StoredArray:
             offset=self.offset + start * per_sample * self.dtype.itemsize,
         )  # fmt: skip
         data = data.reshape((stop - start, *self.shape[1:]))
-        return data[0] if isinstance(index, int) else data
+        return data[0] if whole else data
 
     @classmethod
     def members(cls, path: Path) -> dict[str, "StoredArray"]:

@@ -89,6 +89,7 @@ def _calibrate(source: str, feeds: Iterable[Mapping[str, np.ndarray]] | None, ca
         source, augmented_model_path=os.path.join(tmp, "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax,
         use_external_data_format=large, providers=["CPUExecutionProvider"],
     )  # fmt: skip
+    calibrator.infer_session = None  # its own session, in the default order: gone before ours holds the weights
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibrator's own
     options.execution_order = onnxruntime.ExecutionOrder.PRIORITY_BASED
