@@ -52,7 +52,7 @@ import os
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -275,7 +275,8 @@ def _load_targets(spill: str, t: _Target, index: int) -> tuple[np.ndarray, np.nd
 
 
 # Statistics of all convs in one independent pass may not exceed this many bytes; more convs take more passes.
-CURVE_MEMORY_BUDGET = 2 * 2**30
+# At 2 GiB all of VGG16's (1.1 GB) were held at once and the pass peaked at 2.7 GB; at 512 MiB it takes three.
+CURVE_MEMORY_BUDGET = 512 * 2**20
 
 
 def calibrated_error_curves(
@@ -337,10 +338,17 @@ def calibrated_error_curves(
                         t.spec.weight, t.spec.group, t.spec.bias, stats, r, rounds=1, ridge=options.ridge, whiten=options.whiten
                     )
                 errors[r - 1] = fit.squared_error / stats.centred_energy
-                if fits is not None:
-                    fits.setdefault(t.y_name, {})[r] = (fit.factors, fit.bias)
+                if fits is not None:  # only read to probe the outputs, which run in float32: half the memory
+                    fits.setdefault(t.y_name, {})[r] = (_float32(fit.factors), _float32(fit.bias))
             t.plan.error_at_rank = errors
             t.plan.error_source = "calibration"
+
+
+def _float32(value):
+    """Factors (or a bias) in float32; None stays None."""
+    if isinstance(value, lowrank.SeparableFactors):
+        return replace(value, depthwise=value.depthwise.astype(np.float32), pointwise=value.pointwise.astype(np.float32))
+    return None if value is None else np.asarray(value, dtype=np.float32)
 
 
 def _targets(graph: gs.Graph, plans: Sequence[LayerPlan], eligible: bool = False, through: bool = False) -> list[_Target]:

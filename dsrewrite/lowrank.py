@@ -193,9 +193,10 @@ class RegressionStats:
         w = np.asarray(weight, dtype=np.float64).reshape(g, -1, features)
         s, t = self.s.copy(), self.t.copy()
         energy = self.energy
+        diagonal = np.arange(features)
         for gi in range(g):
             mu = strength * np.trace(s[gi, :-1, :-1])
-            s[gi, :-1, :-1] += mu / features * np.eye(features)
+            s[gi, diagonal, diagonal] += mu / features  # not `+= μ·eye`: two more F×F temporaries (340 MB at F = 4608)
             t[gi, :, :-1] += mu / features * w[gi]
             energy += mu / features * float(np.sum(w[gi] ** 2))
         return RegressionStats(s=s, t=t, energy=energy, centred_energy=self.centred_energy, count=self.count)
@@ -355,6 +356,9 @@ def relative_ridge(matrix_diag: np.ndarray, ridge: float) -> float:
     return ridge * mean if mean > 0 else ridge
 
 
+_BAND_BYTES = 16 * 2**20  # the working set of one band in _solve_pointwise
+
+
 def _solve_pointwise(d: np.ndarray, s: np.ndarray, t: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
     """Pointwise weights ``(Ng, Mg, r)`` and bias minimising the error for fixed depthwise ``d (Mg, r, K)``.
 
@@ -363,9 +367,15 @@ def _solve_pointwise(d: np.ndarray, s: np.ndarray, t: np.ndarray, ridge: float) 
     """
     mg, r, k = d.shape
     ng = t.shape[0]
-    xx = s[:-1, :-1].reshape(mg, k, mg, k)
     x1 = s[:-1, -1].reshape(mg, k)
-    zz = np.einsum("ajk,akbl,bil->ajbi", d, xx, d, optimize=True).reshape(mg * r, mg * r)
+    # D̄ s D̄ᵀ a band of channels at a time: contracted whole, einsum copied s (170 MB at F = 4608) and held a
+    # (Mg, r, Mg, K) intermediate besides.
+    zz = np.empty((mg, r, mg, r))
+    band = max(1, _BAND_BYTES // (8 * k * mg * max(k, r)))
+    for a in range(0, mg, band):
+        rows = s[a * k : min(a + band, mg) * k, :-1].reshape(-1, k, mg, k)  # not the bias row after them
+        zz[a : a + band] = np.einsum("ajbl,bil->ajbi", np.einsum("ajk,akbl->ajbl", d[a : a + band], rows), d)
+    zz = zz.reshape(mg * r, mg * r)
     z1 = np.einsum("ajk,ak->aj", d, x1).reshape(mg * r)
     yz = np.einsum("nak,ajk->naj", t[:, :-1].reshape(ng, mg, k), d, optimize=True).reshape(ng, mg * r)
     gram = np.empty((mg * r + 1, mg * r + 1))
@@ -373,7 +383,8 @@ def _solve_pointwise(d: np.ndarray, s: np.ndarray, t: np.ndarray, ridge: float) 
     cross = np.concatenate([yz, t[:, -1:]], axis=1)
     penalty = np.full(mg * r + 1, relative_ridge(np.diag(zz), ridge))
     penalty[-1] = 0.0  # the bias is not shrunk
-    solution = _solve_symmetric(gram + np.diag(penalty), cross.T).T
+    gram[np.diag_indices_from(gram)] += penalty  # in place: `gram + np.diag(penalty)` made two more copies
+    solution = _solve_symmetric(gram, cross.T).T
     return solution[:, :-1].reshape(ng, mg, r), solution[:, -1]
 
 
@@ -400,7 +411,7 @@ def _solve_depthwise(
     t_blocks = t[:, :-1].reshape(n, mg, k)
     # W̄ S over the patch columns, kept current with a rank-K update per channel instead of
     # one skinny product per channel (those are slow in multi-threaded BLAS).
-    ws = dense @ s[:, :-1]  # (Ng, F)
+    ws = (dense @ s)[:, :-1]  # (Ng, F); `dense @ s[:, :-1]` would copy the non-contiguous view of s first
     for m in range(mg):
         block = slice(m * k, (m + 1) * k)
         rhs = t_blocks[:, m, :] - ws[:, block] + dense[:, block] @ s_mm[m]

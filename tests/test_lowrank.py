@@ -51,3 +51,31 @@ def test_errors_decrease_with_rank_and_zero_weights_are_harmless():
     zero = lowrank.channel_spectra(np.zeros((4, 2, 3, 3)))
     assert lowrank.relative_errors(zero).max() == 0.0
     np.testing.assert_array_equal(lowrank.reconstruct(lowrank.factorize(zero, 1)), 0.0)
+
+
+@pytest.mark.parametrize("band_bytes", [1, 2000, 16 * 2**20])
+def test_the_pointwise_solve_is_the_normal_equations_whatever_the_band(monkeypatch, band_bytes):
+    """The pointwise solve builds D̄ s D̄ᵀ a band of channels at a time (memory); any banding gives the
+    solution of the whole normal equations."""
+    from dsrewrite.calibration import RegressionAccumulator
+
+    rng = np.random.default_rng(3)
+    m, n, k, r = 7, 5, 4, 2
+    accumulator = RegressionAccumulator(m, n, k, 1)
+    accumulator.add(rng.standard_normal((m, k, 400)), rng.standard_normal((n, 400)))
+    stats = accumulator.finish()
+    s, t = stats.s[0], stats.t[0]
+    d = rng.standard_normal((m, r, k))
+    monkeypatch.setattr(lowrank, "_BAND_BYTES", band_bytes)
+    p, b = lowrank._solve_pointwise(d, s, t, 1e-3)
+
+    depthwise = np.zeros((m * r + 1, m * k + 1))  # D̄: block-diagonal filters, and the constant 1
+    for c in range(m):
+        depthwise[c * r : (c + 1) * r, c * k : (c + 1) * k] = d[c]
+    depthwise[-1, -1] = 1.0
+    gram, cross = depthwise @ s @ depthwise.T, t @ depthwise.T
+    penalty = np.full(m * r + 1, lowrank.relative_ridge(np.diag(gram)[:-1], 1e-3))
+    penalty[-1] = 0.0
+    expected = np.linalg.solve(gram + np.diag(penalty), cross.T).T
+    np.testing.assert_allclose(p, expected[:, :-1].reshape(n, m, r), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(b, expected[:, -1], rtol=1e-9, atol=1e-12)
