@@ -374,7 +374,8 @@ def _solve_pointwise(d: np.ndarray, s: np.ndarray, t: np.ndarray, ridge: float) 
     band = max(1, _BAND_BYTES // (8 * k * mg * max(k, r)))
     for a in range(0, mg, band):
         rows = s[a * k : min(a + band, mg) * k, :-1].reshape(-1, k, mg, k)  # not the bias row after them
-        zz[a : a + band] = np.einsum("ajbl,bil->ajbi", np.einsum("ajk,akbl->ajbl", d[a : a + band], rows), d)
+        left = np.einsum("ajk,akbl->ajbl", d[a : a + band], rows, optimize=True)
+        zz[a : a + band] = np.einsum("ajbl,bil->ajbi", left, d, optimize=True)
     zz = zz.reshape(mg * r, mg * r)
     z1 = np.einsum("ajk,ak->aj", d, x1).reshape(mg * r)
     yz = np.einsum("nak,ajk->naj", t[:, :-1].reshape(ng, mg, k), d, optimize=True).reshape(ng, mg * r)
