@@ -76,6 +76,7 @@ from .calibration import (
 from .cost import separable_cost
 from .following_depthwise import FollowingDepthwise, match_following_depthwise
 from .graph import ConvSpec, convs_by_output, with_dense_kernels
+from .heap import release_free_memory
 from .plan import THROUGH_FIT_NOTE, LayerPlan
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,8 @@ def distill(
                     "%s: output NMSE %.4g fitted vs %.4g data-free (%.2fs)",
                     t.plan.node, fitted[t.y_name].output_error, fitted[t.y_name].output_error_data_free, t.seconds,
                 )  # fmt: skip
+            values = None  # the last batch's captured activations
+            release_free_memory()
             if w != waves[-1]:
                 current = _with_fitted_weights(model, targets, fitted)
     return fitted
@@ -342,6 +345,9 @@ def calibrated_error_curves(
                     fits.setdefault(t.y_name, {})[r] = (_float32(fit.factors), _float32(fit.bias))
             t.plan.error_at_rank = errors
             t.plan.error_source = "calibration"
+            stats = None  # a 512-channel 3×3 conv's is 170 MB: not held into the next chunk
+        values = None  # the last batch's captured activations
+        release_free_memory()
 
 
 def _float32(value):
