@@ -427,6 +427,10 @@ def sample_positions(count: int, rng: np.random.Generator, limit: int) -> np.nda
     return np.sort(rng.choice(count, size=limit, replace=False))
 
 
+# Above this size the second moments are updated a band of rows at a time (the product's temporary is one band).
+ADD_BAND_BYTES = 16 * 2**20
+
+
 class RegressionAccumulator:
     """Streams ``Σ x̄ x̄ᵀ``, ``Σ y x̄ᵀ``, ``Σ ‖y‖²`` and ``Σ y`` of one conv (see ``lowrank.RegressionStats``).
 
@@ -450,7 +454,13 @@ class RegressionAccumulator:
         x[:, :-1, :] = patches.reshape(g, self.features, positions)
         y = y.astype(np.float64)
         xt = x.transpose(0, 2, 1)
-        self.s += x @ xt  # batched matmul: BLAS, unlike einsum
+        if self.s.nbytes <= ADD_BAND_BYTES:
+            self.s += x @ xt  # batched matmul: BLAS, unlike einsum
+        else:  # `s += x xᵀ` would first make all of x xᵀ: 170 MB more for a 512-channel 3×3 conv
+            band = max(1, ADD_BAND_BYTES // (8 * (self.features + 1)))
+            for gi in range(g):
+                for a in range(0, self.features + 1, band):
+                    self.s[gi, a : a + band] += x[gi, a : a + band] @ xt[gi]
         self.t += y.reshape(g, -1, positions) @ xt
         self.energy += float(np.vdot(y, y))
         self.y_sum += y.sum(axis=1)
