@@ -370,17 +370,19 @@ def _solve_pointwise(d: np.ndarray, s: np.ndarray, t: np.ndarray, ridge: float) 
     x1 = s[:-1, -1].reshape(mg, k)
     # D̄ s D̄ᵀ a band of channels at a time: contracted whole, einsum copied s (170 MB at F = 4608) and held a
     # (Mg, r, Mg, K) intermediate besides.
-    zz = np.empty((mg, r, mg, r))
+    # Written straight into the Gram matrix (at rank 8 of a 512-channel conv it is 134 MB; a separate D̄ s D̄ᵀ
+    # would be as large again).
+    gram = np.empty((mg * r + 1, mg * r + 1))
+    zz = gram[:-1, :-1]
+    blocks = zz.reshape(mg, r, mg, r)  # a view: splitting axes keeps the strides
     band = max(1, _BAND_BYTES // (8 * k * mg * max(k, r)))
     for a in range(0, mg, band):
         rows = s[a * k : min(a + band, mg) * k, :-1].reshape(-1, k, mg, k)  # not the bias row after them
         left = np.einsum("ajk,akbl->ajbl", d[a : a + band], rows, optimize=True)
-        zz[a : a + band] = np.einsum("ajbl,bil->ajbi", left, d, optimize=True)
-    zz = zz.reshape(mg * r, mg * r)
+        blocks[a : a + band] = np.einsum("ajbl,bil->ajbi", left, d, optimize=True)
     z1 = np.einsum("ajk,ak->aj", d, x1).reshape(mg * r)
     yz = np.einsum("nak,ajk->naj", t[:, :-1].reshape(ng, mg, k), d, optimize=True).reshape(ng, mg * r)
-    gram = np.empty((mg * r + 1, mg * r + 1))
-    gram[:-1, :-1], gram[:-1, -1], gram[-1, :-1], gram[-1, -1] = zz, z1, z1, s[-1, -1]
+    gram[:-1, -1], gram[-1, :-1], gram[-1, -1] = z1, z1, s[-1, -1]
     cross = np.concatenate([yz, t[:, -1:]], axis=1)
     penalty = np.full(mg * r + 1, relative_ridge(np.diag(zz), ridge))
     penalty[-1] = 0.0  # the bias is not shrunk
