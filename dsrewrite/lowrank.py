@@ -368,10 +368,9 @@ def _solve_pointwise(d: np.ndarray, s: np.ndarray, t: np.ndarray, ridge: float) 
     mg, r, k = d.shape
     ng = t.shape[0]
     x1 = s[:-1, -1].reshape(mg, k)
-    # D̄ s D̄ᵀ a band of channels at a time: contracted whole, einsum copied s (170 MB at F = 4608) and held a
-    # (Mg, r, Mg, K) intermediate besides.
-    # Written straight into the Gram matrix (at rank 8 of a 512-channel conv it is 134 MB; a separate D̄ s D̄ᵀ
-    # would be as large again).
+    # D̄ s D̄ᵀ a band of channels at a time, straight into the Gram matrix: contracted whole, einsum copied s
+    # (170 MB at F = 4608) and held a (Mg, r, Mg, K) intermediate, and a separate D̄ s D̄ᵀ is as large as the Gram
+    # matrix itself (134 MB at rank 8 of a 512-channel conv).
     gram = np.empty((mg * r + 1, mg * r + 1))
     zz = gram[:-1, :-1]
     blocks = zz.reshape(mg, r, mg, r)  # a view: splitting axes keeps the strides
