@@ -50,12 +50,23 @@ def test_full_rank_is_exact(config):
         assert layer.status == "skipped"
     else:
         assert layer.status == "rewritten", layer.reason
-    x = random_input((config["batch"], config["in_channels"], *config["spatial"]), seed=config["seed"])
-    (expected,) = run(model, {"x": x})
+    x, expected = _reference(model, config)
     (actual,) = run(result.model, {"x": x})
     assert actual.shape == expected.shape
+    _assert_reproduces(actual, expected)
+
+
+def _reference(model, config):
+    """A seeded input for ``config`` and the original model's output on it."""
+    x = random_input((config["batch"], config["in_channels"], *config["spatial"]), seed=config["seed"])
+    (expected,) = run(model, {"x": x})
+    return x, expected
+
+
+def _assert_reproduces(actual, expected, **kw):
+    """The full-rank oracle's tolerance: relative to the output's scale."""
     scale = max(1.0, float(np.abs(expected).max()))
-    np.testing.assert_allclose(actual, expected, atol=2e-5 * scale, rtol=1e-4)
+    np.testing.assert_allclose(actual, expected, atol=2e-5 * scale, rtol=1e-4, **kw)
 
 
 @settings(max_examples=40, deadline=None)
@@ -96,9 +107,7 @@ def test_every_emission_form_at_full_rank_is_exact(config):
     (layer,) = full.report.layers
     if layer.status != "rewritten":
         return
-    x = random_input((config["batch"], config["in_channels"], *config["spatial"]), seed=config["seed"])
-    (expected,) = run(model, {"x": x})
-    scale = max(1.0, float(np.abs(expected).max()))
+    x, expected = _reference(model, config)
     for form in valid_forms(layer.rank, config["group"]):
         plan = {"schema": "dsrewrite.plan/1", "model": {"input": "<ModelProto>"}, "layers": [
             {"output": layer.output, "node": layer.node, "status": "rewritten", "rank": layer.rank, "form": form, "reason": None}
@@ -110,4 +119,4 @@ def test_every_emission_form_at_full_rank_is_exact(config):
             result = dsrewrite.rewrite(model, plan=path, verify=False, benchmark=False)
         assert result.report.layers[0].form == form
         (actual,) = run(result.model, {"x": x})
-        np.testing.assert_allclose(actual, expected, atol=2e-5 * scale, rtol=1e-4, err_msg=form)
+        _assert_reproduces(actual, expected, err_msg=form)
