@@ -158,8 +158,6 @@ class CalibrationSet:
                 if all(isinstance(a, StoredArray) for a in arrays.values()):
                     self._stored = (path, arrays)
                     self._count = sum(1 for _ in self._split_npz(path, arrays))  # validates every sample once
-                    if not self._count:
-                        raise InputError("calibration data holds no samples")
                 else:
                     self._feeds = list(self._split_npz(path, arrays))
             else:
@@ -170,7 +168,7 @@ class CalibrationSet:
             except TypeError:
                 raise UsageError("calibration must be a path or an iterable of {input name: array} dicts") from None
             self._feeds = [self._validated(dict(f), f"feed {i}") for i, f in enumerate(feeds[:limit] if limit else feeds)]
-        if self._feeds is not None and not self._feeds:
+        if self._files is None and not len(self):
             raise InputError("calibration data holds no samples")
         # A directory is validated eagerly too: a bad file must fail before any fitting.
         if self._files is not None:
