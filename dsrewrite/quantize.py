@@ -47,13 +47,14 @@ def quantize_int8(
     onnxruntime.set_default_logger_severity(3)
 
     from .model_io import save_model  # noqa: PLC0415
+    from .model_io.protos import serialized_size  # noqa: PLC0415
 
     model = with_min_opset(model, MIN_OPSET)
     with tempfile.TemporaryDirectory(prefix="dsrewrite-int8-") as tmp, _quiet_root_logger():
         # Handed a path, not the ModelProto: given a proto, quantize_static moves its tensors to external data in place.
         source, path = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
         save_model(model, source)
-        large = model.ByteSize() > 1_800_000_000  # protobuf's 2 GiB limit, with room for the QDQ nodes
+        large = serialized_size(model) > 1_800_000_000  # protobuf's 2 GiB limit, with room for the QDQ nodes
         cache = calibration_cache or os.path.join(tmp, "ranges.json")
         if not os.path.isfile(cache):
             _calibrate(source, feeds, cache, large, tmp)
