@@ -255,8 +255,9 @@ def fit_activated(
         towards_z = RegressionStats(
             s=stats.s, t=stats.t + scale_up * correction, energy=stats.energy,
             centred_energy=stats.centred_energy, count=stats.count,
-        ).with_kernel_prior(weight)  # fmt: skip
-        factors, bias = refine_separable(factors, towards_z, rounds=rounds, ridge=ridge)
+        )  # fmt: skip
+        with towards_z.kernel_prior(weight) as prior:  # raises stats.s's diagonal until the solve is done
+            factors, bias = refine_separable(factors, prior, rounds=rounds, ridge=ridge)
         error = activated_error(act, dense_weights(factors, bias), x, target)
         if error < best:
             best_factors, best_bias, best, used = factors, bias, error, i

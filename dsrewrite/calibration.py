@@ -410,7 +410,7 @@ def positions_per_feed(features: int, groups: int, feeds: int = REFERENCE_FEEDS)
     diverse positions at the same accumulation time and memory. With 64 feeds
     even the widest layers see ``16·F`` positions or more for ``F ≤ 1024``;
     where positions are still scarce the kernel prior of the fit
-    (``RegressionStats.with_kernel_prior``) takes over. May be fractional: the
+    (``RegressionStats.kernel_prior``) takes over. May be fractional: the
     caller rounds per batch of feeds.
     """
     budget = 2.5e8 / (groups * (features + 1) ** 2)

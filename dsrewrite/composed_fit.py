@@ -27,6 +27,7 @@ Group 1 only; the caller keeps the plain fit for grouped convs and for problems 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -158,30 +159,31 @@ def fit_through(
     gain, offset = np.asarray(gain, dtype=np.float64), np.asarray(offset, dtype=np.float64)
     flat = weight.reshape(n, m, k)
     composed_original = np.einsum("ouk,ock->ocu", operator, flat).reshape(n, m * taps)
-    measured = stats
-    stats = stats.with_kernel_prior(composed_original)
-    s, t = stats.s[0], stats.t[0]
-    # A conv bias whose effect on t is negligible (a filter summing to ~0) is left at its original value.
-    free_bias = np.abs(gain) > 1e-6 * max(float(np.abs(operator).sum(axis=(1, 2)).max()), 1e-30)
+    # The loop measures each round's error on the data alone, so the prior goes on a copy of s; composed
+    # fits are small (composed_cost bounds them).
+    with replace(stats, s=stats.s.copy()).kernel_prior(composed_original) as prior:
+        s, t = prior.s[0], prior.t[0]
+        # A conv bias whose effect on t is negligible (a filter summing to ~0) is left at its original value.
+        free_bias = np.abs(gain) > 1e-6 * max(float(np.abs(operator).sum(axis=(1, 2)).max()), 1e-30)
 
-    start = factorize(channel_spectra(weight), r)
-    d = start.depthwise  # (M, r, K)
-    p = start.pointwise  # (N, M, r)
-    b = original_bias.copy()
-    data_free = regression_error(composed_weights(d, p, b, operator, gain, offset), measured)
-    best = (data_free, d, p, b)  # the ridge can cost more than a round gains (an exact start at full rank)
-    error = data_free
-    for _ in range(max(1, rounds)):
-        p, b = _solve_pointwise(d, s, t, operator, gain, offset, b, free_bias, ridge)
-        d = _solve_depthwise(p, b, s, t, operator, gain, offset, ridge)
-        p, b = _solve_pointwise(d, s, t, operator, gain, offset, b, free_bias, ridge)
-        new = regression_error(composed_weights(d, p, b, operator, gain, offset), measured)
-        if new < best[0]:
-            best = (new, d, p, b)
-        converged = error - new <= TOLERANCE * max(error, 1e-30)
-        error = new
-        if converged:
-            break
+        start = factorize(channel_spectra(weight), r)
+        d = start.depthwise  # (M, r, K)
+        p = start.pointwise  # (N, M, r)
+        b = original_bias.copy()
+        data_free = regression_error(composed_weights(d, p, b, operator, gain, offset), stats)
+        best = (data_free, d, p, b)  # the ridge can cost more than a round gains (an exact start at full rank)
+        error = data_free
+        for _ in range(max(1, rounds)):
+            p, b = _solve_pointwise(d, s, t, operator, gain, offset, b, free_bias, ridge)
+            d = _solve_depthwise(p, b, s, t, operator, gain, offset, ridge)
+            p, b = _solve_pointwise(d, s, t, operator, gain, offset, b, free_bias, ridge)
+            new = regression_error(composed_weights(d, p, b, operator, gain, offset), stats)
+            if new < best[0]:
+                best = (new, d, p, b)
+            converged = error - new <= TOLERANCE * max(error, 1e-30)
+            error = new
+            if converged:
+                break
     error, d, p, b = best
     factors = SeparableFactors(depthwise=d, pointwise=p, groups=1, kernel_shape=kernel_shape)
     return FittedFactors(factors=factors, bias=b, squared_error=error, data_free_error=data_free)

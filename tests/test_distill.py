@@ -39,6 +39,28 @@ def test_full_rank_fit_is_exact(groups):
     np.testing.assert_allclose(fit.bias, bias, atol=1e-3)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_kernel_prior_adds_white_pseudo_samples_in_place_and_restores_the_statistics(groups):
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((6, 4 // groups, 3, 3))
+    stats = correlated_stats(weight, groups, rng.standard_normal(6))
+    s_before, t_before = stats.s.copy(), stats.t.copy()
+    features = stats.s.shape[1] - 1
+    with stats.kernel_prior(weight, strength=0.5) as prior:
+        assert prior.s is stats.s  # no copy of the large matrix
+        for gi in range(groups):
+            mu = 0.5 * np.trace(s_before[gi, :-1, :-1]) / features  # per pseudo-sample direction
+            expected = s_before[gi].copy()
+            expected[:-1, :-1] += mu * np.eye(features)
+            np.testing.assert_allclose(prior.s[gi], expected, rtol=1e-14)
+            w = weight.reshape(groups, -1, features)[gi]
+            np.testing.assert_allclose(prior.t[gi, :, :-1], t_before[gi, :, :-1] + mu * w, rtol=1e-14)
+    assert np.array_equal(stats.s, s_before) and np.array_equal(stats.t, t_before)
+    with pytest.raises(RuntimeError), stats.kernel_prior(weight):
+        raise RuntimeError
+    assert np.array_equal(stats.s, s_before)
+
+
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_fitting_beats_the_data_free_factors_and_more_rounds_never_hurt(rank):
     rng = np.random.default_rng(2)
