@@ -278,8 +278,9 @@ def _load_targets(spill: str, t: _Target, index: int) -> tuple[np.ndarray, np.nd
 
 
 # Statistics of all convs in one independent pass may not exceed this many bytes; more convs take more passes.
-# At 2 GiB all of VGG16's (1.1 GB) were held at once and the pass peaked at 2.7 GB; at 512 MiB it takes three.
-CURVE_MEMORY_BUDGET = 512 * 2**20
+# At 2 GiB all of VGG16's (1.1 GB) were held at once and the pass peaked at 2.7 GB; at 256 MiB each of its five
+# 512-channel convs (170 MB each) takes a pass of its own, six in all, and the pass peaks under 1.2 GB.
+CURVE_MEMORY_BUDGET = 256 * 2**20
 
 
 def calibrated_error_curves(

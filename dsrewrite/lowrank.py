@@ -264,10 +264,6 @@ def fit_separable(
     original_bias = np.zeros(n) if bias is None else np.asarray(bias, dtype=np.float64)
     per_group = weight.reshape(groups, ng, mg, k)
 
-    data_free = factorize(channel_spectra(weight, groups), r)
-    dense_free = reconstruct(data_free).reshape(groups, ng, mg * k)
-    free_weights = np.concatenate([dense_free, original_bias.reshape(groups, ng, 1)], axis=2)
-
     with stats.kernel_prior(weight) as prior:
         depthwise, pointwise, biases = [], [], []
         for gi in range(groups):
@@ -299,6 +295,9 @@ def fit_separable(
     dense = reconstruct(factors).reshape(groups, ng, mg * k)
     fitted_weights = np.concatenate([dense, fitted_bias.reshape(groups, ng, 1)], axis=2)
     squared_error = regression_error(fitted_weights, stats)
+    data_free = factorize(channel_spectra(weight, groups), r)  # here, not before the fit: its arrays are not held there
+    dense_free = reconstruct(data_free).reshape(groups, ng, mg * k)
+    free_weights = np.concatenate([dense_free, original_bias.reshape(groups, ng, 1)], axis=2)
     data_free_error = regression_error(free_weights, stats)
     if data_free_error < squared_error:
         # The ridge can cost more than the fit gains: at full rank the SVD is exact and stays so.
@@ -373,6 +372,20 @@ def _solve_pointwise(d: np.ndarray, s: np.ndarray, t: np.ndarray, ridge: float) 
     The depthwise outputs ``z̄ = [D x; 1]`` have moments ``D̄ s D̄ᵀ`` and ``t D̄ᵀ``
     (``D̄`` block diagonal), so no data is needed here.
     """
+    mg, r, _k = d.shape
+    ng = t.shape[0]
+    gram, cross = _pointwise_normal_equations(d, s, t, ridge)
+    try:
+        # In place: LAPACK's solve copies the Gram matrix (134 MB at rank 8 of a 512-channel conv) and pivots.
+        solution = _cholesky_solve_in_place(gram, cross.T).T
+    except np.linalg.LinAlgError:  # not numerically positive definite: the factorisation overwrote it
+        gram, cross = _pointwise_normal_equations(d, s, t, ridge)
+        solution = _solve_symmetric(gram, cross.T).T
+    return solution[:, :-1].reshape(ng, mg, r), solution[:, -1]
+
+
+def _pointwise_normal_equations(d: np.ndarray, s: np.ndarray, t: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """The Gram matrix ``D̄ s D̄ᵀ`` (ridge on all but the bias) and the cross moments ``(Ng, Mg·r+1)`` of the pointwise solve."""
     mg, r, k = d.shape
     ng = t.shape[0]
     x1 = s[:-1, -1].reshape(mg, k)
@@ -394,8 +407,45 @@ def _solve_pointwise(d: np.ndarray, s: np.ndarray, t: np.ndarray, ridge: float) 
     penalty = np.full(mg * r + 1, relative_ridge(np.diag(zz), ridge))
     penalty[-1] = 0.0  # the bias is not shrunk
     gram[np.diag_indices_from(gram)] += penalty  # in place: `gram + np.diag(penalty)` made two more copies
-    solution = _solve_symmetric(gram, cross.T).T
-    return solution[:, :-1].reshape(ng, mg, r), solution[:, -1]
+    return gram, cross
+
+
+_CHOLESKY_BLOCK = 256
+
+
+def _cholesky_solve_in_place(a: np.ndarray, b: np.ndarray, block: int = _CHOLESKY_BLOCK) -> np.ndarray:
+    """Solve ``a x = b`` for symmetric positive definite ``a (n, n)``, overwriting ``a`` with its Cholesky factor.
+
+    Blocked, right-looking: each diagonal block is factorised by LAPACK, the panel below it solved against
+    that block's inverse, and the trailing matrix updated a band of rows at a time, so no temporary exceeds
+    ``_BAND_BYTES`` or one panel. Only the lower triangle of ``a`` is read. Raises ``LinAlgError`` when ``a`` is
+    not numerically positive definite (``a`` is then partly overwritten).
+    """
+    n = a.shape[0]
+    band = max(block, _BAND_BYTES // (8 * max(n, 1)))
+    inverses = []  # each diagonal block's L⁻¹, for the two triangular solves
+    for j0 in range(0, n, block):
+        j1 = min(j0 + block, n)
+        factor = np.linalg.cholesky(a[j0:j1, j0:j1])
+        inverse = np.linalg.inv(factor)
+        a[j0:j1, j0:j1] = factor
+        inverses.append(inverse)
+        if j1 == n:
+            break
+        panel = a[j1:, j0:j1]
+        panel[...] = panel @ inverse.T  # L21 = A21 L11⁻ᵀ
+        for r0 in range(j1, n, band):  # A22 −= L21 L21ᵀ, on and below the diagonal
+            r1 = min(r0 + band, n)
+            a[r0:r1, j1:r1] -= panel[r0 - j1 : r1 - j1] @ panel[: r1 - j1].T
+    x = np.array(b, dtype=np.float64, copy=True)
+    for index, j0 in enumerate(range(0, n, block)):  # L y = b
+        j1 = min(j0 + block, n)
+        x[j0:j1] = inverses[index] @ (x[j0:j1] - a[j0:j1, :j0] @ x[:j0])
+    for index in reversed(range(len(inverses))):  # Lᵀ x = y
+        j0 = index * block
+        j1 = min(j0 + block, n)
+        x[j0:j1] = inverses[index].T @ (x[j0:j1] - a[j1:, j0:j1].T @ x[j1:])
+    return x
 
 
 def _solve_depthwise(
