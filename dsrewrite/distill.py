@@ -53,7 +53,7 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, MutableMapping, Sequence
 
 import numpy as np
 import onnx
@@ -289,11 +289,12 @@ def calibrated_error_curves(
     calibration: CalibrationSet,
     options: DistillOptions = DistillOptions(),
     progress: Progress | None = None,
-    fits: dict | None = None,
+    fits: MutableMapping | None = None,
 ) -> None:
     """Replace each eligible main-graph conv's ``error_at_rank`` by errors measured on calibration data.
 
-    ``fits``, when given, collects every fit: ``fits[output][rank] = (factors, bias)``.
+    ``fits``, when given, collects every fit: ``fits[output][rank] = (factors, bias)`` (a dict, or a
+    ``FitStore`` that keeps them in files).
 
     Every conv is fitted on the original model's inputs (independent), at
     every rank that saves MACs, with one alternating round: an estimate of

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 from . import latency
 from .cores import available_cores
 from .decide import ERROR_CURVES, MODEL_TIME, RANK_LADDERS
+from .fit_store import FitStore
 from .graph import constant_value, find_conv
 from .plan import Decision, Decisions, LayerPlan, valid_forms
 from .quantize import quantize_int8, timing_label
@@ -73,7 +74,7 @@ class OutputLevel:
     """The output probe and the fitted factors of every eligible conv at every candidate rank."""
 
     probe: object  # output_effect.OutputProbe
-    fits: dict  # conv output -> rank -> (factors, bias)
+    fits: Mapping  # conv output -> rank -> (factors, bias), e.g. a FitStore
 
     def remeasure(self, plans: Sequence[LayerPlan], ranks: dict[str, int | None]) -> list[LayerPlan]:
         return self.probe.remeasure(plans, ranks, self.fits)
@@ -154,7 +155,7 @@ def measure_error_curves(ctx: "RewriteContext", plans: Sequence[LayerPlan]) -> "
         ctx.calibration is not None and decompose.target_macs is not None and decompose.evaluate is None
         and decompose.allocate_by == "output"
     )  # fmt: skip
-    fits: dict | None = {} if output_level else None
+    fits = FitStore() if output_level else None  # in files until the probe reads them: 220 MB for VGG16
     outputs = None
     if ctx.calibration is not None:
         calibrated_error_curves(

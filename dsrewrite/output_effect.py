@@ -50,6 +50,7 @@ import onnx_graphsurgeon as gs
 
 from . import lowrank
 from .calibration import batch_groups
+from .fit_store import Fit
 from .graph import NameAllocator, constant_value, convs_by_output, export_model
 from .plan import LayerPlan
 
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 Feed = dict[str, np.ndarray]
 # (factors, bias) of one conv at one rank, as fitted to calibration data.
-Fit = tuple[lowrank.SeparableFactors, np.ndarray]
 
 # Calibration feeds the outputs are compared on: enough to average over inputs, few enough that each
 # candidate is one cheap run.

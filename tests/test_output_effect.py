@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -218,3 +219,27 @@ def test_probe_batches_hold_about_batch_bytes_of_inputs(monkeypatch):
     monkeypatch.setattr(calibration, "BATCH_BYTES", 2 * small[0]["x"].nbytes)
     assert [b["x"].shape[0] for b in _batched(small, True)] == [2, 2, 2]
     assert len(_batched(small, False)) == 6
+
+
+def test_fit_store_keeps_fits_in_files_as_float32_and_removes_them_when_closed():
+    from dsrewrite.fit_store import FitStore
+
+    rng = np.random.default_rng(0)
+    store = FitStore()
+    fits = {}
+    for output, groups in (("a", 1), ("b", 2)):
+        for rank in (1, 2):
+            factors = lowrank.SeparableFactors(rng.standard_normal((4, rank, 9)), rng.standard_normal((6, 4 // groups, rank)), groups, (3, 3))
+            bias = rng.standard_normal(6) if output == "a" else None
+            store.setdefault(output, {})[rank] = fits.setdefault(output, {})[rank] = (factors, bias)
+    assert sorted(store) == ["a", "b"] and sorted(store["a"]) == [1, 2] and store.get("c") is None
+    for output in fits:
+        for rank, (factors, bias) in fits[output].items():
+            got, got_bias = store[output][rank]
+            assert got.depthwise.dtype == np.float32 and (got.groups, got.kernel_shape) == (factors.groups, (3, 3))
+            np.testing.assert_array_equal(got.pointwise, factors.pointwise.astype(np.float32))
+            assert (got_bias is None) == (bias is None)
+    folder = store._folder.name
+    assert len(os.listdir(folder)) == 4
+    store.close()
+    assert not os.path.exists(folder)
