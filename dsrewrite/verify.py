@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from .cores import available_cores
 from .errors import InputError, UsageError
+from .heap import release_free_memory
 from .model_io import onnxruntime_source
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,21 @@ def verify(
     inputs_label: str = "random",
 ) -> VerificationResult:
     """Compare the two models on ``feeds``. Raises InputError if the original itself cannot run."""
+    try:
+        return _run_and_compare(original, rewritten, feeds, atol=atol, rtol=rtol, inputs_label=inputs_label)
+    finally:
+        release_free_memory()  # the two sessions are gone: their arenas would stay in the heap
+
+
+def _run_and_compare(
+    original: onnx.ModelProto,
+    rewritten: onnx.ModelProto,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    atol: float | None,
+    rtol: float | None,
+    inputs_label: str = "random",
+) -> VerificationResult:
     result = VerificationResult(ran=True, passed=None, atol=atol, rtol=rtol, inputs=inputs_label)
     threads = available_cores()  # not a timing: every core shortens the two models' runs
     try:

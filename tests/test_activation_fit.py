@@ -236,6 +236,10 @@ def test_row_sample_keeps_a_uniform_sample_within_its_capacity():
     assert 7000 < sample.x.mean() < 13000  # drawn from every batch, not the first ones
     assert sample.nbytes == 500 * 2 * 4
     assert RowSample.rows_within(64, 64, 9, 2**20, 10**6) == 2**20 // (4 * (64 * 9 + 64))
+    # Exactly the positions with the 500 smallest keys (the same generator draws them batch by batch).
+    replay = np.random.default_rng(0)
+    keys = np.concatenate([replay.random(min(3000, 20000 - start)) for start in range(0, 20000, 3000)])
+    assert set(sample.x[:, 0].astype(int)) == set(np.argsort(keys)[:500])
 
 
 def test_the_wave_memory_cap_bounds_the_sample_or_skips_with_a_reason(monkeypatch, tmp_path):
