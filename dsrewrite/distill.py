@@ -343,6 +343,7 @@ def calibrated_error_curves(
                         t.spec.weight, t.spec.group, t.spec.bias, stats, r, rounds=1, ridge=options.ridge, whiten=options.whiten
                     )
                 errors[r - 1] = fit.squared_error / stats.centred_energy
+                release_free_memory()  # the fit's freed temporaries: 0.27 GB of heap by VGG16's fourth conv otherwise
                 if fits is not None:  # only read to probe the outputs, which run in float32: half the memory
                     fits.setdefault(t.y_name, {})[r] = (_float32(fit.factors), _float32(fit.bias))
             t.plan.error_at_rank = errors

@@ -140,6 +140,43 @@ def test_capture_batches_and_falls_back_to_single_feeds():
     assert [count for _, count in capture(dynamic, ["y"], feeds, batch_size=4)] == [4, 1]
 
 
+def test_capture_runs_only_what_the_wanted_tensors_depend_on(monkeypatch):
+    from onnx import TensorProto, helper
+
+    from dsrewrite import calibration
+
+    rng = np.random.default_rng(0)
+    weights = {name: rng.standard_normal((4, 4, 3, 3)).astype(np.float32) for name in ("Wa", "Wb", "Wc")}
+    branch = helper.make_graph(
+        [helper.make_node("Relu", ["a"], ["inner"])], "then", [], [helper.make_tensor_value_info("inner", TensorProto.FLOAT, None)]
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "Wa"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "Wb"], ["b"], pads=[1, 1, 1, 1]),
+        helper.make_node("If", ["flag"], ["c"], then_branch=branch, else_branch=branch),  # reads 'a' from outside
+        helper.make_node("Conv", ["x", "Wc"], ["unused"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6]),
+         helper.make_tensor_value_info("Wc", TensorProto.FLOAT, [4, 4, 3, 3])],  # a weight listed as an input too
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("b", "c", "unused")],
+        initializer=[numpy_helper.from_array(w, name) for name, w in weights.items()]
+        + [numpy_helper.from_array(np.array(True), "flag")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    seen, real_session = [], calibration.session
+    monkeypatch.setattr(calibration, "session", lambda probe, **kw: seen.append(probe) or real_session(probe, **kw))
+    feed = {"x": random_input((1, 4, 6, 6))}
+    ((values, _),) = capture(model, ["c", "x"], [feed])
+    (probe,) = seen
+    assert [n.op_type for n in probe.graph.node] == ["Conv", "If"]
+    assert {i.name for i in probe.graph.initializer} == {"Wa", "flag"} and [i.name for i in probe.graph.input] == ["x"]
+    np.testing.assert_allclose(values["c"], run(model, feed)[1], rtol=1e-6)
+    assert len(model.graph.node) == 4  # the caller's model is untouched
+
+
 @settings(max_examples=30, deadline=None)
 @given(geometries(), st.integers(1, 2), st.integers(0, 2**16))
 def test_sampled_patches_are_the_same_columns(geometry_and_spatial, batch, seed):
