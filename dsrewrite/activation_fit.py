@@ -184,6 +184,7 @@ def predict(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Outputs ``(P, N)`` of per-group dense weights ``W̄ (g, N/g, F+1)`` on patch rows ``x (P, g·F)``."""
     g, _ng, f1 = weights.shape
     f = f1 - 1
+    x = _single(x)
     parts = []
     for gi in range(g):
         w = weights[gi].astype(x.dtype)
@@ -193,8 +194,30 @@ def predict(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def activated_error(act: Activation, weights: np.ndarray, x: np.ndarray, target: np.ndarray) -> float:
     """``Σ (g(ŷ) − g(y))²`` on the sample, ``target = g(y)``."""
-    diff = activate(act, predict(weights, x).astype(np.float64)) - target
-    return float(np.vdot(diff, diff))
+    total = 0.0
+    for rows in row_bands(len(x), target.shape[-1]):
+        diff = activate(act, predict(weights, x[rows]).astype(np.float64)) - target[rows]
+        total += float(np.vdot(diff, diff))
+    return total
+
+
+def _single(x: np.ndarray) -> np.ndarray:
+    """float16 rows (a ``RowSample``'s patches) as float32: numpy has no fast float16 matrix product."""
+    return x.astype(np.float32) if x.dtype == np.float16 else x
+
+
+_BAND_BYTES = 8 * 2**20  # one float64 (rows, N) array of a row band
+
+
+def row_bands(rows: int, columns: int) -> list[slice]:
+    """Row ranges whose ``(rows, columns)`` float64 arrays take about ``_BAND_BYTES`` each.
+
+    Everything per sample row is elementwise or a sum over rows, so a band at a time gives the same result
+    while the z-step's temporaries (half a dozen of them) stay small: whole, a 512-channel conv's 13k-row
+    sample made each 54 MB.
+    """
+    step = max(1, _BAND_BYTES // (8 * max(columns, 1)))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 @dataclass(frozen=True)
@@ -232,11 +255,14 @@ def fit_activated(
     original outputs. Errors are normalised by the centred energy of ``g(y)`` on the sample.
     """
     x = np.asarray(x)
-    y64 = np.asarray(y, dtype=np.float64)
-    target = activate(act, y64)
-    norm = float(np.sum((target - target.mean(axis=0)) ** 2)) or 1.0
     g, ng, f1 = stats.t.shape
     rows = x.shape[0]
+    bands = row_bands(rows, g * ng)
+    target = np.empty(y.shape)  # g(y), float64, built a band at a time
+    for band in bands:
+        target[band] = activate(act, np.asarray(y[band], dtype=np.float64))
+    mean = target.mean(axis=0)
+    norm = sum(float(np.sum((target[band] - mean) ** 2)) for band in bands) or 1.0
     scale_up = stats.count / max(rows, 1)
 
     best_factors, best_bias = factors, bias
@@ -244,14 +270,16 @@ def fit_activated(
     best, used = linear, 0
     lams = np.geomspace(lam_start, lam_end, iterations) if iterations > 1 else [lam_end]
     for i, lam in enumerate(lams[:iterations], start=1):
-        prediction = predict(dense_weights(factors, bias), x).astype(np.float64)
-        z = z_step(act, y64, prediction, float(lam))
-        moved = (z - y64).astype(x.dtype)
-        correction = np.empty_like(stats.t)
-        for gi in range(g):
-            block = moved[:, gi * ng : (gi + 1) * ng]
-            correction[gi, :, :-1] = block.T @ x[:, gi * (f1 - 1) : (gi + 1) * (f1 - 1)]
-            correction[gi, :, -1] = block.sum(axis=0)
+        weights = dense_weights(factors, bias)
+        correction = np.zeros_like(stats.t)
+        for band in bands:
+            rows_x, y64 = _single(x[band]), np.asarray(y[band], dtype=np.float64)
+            z = z_step(act, y64, predict(weights, rows_x).astype(np.float64), float(lam))
+            moved = (z - y64).astype(rows_x.dtype)
+            for gi in range(g):
+                block = moved[:, gi * ng : (gi + 1) * ng]
+                correction[gi, :, :-1] += block.T @ rows_x[:, gi * (f1 - 1) : (gi + 1) * (f1 - 1)]
+                correction[gi, :, -1] += block.sum(axis=0)
         towards_z = RegressionStats(
             s=stats.s, t=stats.t + scale_up * correction, energy=stats.energy,
             centred_energy=stats.centred_energy, count=stats.count,

@@ -229,17 +229,28 @@ def test_row_sample_keeps_a_uniform_sample_within_its_capacity():
     sample = RowSample(500, rng)
     for start in range(0, 20000, 3000):
         ids = np.arange(start, min(start + 3000, 20000), dtype=np.float64)
-        sample.add(np.broadcast_to(ids, (1, 1, len(ids))).copy(), ids[None, :] * 2)
+        sample.add(np.broadcast_to(ids / 20000, (1, 1, len(ids))).copy(), ids[None, :])
     assert sample.x.shape == (500, 1) and sample.y.shape == (500, 1)
-    np.testing.assert_array_equal(sample.y[:, 0], sample.x[:, 0] * 2)  # rows stay paired
-    assert len(np.unique(sample.x)) == 500
-    assert 7000 < sample.x.mean() < 13000  # drawn from every batch, not the first ones
-    assert sample.nbytes == 500 * 2 * 4
+    assert sample.x.dtype == np.float16  # in float16's range: half the memory
+    np.testing.assert_allclose(sample.x[:, 0], sample.y[:, 0] / 20000, rtol=1e-3)  # rows stay paired
+    assert len(np.unique(sample.y)) == 500
+    assert 7000 < sample.y.mean() < 13000  # drawn from every batch, not the first ones
+    assert sample.nbytes == 500 * (2 + 4)
     assert RowSample.rows_within(64, 64, 9, 2**20, 10**6) == 2**20 // (4 * (64 * 9 + 64))
     # Exactly the positions with the 500 smallest keys (the same generator draws them batch by batch).
     replay = np.random.default_rng(0)
     keys = np.concatenate([replay.random(min(3000, 20000 - start)) for start in range(0, 20000, 3000)])
-    assert set(sample.x[:, 0].astype(int)) == set(np.argsort(keys)[:500])
+    assert set(sample.y[:, 0].astype(int)) == set(np.argsort(keys)[:500])
+
+
+def test_row_sample_widens_to_float32_when_a_value_leaves_float16s_range():
+    sample = RowSample(10, np.random.default_rng(0))
+    sample.add(np.full((1, 1, 4), 0.5), np.arange(4.0)[None, :])
+    assert sample.x.dtype == np.float16
+    sample.add(np.full((1, 1, 4), 1e6), np.arange(4.0, 8.0)[None, :])
+    assert sample.x.dtype == np.float32
+    by_id = dict(zip(sample.y[:, 0].astype(int), sample.x[:, 0]))
+    assert [by_id[i] for i in range(8)] == [0.5] * 4 + [1e6] * 4
 
 
 def test_the_wave_memory_cap_bounds_the_sample_or_skips_with_a_reason(monkeypatch, tmp_path):
