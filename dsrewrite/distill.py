@@ -233,6 +233,10 @@ def distill(
                 done += count
                 if progress:
                     progress(f"fitting wave {w + 1}/{len(waves)}", done, len(calibration))
+            # Before the fits, which are the wave's peak: the captured batch, the partly rewritten model (rebuilt
+            # after them) and what the capture freed are not needed (VGG16: 0.19 GB).
+            values = batches = current = None
+            release_free_memory()
             for t in wave:
                 start = time.perf_counter()
                 fitted[t.y_name] = _fit(t, accumulators.pop(t.y_name).finish(), options, w, method, samples.pop(t.y_name, None))
@@ -242,7 +246,6 @@ def distill(
                     "%s: output NMSE %.4g fitted vs %.4g data-free (%.2fs)",
                     t.plan.node, fitted[t.y_name].output_error, fitted[t.y_name].output_error_data_free, t.seconds,
                 )  # fmt: skip
-            values = None  # the last batch's captured activations
             release_free_memory()
             if w != waves[-1]:
                 current = _with_fitted_weights(model, targets, fitted)
