@@ -480,6 +480,7 @@ def _fit(
     factors, bias, squared_error = result.factors, result.bias, result.squared_error
     objective, activated, activated_linear, note = "linear", None, None, t.activation_reason
     if sample is not None and sample.x is not None:
+        release_free_memory()  # the linear fit's freed temporaries (0.25 GB for a 512-channel conv) before more
         refined = fit_activated(
             t.spec.weight, factors, bias, stats, sample.x, sample.y, t.activation,
             iterations=options.activation_iterations, ridge=options.ridge,
