@@ -2,8 +2,10 @@
 
 numpy arrays below glibc's mmap threshold come from the heap, and glibc raises that threshold (up to 32 MB) each
 time it frees a larger mapped block, so after a few large arrays most medium ones (patch matrices, factors) are heap
-memory too. Freed heap memory stays with the process: after VGG16's error-curve pass, about 0.25 GB of it.
-``malloc_trim`` returns it. Without glibc this does nothing.
+memory too. Freed heap memory stays with the process: after VGG16's error-curve pass, about 0.25 GB of it; after
+each onnxruntime session of VGG16, 0.1-0.2 GB more. ``malloc_trim`` returns it (a few ms). Without glibc this does
+nothing. A fixed, low mmap threshold (``mallopt``) would return it without calls, but it made a VGG16 fit 50%
+slower (every large temporary page-faulted afresh) and would change the allocator of any process that imports us.
 """
 
 from __future__ import annotations
