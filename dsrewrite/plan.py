@@ -59,7 +59,7 @@ class ConvAnalysis:
     output_pixels: int | None  # output positions times batch; None when a dim is unknown
     has_bias: bool
     # The per-channel SVD itself (a lowrank.ChannelSpectra), kept while the analysis' memory budget allows, so
-    # emission (and every timing candidate) factorises without a second SVD.
+    # emission (and every timing candidate) factorises without a second SVD; dropped by the fit stage for the convs it fits.
     spectra: object | None = None
 
 
