@@ -79,3 +79,16 @@ def test_the_pointwise_solve_is_the_normal_equations_whatever_the_band(monkeypat
     expected = np.linalg.solve(gram + np.diag(penalty), cross.T).T
     np.testing.assert_allclose(p, expected[:, :-1].reshape(n, m, r), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(b, expected[:, -1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 256])
+def test_blocked_cholesky_solves_in_place_like_lapack(block):
+    rng = np.random.default_rng(block)
+    m = rng.standard_normal((40, 45))
+    a = m @ m.T + 1e-3 * np.eye(40)
+    b = rng.standard_normal((40, 3))
+    work = a.copy()
+    np.testing.assert_allclose(lowrank._cholesky_solve_in_place(work, b, block=block), np.linalg.solve(a, b), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(np.tril(work) @ np.tril(work).T, a, rtol=1e-10, atol=1e-10)  # a holds its factor
+    with pytest.raises(np.linalg.LinAlgError):  # not positive definite: the caller falls back to a general solve
+        lowrank._cholesky_solve_in_place(-a.copy(), b, block=block)
