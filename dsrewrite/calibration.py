@@ -29,6 +29,7 @@ from .errors import InputError, UsageError
 from .geometry import ConvGeometry
 from .heap import release_free_memory
 from .lowrank import RegressionStats
+from .model_io.protos import node_subgraphs
 from .verify import session
 
 log = logging.getLogger(__name__)
@@ -357,9 +358,8 @@ def _keep_only_what_computes(graph: onnx.GraphProto, outputs: Sequence[str]) -> 
         if any(name in needed for name in node.output):
             kept.append(node)
             needed.update(name for name in node.input if name)
-            for attribute in node.attribute:  # a subgraph may read any outer tensor
-                for subgraph in [attribute.g, *attribute.graphs]:
-                    needed.update(name for inner in _all_nodes(subgraph) for name in inner.input if name)
+            for subgraph in node_subgraphs(node):  # a subgraph may read any outer tensor
+                needed.update(name for inner in _all_nodes(subgraph) for name in inner.input if name)
     if len(kept) < len(graph.node):
         kept.reverse()
         copies = [onnx.NodeProto() for _ in kept]
@@ -381,9 +381,8 @@ def _keep_only_what_computes(graph: onnx.GraphProto, outputs: Sequence[str]) -> 
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     for node in graph.node:
         yield node
-        for attribute in node.attribute:
-            for subgraph in [attribute.g, *attribute.graphs]:
-                yield from _all_nodes(subgraph)
+        for subgraph in node_subgraphs(node):
+            yield from _all_nodes(subgraph)
 
 
 def batch_groups(feeds: Iterable[Feed], max_feeds: int) -> Iterator[list[Feed]]:

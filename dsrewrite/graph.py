@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from .geometry import ConvGeometry, output_elements
+from .model_io.protos import node_subgraphs
 
 Shape = tuple  # of int | None
 
@@ -104,12 +105,8 @@ def collect_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
         for init in graph.initializer:
             shapes.setdefault(init.name, tuple(init.dims))
         for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        visit(sub)
+            for sub in node_subgraphs(node):
+                visit(sub)
 
     visit(model.graph)
     return shapes

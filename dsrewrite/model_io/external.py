@@ -52,6 +52,7 @@ from .protos import (
     first_line,
     itemsize,
     nested_tensors,
+    node_subgraphs,
     serialized_below,
     serialized_size,
 )
@@ -180,11 +181,8 @@ def _value_read_names(model: onnx.ModelProto) -> set[str]:
         for node in graph.node:
             if node.op_type in VALUE_READING_OPS:
                 names.update(node.input)
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    visit(attr.g)
-                for sub in attr.graphs:
-                    visit(sub)
+            for sub in node_subgraphs(node):
+                visit(sub)
 
     visit(model.graph)
     return names

@@ -24,7 +24,7 @@ from .external import (
     load_external_tensors,
     without_large_tensors,
 )
-from .protos import expected_bytes, first_line, is_repeated, serialized_size
+from .protos import expected_bytes, first_line, is_repeated, node_subgraphs, serialized_size
 
 # The package's name, as before model_io was split: `-v` output shows it.
 log = logging.getLogger(__package__)
@@ -193,9 +193,8 @@ def check_value_types(model: onnx.ModelProto) -> None:
                     "or sequences of tensors"
                 )
         for node in graph.node:
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    visit(sub)
+            for sub in node_subgraphs(node):
+                visit(sub)
 
     visit(model.graph)
 

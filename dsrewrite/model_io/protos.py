@@ -29,6 +29,11 @@ def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from nested_tensors(model)
 
 
+def node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node's attributes hold (If branches, Loop and Scan bodies)."""
+    return [graph for attr in node.attribute for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
+
+
 def nested_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """The tensors that are not main-graph initializers: subgraph initializers, attribute values."""
 
@@ -38,9 +43,9 @@ def nested_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                 if attr.HasField("t"):
                     yield attr.t
                 yield from attr.tensors
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    yield from sub.initializer
-                    yield from in_nodes(sub.node)
+            for sub in node_subgraphs(node):
+                yield from sub.initializer
+                yield from in_nodes(sub.node)
 
     yield from in_nodes(model.graph.node)
     for function in model.functions:
