@@ -52,7 +52,7 @@ import os
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, MutableMapping, Sequence
 
 import numpy as np
@@ -297,7 +297,7 @@ def calibrated_error_curves(
     """Replace each eligible main-graph conv's ``error_at_rank`` by errors measured on calibration data.
 
     ``fits``, when given, collects every fit: ``fits[output][rank] = (factors, bias)`` (a dict, or a
-    ``FitStore`` that keeps them in files).
+    ``FitStore`` that keeps them in files, in float32: they only feed the float32 output probe).
 
     Every conv is fitted on the original model's inputs (independent), at
     every rank that saves MACs, with one alternating round: an estimate of
@@ -347,20 +347,13 @@ def calibrated_error_curves(
                     )
                 errors[r - 1] = fit.squared_error / stats.centred_energy
                 release_free_memory()  # the fit's freed temporaries: 0.27 GB of heap by VGG16's fourth conv otherwise
-                if fits is not None:  # only read to probe the outputs, which run in float32: half the memory
-                    fits.setdefault(t.y_name, {})[r] = (_float32(fit.factors), _float32(fit.bias))
+                if fits is not None:
+                    fits.setdefault(t.y_name, {})[r] = (fit.factors, fit.bias)
             t.plan.error_at_rank = errors
             t.plan.error_source = "calibration"
             stats = None  # a 512-channel 3×3 conv's is 170 MB: not held into the next chunk
         values = None  # the last batch's captured activations
         release_free_memory()
-
-
-def _float32(value):
-    """Factors (or a bias) in float32; None stays None."""
-    if isinstance(value, lowrank.SeparableFactors):
-        return replace(value, depthwise=value.depthwise.astype(np.float32), pointwise=value.pointwise.astype(np.float32))
-    return None if value is None else np.asarray(value, dtype=np.float32)
 
 
 def _targets(graph: gs.Graph, plans: Sequence[LayerPlan], eligible: bool = False, through: bool = False) -> list[_Target]:

@@ -13,6 +13,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from typing import Callable, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @functools.cache
@@ -30,3 +34,18 @@ def release_free_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def releases_free_memory(function: Callable[P, R]) -> Callable[P, R]:
+    """``function``, with the free heap pages handed back before it runs and after it returns or raises: for a
+    phase that builds large objects of its own (onnxruntime sessions) and drops them on the way out."""
+
+    @functools.wraps(function)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        release_free_memory()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            release_free_memory()
+
+    return wrapper

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from .cores import available_cores
 from .errors import InputError, UsageError
-from .heap import release_free_memory
+from .heap import release_free_memory, releases_free_memory
 from .model_io import onnxruntime_source
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ def random_feeds(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], se
     return feeds
 
 
+@releases_free_memory  # before: what emitting the model freed; after: the sessions' arenas
 def verify(
     original: onnx.ModelProto,
     rewritten: onnx.ModelProto,
@@ -163,22 +164,6 @@ def verify(
     inputs_label: str = "random",
 ) -> VerificationResult:
     """Compare the two models on ``feeds``. Raises InputError if the original itself cannot run."""
-    release_free_memory()  # what emitting the model freed, before two sessions of it
-    try:
-        return _run_and_compare(original, rewritten, feeds, atol=atol, rtol=rtol, inputs_label=inputs_label)
-    finally:
-        release_free_memory()  # the two sessions are gone: their arenas would stay in the heap
-
-
-def _run_and_compare(
-    original: onnx.ModelProto,
-    rewritten: onnx.ModelProto,
-    feeds: Iterable[Mapping[str, np.ndarray]],
-    *,
-    atol: float | None,
-    rtol: float | None,
-    inputs_label: str = "random",
-) -> VerificationResult:
     result = VerificationResult(ran=True, passed=None, atol=atol, rtol=rtol, inputs=inputs_label)
     threads = available_cores()  # not a timing: every core shortens the two models' runs
     if iter(feeds) is feeds:  # an iterator: the second model needs the feeds again
