@@ -17,7 +17,7 @@ import numpy as np
 
 from .lowrank import SeparableFactors
 
-Fit = tuple[SeparableFactors, np.ndarray]
+Fit = tuple[SeparableFactors, np.ndarray]  # (factors, bias) of one conv at one rank, fitted to calibration data
 
 
 class FitStore(Mapping[str, "ConvFits"]):

@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
 Feed = dict[str, np.ndarray]
-# (factors, bias) of one conv at one rank, as fitted to calibration data.
 
 # Calibration feeds the outputs are compared on: enough to average over inputs, few enough that each
 # candidate is one cheap run.
