@@ -43,3 +43,14 @@ def separable_cost(
     per_pixel = depthwise + pointwise
     params = per_pixel + (out_channels if has_bias else 0)
     return Cost(macs=None if pixels is None else per_pixel * pixels, params=params, macs_per_pixel=per_pixel)
+
+
+def projected_cost(
+    in_channels: int, out_channels: int, kernel_size: int, rank: int, projection_per_pixel: int, pixels: int | None, has_bias: bool
+) -> Cost:
+    """The input-projected rewrite (``dsrewrite.projection``): a 1×1 mix of the inputs into one channel, ``rank``
+    spatial filters on it, a pointwise conv. ``projection_per_pixel``: the mix's MACs per *output* pixel (``M`` per
+    input pixel, so ``M·s²`` at stride ``s``)."""
+    per_pixel = projection_per_pixel + rank * kernel_size + rank * out_channels
+    params = in_channels + rank * kernel_size + rank * out_channels + (out_channels if has_bias else 0)
+    return Cost(macs=None if pixels is None else per_pixel * pixels, params=params, macs_per_pixel=per_pixel)

@@ -28,8 +28,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 from .budget import ErrorCurve, allocate, choose_auto_rank, curves_from_plans, smallest_rank_within
-from .cost import separable_cost
-from .plan import REWRITTEN, SKIPPED, Decision, Decisions, LayerPlan, decisions_from_document, default_form, valid_forms
+from .cost import projected_cost, separable_cost
+from .plan import FORM_PROJECTED, REWRITTEN, SKIPPED, Decision, Decisions, LayerPlan, decisions_from_document, default_form, valid_forms
 
 if TYPE_CHECKING:
     from .measure import Measured, RankTimings
@@ -137,6 +137,11 @@ class MacBudget:
         return frozenset({ERROR_CURVES, RANK_LADDERS} if self.latency_aware else {ERROR_CURVES})
 
     def decide(self, plans, measured=None) -> Decisions:
+        decisions = self._decide(plans, measured)
+        offer_projection(plans, decisions, self.target)
+        return decisions
+
+    def _decide(self, plans, measured) -> Decisions:
         decisions = self._allocate(plans, measured)
         outputs = getattr(measured, "outputs", None)
         if outputs is None:
@@ -272,27 +277,98 @@ class NeverSlower:
             p for p in eligible(plans) if p.graph == "main" and decisions.layers.get(p.output, Decision(None)).rank is not None
         ]
         ranks = {p.output: min(decisions.layers[p.output].rank, p.full_rank) for p in decided}
-        timings = measured.timer.at_ranks(decided, ranks)
+        # A projected rewrite is timed as itself; the others in every form, the fastest kept.
+        projected = {p.output: [FORM_PROJECTED] for p in decided if decisions.layers[p.output].form == FORM_PROJECTED}
+        timings = measured.timer.at_ranks(decided, ranks, projected)
+        fallbacks = {}
         for key, timing in timings.items():
             rank = ranks[key]
             form, best = timing.best[rank]
             original = timing.original_ms
-            if best * MIN_SPEEDUP > original:
+            replaced = decisions.layers[key].replaces
+            if best * MIN_SPEEDUP > original and replaced is not None:
+                fallbacks[key] = replaced  # the separable decision the projected one replaced, timed below
+            elif best * MIN_SPEEDUP > original:
                 reason = (
                     f"rank {rank} measured no faster than the original conv "
                     f"({best:.3f} ms vs {original:.3f} ms in {measured.where}, {'in place' if timing.in_place else 'conv alone'})"
                 )
                 decisions.layers[key] = Decision(None, reason, latency_ms=(original, best))
             else:
-                decisions.layers[key] = Decision(decisions.layers[key].rank, form=form, latency_ms=(original, best))
-        for key in set(ranks) - set(timings):  # not timed: the default form
-            decisions.layers[key] = replace(decisions.layers[key], form=None)
+                decisions.layers[key] = replace(decisions.layers[key], form=form, latency_ms=(original, best))
+        for key in set(ranks) - set(timings):  # not timed: the default form (a projected rewrite stays one)
+            if key not in projected:
+                decisions.layers[key] = replace(decisions.layers[key], form=None)
+        if fallbacks:
+            decisions.notes.append(
+                f"{len(fallbacks)} input-projected rewrite(s) measured no faster than their conv: the separable "
+                "rank each replaced is timed instead"
+            )
+            for key, replaced in fallbacks.items():
+                decisions.layers[key] = replaced
+            inner_only = replace(self, inner=SavedPlan(Decisions(dict(fallbacks))))
+            retimed = inner_only.decide([p for p in decided if p.output in fallbacks], measured)
+            decisions.layers.update({key: retimed.layers[key] for key in fallbacks if key in retimed.layers})
         if timings:
             decisions.notes.append(
                 f"latency-aware: {measured.describe(timings)}; "
                 "each kept rewrite is the fastest emission form and beats its original conv"
             )
         return decisions
+
+
+def offer_projection(plans: Sequence[LayerPlan], decisions: Decisions, target: float) -> int:
+    """Give a rewritten conv with 2-4 input channels the input-projected form (``dsrewrite.projection``) where,
+    within its separable rank's MACs plus what the budget leaves, a projected rank has less layer-level error.
+
+    The allocation only knows separable ranks; a stem's projected ranks interleave with them in cost (PP-OCR's
+    3→8 stem: projected 3 costs 0.29 of the conv, between separable 1 at 0.24 and 2 at 0.47) and usually have a
+    fraction of the error. Both errors are the conv's own (linear) output NMSE from the same calibration
+    statistics. Returns how many convs took it.
+    """
+    curves = [p for p in eligible(plans) if p.error_at_rank]
+    absolute = all(p.macs_before is not None for p in curves)
+
+    def pixels(plan: LayerPlan) -> int:
+        return plan.macs_before // plan.macs_per_pixel_before if absolute else 1
+
+    def cost(plan: LayerPlan, decision: Decision) -> int:
+        if decision.rank is None:
+            return plan.macs_per_pixel_before * pixels(plan)
+        return plan.macs_per_pixel_at(min(decision.rank, plan.full_rank), decision.form) * pixels(plan)
+
+    before = sum(p.macs_per_pixel_before * pixels(p) for p in curves)
+    after = sum(cost(p, decisions.layers.get(p.output, Decision(None))) for p in curves)
+    left = target * before - after
+    offered = 0
+    for plan in curves:
+        decision = decisions.layers.get(plan.output)
+        layer = plan.layer_error_at_rank if plan.layer_error_at_rank is not None else plan.error_at_rank
+        if (
+            decision is None or decision.rank is None or decision.form == FORM_PROJECTED or plan.graph != "main"
+            or not plan.projected_error_at_rank or plan.error_source not in ("calibration", "model outputs")
+        ):  # fmt: skip
+            continue
+        rank = min(decision.rank, plan.full_rank)
+        separable_error = layer[rank - 1] if rank <= len(layer) else math.inf
+        allowance = cost(plan, decision) + max(left, 0.0)
+        options = [
+            (error, k) for k, error in enumerate(plan.projected_error_at_rank, start=1)
+            if math.isfinite(error) and plan.macs_per_pixel_at(k, FORM_PROJECTED) * pixels(plan) <= allowance
+        ]  # fmt: skip
+        if not options or min(options)[0] >= separable_error:
+            continue
+        error, k = min(options)
+        chosen = Decision(k, form=FORM_PROJECTED, replaces=decision)
+        left -= cost(plan, chosen) - cost(plan, decision)
+        decisions.layers[plan.output] = chosen
+        offered += 1
+        decisions.notes.append(
+            f"{plan.node or plan.output}: input-projected rank {k} instead of separable rank {rank} "
+            f"(layer NMSE {error:.3g} against {separable_error:.3g}, at {plan.macs_per_pixel_at(k, FORM_PROJECTED)} "
+            f"MACs per output pixel against {plan.macs_per_pixel_at(rank)})"
+        )
+    return offered
 
 
 def choose_strategy(options) -> Strategy:
@@ -327,17 +403,27 @@ def apply_decisions(plans: Sequence[LayerPlan], decisions: Decisions) -> None:
             continue
         rank = min(int(decision.rank), plan.full_rank)
         info = plan.analysis
-        after = separable_cost(
-            plan.in_channels, plan.out_channels, info.kernel_size, plan.group, rank, info.output_pixels, info.has_bias
-        )
+        projected = decision.form == FORM_PROJECTED and plan.projection_macs_per_pixel is not None
+        if projected:
+            after = projected_cost(
+                plan.in_channels, plan.out_channels, info.kernel_size, rank, plan.projection_macs_per_pixel,
+                info.output_pixels, info.has_bias,
+            )  # fmt: skip
+        else:
+            after = separable_cost(
+                plan.in_channels, plan.out_channels, info.kernel_size, plan.group, rank, info.output_pixels, info.has_bias
+            )
         plan.status, plan.rank, plan.reason = REWRITTEN, rank, None
         forms = valid_forms(rank, plan.group)
-        plan.form = decision.form if decision.form in forms else default_form(rank, plan.group)
+        if projected:
+            plan.form = FORM_PROJECTED
+        else:
+            plan.form = decision.form if decision.form in forms else default_form(rank, plan.group)
         plan.macs_after = after.macs
         plan.macs_per_pixel_after = after.macs_per_pixel
         plan.params_after = after.params
-        plan.weight_error = info.kernel_errors[rank]
-        if plan.layer_error_at_rank is not None:  # the curve is output-level: this conv alone at its rank
+        plan.weight_error = None if projected else info.kernel_errors[rank]
+        if plan.layer_error_at_rank is not None and not projected:  # the curve is output-level: this conv alone at its rank
             error = plan.error_at_rank[rank - 1] if rank <= len(plan.error_at_rank) else math.inf
             plan.model_output_error = error if math.isfinite(error) else None
         if decision.latency_ms is not None:

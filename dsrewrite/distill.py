@@ -77,7 +77,8 @@ from .cost import separable_cost
 from .following_depthwise import FollowingDepthwise, match_following_depthwise
 from .graph import ConvSpec, convs_by_output, with_dense_kernels
 from .heap import release_free_memory
-from .plan import THROUGH_FIT_NOTE, LayerPlan
+from .plan import FORM_PROJECTED, THROUGH_FIT_NOTE, LayerPlan
+from .projection import ProjectedFactors, data_free_projected, fit_projected
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class DistillOptions:
     activation_iterations: int = 3
     through_depthwise: bool = True  # fit a conv that reaches a depthwise conv linearly at that conv's output
 
+
+PROJECTED_FIT_NOTE = "input-projected rewrite: fitted to the conv's own output (tied weights, no refinement)"
 
 # The activation-aware refinement's in-memory sample: rows per conv, and bytes for all convs of a wave.
 ACTIVATION_SAMPLE_ROWS = 16384
@@ -121,6 +124,7 @@ class FittedLayer:
     activated_error: float | None = None  # NMSE of the activated output on the sample, of the factors used
     activated_error_linear: float | None = None  # the same for the linear fit
     note: str | None = None  # why there was no activation-aware refinement
+    projected: ProjectedFactors | None = None  # the input-projected rewrite's own factors (``factors``: as separable)
 
 
 @dataclass
@@ -351,9 +355,21 @@ def calibrated_error_curves(
                     fits.setdefault(t.y_name, {})[r] = (fit.factors, fit.bias)
             t.plan.error_at_rank = errors
             t.plan.error_source = "calibration"
+            if t.plan.projection_macs_per_pixel is not None and t.through is None:
+                t.plan.projected_error_at_rank = _projected_errors(t, stats)
             stats = None  # a 512-channel 3×3 conv's is 170 MB: not held into the next chunk
         values = None  # the last batch's captured activations
         release_free_memory()
+
+
+def _projected_errors(t: _Target, stats: lowrank.RegressionStats) -> list[float]:
+    """The input-projected rewrite's NMSE at every rank that saves MACs (``inf`` beyond)."""
+    errors = [float("inf")] * (t.plan.full_rank or 0)
+    for r in range(1, len(errors) + 1):
+        if t.plan.macs_per_pixel_at(r, FORM_PROJECTED) >= t.plan.macs_per_pixel_before:
+            break
+        errors[r - 1] = fit_projected(t.spec.weight, t.spec.bias, stats, r).squared_error / stats.centred_energy
+    return errors
 
 
 def _targets(graph: gs.Graph, plans: Sequence[LayerPlan], eligible: bool = False, through: bool = False) -> list[_Target]:
@@ -372,6 +388,10 @@ def _targets(graph: gs.Graph, plans: Sequence[LayerPlan], eligible: bool = False
             spec = ConvSpec.from_node(node, graph, {})
             target = _Target(wanted[output], spec, node.inputs[0].name, output)
             found = match_activation(node, spec.out_channels, graph_outputs)
+            if not eligible and wanted[output].form == FORM_PROJECTED:
+                target.activation_reason = PROJECTED_FIT_NOTE  # tied weights: neither refinement keeps the tie
+                targets.append(target)
+                continue
             if isinstance(found, Activation):
                 target.activation = found
             else:
@@ -459,6 +479,8 @@ def _fit(
 ) -> FittedLayer:
     if t.through is not None:
         return _fit_at_following_depthwise(t, stats, options, wave)
+    if t.plan.form == FORM_PROJECTED:
+        return _fit_projected(t, stats, options, wave)
     result = lowrank.fit_separable(
         t.spec.weight,
         t.spec.group,
@@ -500,6 +522,29 @@ def _fit(
         activated_error=activated,
         activated_error_linear=activated_linear,
         note=note if options.activation_aware and options.refit else None,
+    )
+
+
+def _fit_projected(t: _Target, stats: lowrank.RegressionStats, options: DistillOptions, wave: int) -> FittedLayer:
+    """The input-projected rewrite (``projection``), fitted to the conv's own (linear) output."""
+    fitted = fit_projected(t.spec.weight, t.spec.bias, stats, t.plan.rank)
+    weight = t.spec.weight.astype(np.float64)
+    factors = fitted.factors.separable()
+    free = data_free_projected(weight, t.plan.rank).separable()
+    original_bias = np.zeros(weight.shape[0]) if t.spec.bias is None else np.asarray(t.spec.bias, dtype=np.float64)
+    free_error = lowrank.regression_error(lowrank.dense_weights(free, original_bias), stats)
+    return FittedLayer(
+        factors=factors,
+        bias=fitted.bias,
+        weight_error=float(np.linalg.norm(lowrank.reconstruct(factors) - weight) / max(np.linalg.norm(weight), 1e-30)),
+        output_error=fitted.squared_error / stats.centred_energy,
+        output_error_data_free=free_error / stats.centred_energy,
+        seconds=0.0,
+        wave=wave,
+        method="input projection + whitened SVD + least squares" + (" (sequential)" if options.sequential else " (independent)"),
+        activation=t.activation.label if t.activation is not None else None,
+        note=PROJECTED_FIT_NOTE,
+        projected=fitted.factors,
     )
 
 

@@ -57,8 +57,10 @@ class InPlaceTimer:
         assignments = [{key: (r, t.best[r][0]) for key, t in alone.items() if r in t.best} for r in ranks]
         return self._in_place(plans, alone, assignments, "timing candidate ranks in the whole model")
 
-    def at_ranks(self, plans: Sequence[LayerPlan], ranks: dict[str, int]) -> dict[str, RankTimings]:
-        alone = self.alone.at_ranks(plans, ranks)
+    def at_ranks(
+        self, plans: Sequence[LayerPlan], ranks: dict[str, int], forms: dict[str, list[str]] | None = None
+    ) -> dict[str, RankTimings]:
+        alone = self.alone.at_ranks(plans, ranks, forms)
         assignment = {key: (ranks[key], t.best[ranks[key]][0]) for key, t in alone.items()}
         return self._in_place(plans, alone, [assignment], "timing convs in the whole model")
 

@@ -228,8 +228,11 @@ class ConvTimer:
         self.cache.save()
         return timings
 
-    def at_ranks(self, plans: Sequence[LayerPlan], ranks: dict[str, int]) -> dict[str, RankTimings]:
-        """Each conv at one rank (``ranks[output]``), in every form; convs of unknown input shape are left out."""
+    def at_ranks(
+        self, plans: Sequence[LayerPlan], ranks: dict[str, int], forms: dict[str, list[str]] | None = None
+    ) -> dict[str, RankTimings]:
+        """Each conv at one rank (``ranks[output]``), in every form (or ``forms[output]``); convs of unknown input
+        shape are left out."""
         timings = {}
         for index, plan in enumerate(plans):
             shape = self.input_shape(plan)
@@ -237,7 +240,8 @@ class ConvTimer:
                 log.info("%s: input shape unknown, latency not measured", plan.node)
                 continue
             rank = ranks[plan.output]
-            timings[plan.output] = RankTimings.of(self.candidates(plan, shape, [rank]), [rank])
+            chosen = (forms or {}).get(plan.output)
+            timings[plan.output] = RankTimings.of(self.candidates(plan, shape, [rank], chosen), [rank])
             if self.progress:
                 self.progress("timing convs", index + 1, len(plans))
         self.cache.save()
@@ -254,8 +258,11 @@ class ConvTimer:
             return None
         return [int(d) for d in shape]
 
-    def candidates(self, plan: LayerPlan, input_shape: Sequence[int], ranks: Sequence[int]) -> dict[str, float]:
-        """Median ms of the original conv ("original") and of each "rank:form" rewrite of it."""
+    def candidates(
+        self, plan: LayerPlan, input_shape: Sequence[int], ranks: Sequence[int], forms: Sequence[str] | None = None
+    ) -> dict[str, float]:
+        """Median ms of the original conv ("original") and of each "rank:form" rewrite of it (every valid form, or
+        ``forms``)."""
         from .decide import apply_decisions  # noqa: PLC0415
         from .passes import AnalyseConvs, Cleanup, DecomposeConv  # noqa: PLC0415
         from .pipeline import Pipeline  # noqa: PLC0415
@@ -270,7 +277,7 @@ class ConvTimer:
         }  # fmt: skip
         if self.precision is not None:
             layer_key["precision"] = self.precision
-        names = ["original"] + [f"{rank}:{form}" for rank in ranks for form in valid_forms(rank, plan.group)]
+        names = ["original"] + [f"{rank}:{form}" for rank in ranks for form in (forms or valid_forms(rank, plan.group))]
         cached = latency.cached_times(names, layer_key, self.cache, threads=self.threads)
         if cached is not None:  # nothing to build, emit or quantize
             return cached

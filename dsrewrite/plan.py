@@ -33,6 +33,9 @@ def is_fit_note(note: str) -> bool:
 FORM_CONCAT = "concat"
 FORM_MULTIPLIER = "multiplier"
 FORM_BRANCHES = "branches"
+# Not another way to compute the same function: the input-projected rewrite (``dsrewrite.projection``), tied
+# weights fitted to data, offered to convs with few input channels after the allocation (``decide.offer_projection``).
+FORM_PROJECTED = "projected"
 
 
 def valid_forms(rank: int, group: int) -> list[str]:
@@ -110,6 +113,10 @@ class LayerPlan:
     in_model_before_ms: float | None = None
     in_model_after_ms: float | None = None
     full_rank: int | None = None
+    # Convs with 2-4 input channels and calibration curves: the layer-level NMSE of the input-projected rewrite
+    # at ranks 1..full (inf where it saves no MACs), and its 1×1 input mix's MACs per output pixel.
+    projected_error_at_rank: list[float] | None = None
+    projection_macs_per_pixel: int | None = None
     eligible: bool = False
     graph: str = "main"
     notes: list[str] = field(default_factory=list)
@@ -119,11 +126,13 @@ class LayerPlan:
     def rewritten(self) -> bool:
         return self.status == REWRITTEN
 
-    def macs_per_pixel_at(self, rank: int) -> int:
-        """MACs per output pixel of this conv's rank-``rank`` rewrite."""
-        from .cost import separable_cost  # noqa: PLC0415 (plan stays importable alone)
+    def macs_per_pixel_at(self, rank: int, form: str | None = None) -> int:
+        """MACs per output pixel of this conv's rank-``rank`` rewrite (in ``form``: only the projected one differs)."""
+        from .cost import projected_cost, separable_cost  # noqa: PLC0415 (plan stays importable alone)
 
         k = math.prod(self.kernel)
+        if form == FORM_PROJECTED:
+            return projected_cost(self.in_channels, self.out_channels, k, rank, self.projection_macs_per_pixel, None, False).macs_per_pixel
         return separable_cost(self.in_channels, self.out_channels, k, self.group, rank, None, False).macs_per_pixel
 
     def candidate_ranks(self, limit: int = 6) -> list[int]:
@@ -153,6 +162,7 @@ class Decision:
     reason: str | None = None
     form: str | None = None
     latency_ms: tuple[float, float | None] | None = None
+    replaces: "Decision | None" = None  # a projected decision: the separable one it replaced (the fallback)
 
 
 @dataclass
@@ -208,7 +218,7 @@ def decisions_from_document(document) -> Decisions:
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"plan layer {key!r}: rank must be a positive integer, not {rank!r}")
             form = entry.get("form")
-            if form is not None and form not in (FORM_CONCAT, FORM_MULTIPLIER, FORM_BRANCHES):
+            if form is not None and form not in (FORM_CONCAT, FORM_MULTIPLIER, FORM_BRANCHES, FORM_PROJECTED):
                 raise ValueError(f"plan layer {key!r}: unknown form {form!r}")
             decisions.layers[key] = Decision(rank, form=form)
         else:

@@ -16,6 +16,7 @@ decision strategies start from.
 from __future__ import annotations
 
 import fnmatch
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -26,6 +27,7 @@ from dsrewrite.cores import available_cores
 from dsrewrite.cost import conv_cost
 from dsrewrite.graph import CONV_OPS, ConvSpec, consumers, is_graph_output, iter_graphs
 from dsrewrite.pipeline import PassBase, PassContext, PassResult
+from dsrewrite.projection import can_project
 from dsrewrite.plan import SKIPPED, ConvAnalysis, LayerPlan
 
 
@@ -82,6 +84,8 @@ class AnalyseConvs(PassBase):
         )
         plan.error_at_rank = [float(e) ** 2 for e in errors[1:]]
         plan.error_source = "weights"
+        if can_project(spec.in_channels, spec.group):
+            plan.projection_macs_per_pixel = projection_macs_per_pixel(spec)
 
     def ineligible_reason(self, node: gs.Node, spec: ConvSpec | None, root: gs.Graph) -> str | None:
         """Why this conv cannot be rewritten, or None."""
@@ -111,6 +115,18 @@ class AnalyseConvs(PassBase):
         if spec.weight_shape[1] == 1:
             return "already depthwise (one input channel per group)"
         return None
+
+
+def projection_macs_per_pixel(spec: ConvSpec) -> int:
+    """MACs per output pixel of the projected rewrite's 1×1 input mix: ``M`` per *input* pixel (the stride's
+    square at stride ``s``; the product of the strides when a spatial dim is unknown)."""
+    spatial_in = spec.input_shape[2:] if spec.input_shape is not None else None
+    spatial_out = spec.output_spatial
+    if spatial_in and spatial_out and all(d is not None for d in (*spatial_in, *spatial_out)):
+        ratio = math.prod(spatial_in) / max(math.prod(spatial_out), 1)
+    else:
+        ratio = math.prod(spec.geometry.strides)
+    return math.ceil(spec.in_channels * ratio)
 
 
 def base_plan(node: gs.Node, spec: ConvSpec | None, pixels: int | None = None) -> LayerPlan:

@@ -61,7 +61,8 @@ from dsrewrite.budget import DEFAULT_MAX_ERROR
 from dsrewrite.decide import DataFreeAuto, UniformRank, apply_decisions
 from dsrewrite.graph import CONV_OPS, ConvSpec, NameAllocator, iter_graphs
 from dsrewrite.pipeline import ONNX_CHECKER, Change, PassBase, PassContext, PassResult, Skip
-from dsrewrite.plan import FORM_BRANCHES, FORM_MULTIPLIER, Decisions, LayerPlan
+from dsrewrite.plan import FORM_BRANCHES, FORM_MULTIPLIER, FORM_PROJECTED, Decisions, LayerPlan
+from dsrewrite.projection import ProjectedFactors, data_free_projected
 
 from .analyse_convs import AnalyseConvs
 
@@ -117,6 +118,15 @@ class DecomposeConv(PassBase):
                     continue
                 fitted = self.fitted.get(output)
                 spec = ConvSpec.from_node(node, g, context.shapes)
+                if plan.form == FORM_PROJECTED:
+                    projected = getattr(fitted, "projected", None)
+                    if projected is not None and projected.rank == plan.rank:
+                        new_nodes = _emit_projected(spec, projected, names, fitted.bias)
+                    else:  # not fitted (a saved plan without calibration data): white-input factors
+                        new_nodes = _emit_projected(spec, data_free_projected(spec.weight, plan.rank), names, None)
+                    self.emitted[output] = [n.name for n in new_nodes]
+                    result.changes.append(Change(node.name, f"rank {plan.rank} ({plan.form})"))
+                    continue
                 if fitted is not None and fitted.factors.rank == plan.rank:
                     factors, bias = fitted.factors, fitted.bias
                 else:
@@ -210,6 +220,46 @@ def _emit(
 
     graph.nodes[position : position + 1] = new_nodes
     log.debug("rewrote %s at rank %d (%s)", node.name, r, form)
+    return new_nodes
+
+
+def _emit_projected(spec: ConvSpec, factors: ProjectedFactors, names: NameAllocator, bias: np.ndarray | None) -> list[gs.Node]:
+    """Replace ``spec.node`` by the input-projected chain (``dsrewrite.projection``), in place; return the new nodes:
+    a 1×1 conv mixing the inputs into one channel, a conv of ``r`` filters on it with the original's geometry, and
+    the pointwise conv (with ``bias``, else the original bias tensor)."""
+    node, graph = spec.node, spec.graph
+    base = node.name or "conv"
+    dtype = spec.weight.dtype
+    kernel = list(spec.kernel_shape)
+    ones = [1] * len(kernel)
+    x, y = node.inputs[0], node.outputs[0]
+    bias_tensor = node.inputs[2] if spec.has_bias else None
+    position = graph.nodes.index(node)
+    node.inputs.clear()
+    node.outputs.clear()
+    geometry = spec.geometry
+    attrs: dict = {"group": 1, "kernel_shape": kernel, "strides": list(geometry.strides), "dilations": list(geometry.dilations)}
+    if geometry.auto_pad != "NOTSET":
+        attrs["auto_pad"] = geometry.auto_pad
+    else:
+        attrs["pads"] = list(geometry.pads)
+    r, n = factors.rank, factors.pointwise.shape[0]
+    mixed = gs.Variable(names.fresh(f"{base}/mix_out"))
+    filtered = gs.Variable(names.fresh(f"{base}/dw_out"))
+    mix_w = gs.Constant(names.fresh(f"{base}/mix/W"), factors.projection.reshape(1, -1, *ones).astype(dtype))
+    dw_w = gs.Constant(names.fresh(f"{base}/dw/W"), factors.depthwise.reshape(r, 1, *kernel).astype(dtype))
+    pw_inputs = [filtered, gs.Constant(names.fresh(f"{base}/pw/W"), factors.pointwise.reshape(n, r, *ones).astype(dtype))]
+    if bias is not None:
+        pw_inputs.append(gs.Constant(names.fresh(f"{base}/pw/B"), np.asarray(bias).astype(dtype)))
+    elif bias_tensor is not None:
+        pw_inputs.append(bias_tensor)
+    new_nodes = [
+        gs.Node("Conv", names.fresh(f"{base}/mix"), {"group": 1, "kernel_shape": ones}, [x, mix_w], [mixed]),
+        _conv(names.fresh(f"{base}/dw"), mixed, dw_w, filtered, attrs),
+        gs.Node("Conv", names.fresh(f"{base}/pw"), {"group": 1, "kernel_shape": ones}, pw_inputs, [y]),
+    ]
+    graph.nodes[position : position + 1] = new_nodes
+    log.debug("rewrote %s at rank %d (projected)", node.name, r)
     return new_nodes
 
 

@@ -52,7 +52,7 @@ def test_never_slower_reverts_what_does_not_pay(monkeypatch):
     slow = eligible[0].output
 
     class Timer:
-        def at_ranks(self, plans, ranks):
+        def at_ranks(self, plans, ranks, forms=None):
             return {p.output: RankTimings(1.0, {ranks[p.output]: ("concat", 2.0 if p.output == slow else 0.5)}) for p in plans}
 
     class Measured:
