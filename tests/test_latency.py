@@ -27,10 +27,10 @@ def faked(monkeypatch):
 def fake_timer(times_by_candidate):
     """A stand-in for the microbenchmark: fixed times per candidate key ("original", "rank:form")."""
 
-    def measure(timer, plan, input_shape, ranks):
+    def measure(timer, plan, input_shape, ranks, forms=None):
         result = {"original": times_by_candidate(plan, "original")}
         for rank in ranks:
-            for form in dsrewrite.plan.valid_forms(rank, plan.group):
+            for form in forms or dsrewrite.plan.valid_forms(rank, plan.group):
                 result[f"{rank}:{form}"] = times_by_candidate(plan, f"{rank}:{form}")
         return result
 
