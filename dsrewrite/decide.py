@@ -368,6 +368,9 @@ def offer_projection(plans: Sequence[LayerPlan], decisions: Decisions, target: f
             f"(layer NMSE {error:.3g} against {separable_error:.3g}, at {plan.macs_per_pixel_at(k, FORM_PROJECTED)} "
             f"MACs per output pixel against {plan.macs_per_pixel_at(rank)})"
         )
+    if offered and before:
+        # The allocation's own note gave the ratio before the offer.
+        decisions.notes.append(f"after the input-projected offer: eligible MACs {(target * before - left) / before:.3f} of the original")
     return offered
 
 

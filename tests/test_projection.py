@@ -111,6 +111,8 @@ def test_mac_budget_takes_the_projected_stem_when_it_fits_better_and_the_plan_ro
     assert layer.form == "projected" and layer.fit.startswith("input projection")
     assert separable.report.totals.eligible_macs_ratio <= 0.5
     assert any("input-projected rank" in note for note in separable.report.notes)
+    ratio = separable.report.totals.eligible_macs_ratio
+    assert f"after the input-projected offer: eligible MACs {ratio:.3f}" in " ".join(separable.report.notes)
     # Within the budget, no separable rank comes near its error.
     affordable = [e for r, e in enumerate(layer.layer_error_at_rank, start=1) if 3 * r * (9 + 16) <= 0.5 * 432]
     assert layer.output_error < 0.5 * min(affordable)
