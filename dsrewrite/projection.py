@@ -11,7 +11,7 @@ resolution), that single channel gets ``r`` spatial filters, and a pointwise
 conv mixes them into the N outputs. It costs ``r·(K + N)`` MACs per output
 pixel plus ``M`` per input pixel, against ``r·M·(K + N)`` for the separable
 rank ``r``: on PP-OCR's 3→8 stem, rank 3 projected costs 0.29 of the conv and
-has a fifth of the separable rank 1's error, and rank 5 (0.45) a quarter of
+has a fifth of the separable rank 1's layer error, and rank 5 (0.45) a sixth of
 rank 2's (0.47).
 
 It is the separable rank-``r`` rewrite with tied weights (depthwise filter
