@@ -124,16 +124,14 @@ class DecomposeConv(PassBase):
                         new_nodes = _emit_projected(spec, projected, names, fitted.bias)
                     else:  # not fitted (a saved plan without calibration data): white-input factors
                         new_nodes = _emit_projected(spec, data_free_projected(spec.weight, plan.rank), names, None)
-                    self.emitted[output] = [n.name for n in new_nodes]
-                    result.changes.append(Change(node.name, f"rank {plan.rank} ({plan.form})"))
-                    continue
-                if fitted is not None and fitted.factors.rank == plan.rank:
-                    factors, bias = fitted.factors, fitted.bias
                 else:
-                    kept = plan.analysis.spectra if plan.analysis is not None else None
-                    spectra = kept if kept is not None else lowrank.channel_spectra(spec.weight, spec.group)
-                    factors, bias = lowrank.factorize(spectra, plan.rank), None
-                new_nodes = _emit(spec, factors, plan.form, names, bias=bias)
+                    if fitted is not None and fitted.factors.rank == plan.rank:
+                        factors, bias = fitted.factors, fitted.bias
+                    else:
+                        kept = plan.analysis.spectra if plan.analysis is not None else None
+                        spectra = kept if kept is not None else lowrank.channel_spectra(spec.weight, spec.group)
+                        factors, bias = lowrank.factorize(spectra, plan.rank), None
+                    new_nodes = _emit(spec, factors, plan.form, names, bias=bias)
                 self.emitted[output] = [n.name for n in new_nodes]
                 result.changes.append(Change(node.name, f"rank {plan.rank} ({plan.form})"))
         return result
@@ -175,12 +173,7 @@ def _emit(
     node.inputs.clear()
     node.outputs.clear()
 
-    geometry = spec.geometry
-    dw_attrs: dict = {"group": m, "kernel_shape": kernel, "strides": list(geometry.strides), "dilations": list(geometry.dilations)}
-    if geometry.auto_pad != "NOTSET":
-        dw_attrs["auto_pad"] = geometry.auto_pad
-    else:
-        dw_attrs["pads"] = list(geometry.pads)
+    dw_attrs = _spatial_attrs(spec, group=m)
 
     new_nodes: list[gs.Node] = []
     if form == FORM_BRANCHES:
@@ -210,11 +203,7 @@ def _emit(
             new_nodes.append(gs.Node("Concat", names.fresh(f"{base}/concat"), {"axis": 1}, outputs, [mid]))
 
     pw_weight = pw_weight.reshape(n, -1, *([1] * len(kernel))).astype(dtype)
-    pw_inputs = [mid, gs.Constant(names.fresh(f"{base}/pw/W"), pw_weight)]
-    if bias is not None:
-        pw_inputs.append(gs.Constant(names.fresh(f"{base}/pw/B"), np.asarray(bias).astype(dtype)))
-    elif bias_tensor is not None:
-        pw_inputs.append(bias_tensor)
+    pw_inputs = [mid, gs.Constant(names.fresh(f"{base}/pw/W"), pw_weight), *_bias_input(names, base, bias, bias_tensor, dtype)]
     pw_attrs = {"group": spec.group, "kernel_shape": [1] * len(kernel)}
     new_nodes.append(gs.Node("Conv", names.fresh(f"{base}/pw"), pw_attrs, pw_inputs, [y]))
 
@@ -237,25 +226,16 @@ def _emit_projected(spec: ConvSpec, factors: ProjectedFactors, names: NameAlloca
     position = graph.nodes.index(node)
     node.inputs.clear()
     node.outputs.clear()
-    geometry = spec.geometry
-    attrs: dict = {"group": 1, "kernel_shape": kernel, "strides": list(geometry.strides), "dilations": list(geometry.dilations)}
-    if geometry.auto_pad != "NOTSET":
-        attrs["auto_pad"] = geometry.auto_pad
-    else:
-        attrs["pads"] = list(geometry.pads)
     r, n = factors.rank, factors.pointwise.shape[0]
     mixed = gs.Variable(names.fresh(f"{base}/mix_out"))
     filtered = gs.Variable(names.fresh(f"{base}/dw_out"))
     mix_w = gs.Constant(names.fresh(f"{base}/mix/W"), factors.projection.reshape(1, -1, *ones).astype(dtype))
     dw_w = gs.Constant(names.fresh(f"{base}/dw/W"), factors.depthwise.reshape(r, 1, *kernel).astype(dtype))
-    pw_inputs = [filtered, gs.Constant(names.fresh(f"{base}/pw/W"), factors.pointwise.reshape(n, r, *ones).astype(dtype))]
-    if bias is not None:
-        pw_inputs.append(gs.Constant(names.fresh(f"{base}/pw/B"), np.asarray(bias).astype(dtype)))
-    elif bias_tensor is not None:
-        pw_inputs.append(bias_tensor)
+    pw_w = gs.Constant(names.fresh(f"{base}/pw/W"), factors.pointwise.reshape(n, r, *ones).astype(dtype))
+    pw_inputs = [filtered, pw_w, *_bias_input(names, base, bias, bias_tensor, dtype)]
     new_nodes = [
         gs.Node("Conv", names.fresh(f"{base}/mix"), {"group": 1, "kernel_shape": ones}, [x, mix_w], [mixed]),
-        _conv(names.fresh(f"{base}/dw"), mixed, dw_w, filtered, attrs),
+        _conv(names.fresh(f"{base}/dw"), mixed, dw_w, filtered, _spatial_attrs(spec, group=1)),
         gs.Node("Conv", names.fresh(f"{base}/pw"), {"group": 1, "kernel_shape": ones}, pw_inputs, [y]),
     ]
     graph.nodes[position : position + 1] = new_nodes
@@ -283,10 +263,8 @@ def _emit_branches(spec, factors, names, base, x, y, dw_attrs, bias, bias_tensor
         new_nodes.append(_conv(names.fresh(f"{base}/dw{j}"), x, gs.Constant(names.fresh(f"{base}/dw{j}/W"), dw_weight), dw_out, dw_attrs))
         pw_weight = factors.pointwise[:, :, j].reshape(n, mg, *([1] * len(kernel))).astype(dtype)
         inputs = [dw_out, gs.Constant(names.fresh(f"{base}/pw{j}/W"), pw_weight)]
-        if j == 0 and bias is not None:
-            inputs.append(gs.Constant(names.fresh(f"{base}/pw/B"), np.asarray(bias).astype(dtype)))
-        elif j == 0 and bias_tensor is not None:
-            inputs.append(bias_tensor)
+        if j == 0:
+            inputs += _bias_input(names, base, bias, bias_tensor, dtype)
         out = y if r == 1 else gs.Variable(names.fresh(f"{base}/pw{j}_out"))
         new_nodes.append(gs.Node("Conv", names.fresh(f"{base}/pw{j}"), dict(pw_attrs), inputs, [out]))
         if j == 0:
@@ -296,6 +274,26 @@ def _emit_branches(spec, factors, names, base, x, y, dw_attrs, bias, bias_tensor
         acc = y if j == r - 1 else gs.Variable(names.fresh(f"{base}/sum{j}_out"))
         new_nodes.append(gs.Node("Add", names.fresh(f"{base}/add{j}"), {}, [out, total], [acc]))
         total = acc
+
+
+def _spatial_attrs(spec: ConvSpec, group: int) -> dict:
+    """The attributes of the conv that carries the original's spatial work: its kernel, strides, dilations and
+    padding, at ``group``."""
+    geometry = spec.geometry
+    attrs: dict = {"group": group, "kernel_shape": list(spec.kernel_shape), "strides": list(geometry.strides),
+                   "dilations": list(geometry.dilations)}  # fmt: skip
+    if geometry.auto_pad != "NOTSET":
+        attrs["auto_pad"] = geometry.auto_pad
+    else:
+        attrs["pads"] = list(geometry.pads)
+    return attrs
+
+
+def _bias_input(names: NameAllocator, base: str, bias: np.ndarray | None, bias_tensor: gs.Tensor | None, dtype) -> list[gs.Tensor]:
+    """The pointwise conv's bias input: the refitted ``bias`` as a new constant, else the original bias tensor, else none."""
+    if bias is not None:
+        return [gs.Constant(names.fresh(f"{base}/pw/B"), np.asarray(bias).astype(dtype))]
+    return [] if bias_tensor is None else [bias_tensor]
 
 
 def _conv(name: str, x: gs.Tensor, w: gs.Constant, y: gs.Variable, attrs: dict) -> gs.Node:
