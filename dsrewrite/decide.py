@@ -317,14 +317,14 @@ class NeverSlower:
         return decisions
 
 
-def offer_projection(plans: Sequence[LayerPlan], decisions: Decisions, target: float) -> int:
+def offer_projection(plans: Sequence[LayerPlan], decisions: Decisions, target: float) -> None:
     """Give a rewritten conv with 2-4 input channels the input-projected form (``dsrewrite.projection``) where,
     within its separable rank's MACs plus what the budget leaves, a projected rank has less layer-level error.
 
     The allocation only knows separable ranks; a stem's projected ranks interleave with them in cost (PP-OCR's
     3→8 stem: projected 3 costs 0.29 of the conv, between separable 1 at 0.24 and 2 at 0.47) and usually have a
     fraction of the error. Both errors are the conv's own (linear) output NMSE from the same calibration
-    statistics. Returns how many convs took it.
+    statistics.
     """
     curves = [p for p in eligible(plans) if p.error_at_rank]
     absolute = all(p.macs_before is not None for p in curves)
@@ -371,7 +371,6 @@ def offer_projection(plans: Sequence[LayerPlan], decisions: Decisions, target: f
     if offered and before:
         # The allocation's own note gave the ratio before the offer.
         decisions.notes.append(f"after the input-projected offer: eligible MACs {(target * before - left) / before:.3f} of the original")
-    return offered
 
 
 def choose_strategy(options) -> Strategy:

@@ -506,12 +506,10 @@ def _fit(
             squared_error = lowrank.regression_error(lowrank.dense_weights(factors, bias), stats)
         else:
             note = "the activation-aware refinement did not lower the activated error; the linear fit is kept"
-    weight = t.spec.weight.astype(np.float64)
-    dense = lowrank.reconstruct(factors)
     return FittedLayer(
         factors=factors,
         bias=bias,
-        weight_error=float(np.linalg.norm(dense - weight) / max(np.linalg.norm(weight), 1e-30)),
+        weight_error=_weight_error(factors, t.spec.weight),
         output_error=squared_error / stats.centred_energy,
         output_error_data_free=result.data_free_error / stats.centred_energy,
         seconds=0.0,
@@ -525,6 +523,12 @@ def _fit(
     )
 
 
+def _weight_error(factors: lowrank.SeparableFactors, weight: np.ndarray) -> float:
+    """‖W − Ŵ‖_F / ‖W‖_F of the kernel the factors compute."""
+    weight = np.asarray(weight, dtype=np.float64)
+    return float(np.linalg.norm(lowrank.reconstruct(factors) - weight) / max(np.linalg.norm(weight), 1e-30))
+
+
 def _fit_projected(t: _Target, stats: lowrank.RegressionStats, options: DistillOptions, wave: int) -> FittedLayer:
     """The input-projected rewrite (``projection``), fitted to the conv's own (linear) output."""
     fitted = fit_projected(t.spec.weight, t.spec.bias, stats, t.plan.rank)
@@ -536,7 +540,7 @@ def _fit_projected(t: _Target, stats: lowrank.RegressionStats, options: DistillO
     return FittedLayer(
         factors=factors,
         bias=fitted.bias,
-        weight_error=float(np.linalg.norm(lowrank.reconstruct(factors) - weight) / max(np.linalg.norm(weight), 1e-30)),
+        weight_error=_weight_error(factors, weight),
         output_error=fitted.squared_error / stats.centred_energy,
         output_error_data_free=free_error / stats.centred_energy,
         seconds=0.0,
@@ -554,11 +558,10 @@ def _fit_at_following_depthwise(t: _Target, stats: lowrank.RegressionStats, opti
     result = fit_through(
         t.spec.weight, t.spec.bias, stats, t.plan.rank, through.operator, through.gain, through.offset, ridge=options.ridge
     )
-    weight = t.spec.weight.astype(np.float64)
     return FittedLayer(
         factors=result.factors,
         bias=result.bias,
-        weight_error=float(np.linalg.norm(lowrank.reconstruct(result.factors) - weight) / max(np.linalg.norm(weight), 1e-30)),
+        weight_error=_weight_error(result.factors, t.spec.weight),
         output_error=result.squared_error / stats.centred_energy,
         output_error_data_free=result.data_free_error / stats.centred_energy,
         seconds=0.0,
