@@ -65,7 +65,7 @@ class RewriteContext:
             for name, (given, wanted) in calibration.casts.items():
                 notes.append(f"calibration input '{name}' was {given}: cast to the model's {wanted}")
         refuse_bfloat16_convs(original)
-        working = inline_conv_functions(original, notes)
+        working = without_io_value_info(inline_conv_functions(original, notes))
         conv_pixels = None
         variants = shapes_from_calibration(working, calibration, overrides) if calibration is not None else []
         if variants:
@@ -170,6 +170,26 @@ def inline_conv_functions(model: onnx.ModelProto, notes: list[str]) -> onnx.Mode
         "rewritten; the output model has no local functions"
     )
     return inlined
+
+
+def without_io_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without ``value_info`` entries that repeat a graph input or output (a copy, only if it has any).
+
+    ``value_info`` is for the other values; an exporter that lists an output there too, without its shape (ddddocr's
+    quantized CRNN), makes onnx-graphsurgeon, which the passes edit graphs with, give the output the entry's empty
+    shape, and the exported graph then fails the ONNX checker.
+    """
+    graph = model.graph
+    io = {value.name for value in [*graph.input, *graph.output]}
+    repeated = [value for value in graph.value_info if value.name in io]
+    if not repeated:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    kept = [value for value in copy.graph.value_info if value.name not in io]
+    del copy.graph.value_info[:]
+    copy.graph.value_info.extend(kept)
+    return copy
 
 
 def shapes_from_calibration(

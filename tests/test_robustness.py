@@ -419,6 +419,25 @@ def test_a_model_without_convs_is_written_with_the_same_graph(tmp_path):
     assert report["layers"] == [] and any("nothing to rewrite" in note for note in report["notes"])
 
 
+def test_value_info_that_repeats_an_output_without_its_shape_is_dropped(tmp_path):
+    """An exporter listed the graph output in value_info too, with no shape (ddddocr's quantized CRNN): the graph
+    editor took the empty shape for the output, and the rewritten graph failed the ONNX checker."""
+    model = conv_model(in_channels=4, out_channels=6, pads=(1, 1, 1, 1))
+    model.graph.value_info.append(helper.make_empty_tensor_value_info("y"))
+    model.graph.value_info[-1].type.tensor_type.elem_type = TensorProto.FLOAT
+    onnx.checker.check_model(model, full_check=True)  # the input is valid as it is
+    path = tmp_path / "listed.onnx"
+    onnx.save(model, str(path))
+    before = path.read_bytes()
+    code, out, err = dsrewrite_cli(path, "-o", tmp_path / "out.onnx", "--rank", "1")
+    assert code == 0, err
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    onnx.checker.check_model(written, full_check=True)
+    assert len(written.graph.output[0].type.tensor_type.shape.dim) == 4  # the output's own (rank-4) shape
+    assert "y" not in {value.name for value in written.graph.value_info}
+    assert path.read_bytes() == before
+
+
 def test_a_small_model_with_external_data_is_written_as_one_file(tmp_path):
     model = conv_model(in_channels=8, out_channels=8)
     path = tmp_path / "ext.onnx"
