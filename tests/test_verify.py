@@ -144,3 +144,27 @@ def test_figures_accumulated_feed_by_feed_match_one_comparison_of_everything():
         for field in ("max_abs", "mean_abs", "max_rel", "cosine", "min_atol", "min_rtol"):
             assert getattr(per_feed, field) == pytest.approx(getattr(whole, field), rel=1e-9), field
         assert per_feed.passed == whole.passed and per_feed.finite and whole.finite
+
+
+@pytest.mark.parametrize("last_dim, has_decisions", [(16, True), ("anchors", False)])
+def test_argmax_agreement_only_over_a_last_axis_of_fixed_size(last_dim, has_decisions):
+    """A last axis the model declares as growing with its input (a YOLO head's anchors) holds positions, not a
+    choice among alternatives: no argmax agreement there. A fixed-size one (classes) gets it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((3, 2, 1, 1)).astype(np.float32), "W")
+    shape = numpy_helper.from_array(np.array([1, 3, 16], dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["y"]), helper.make_node("Reshape", ["y", "shape"], ["out"])],
+        "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, last_dim])], [weight, shape],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    result = verify(model, perturbed(model, 0.5), feeds(model), atol=None, rtol=None)
+    (output,) = result.outputs
+    assert (output.argmax_agreement is not None) is has_decisions
+    if has_decisions:
+        assert 0.0 <= output.argmax_agreement <= 1.0
