@@ -365,7 +365,7 @@ def explain(ctx: RewriteContext, plans: list[LayerPlan]) -> None:
         )
     if not plans:
         ctx.notes.append("nothing to rewrite: the model has no Conv nodes")
-    elif any(p.macs_before is None for p in plans):
+    elif any(p.macs_before is None and p.op == "Conv" for p in plans):  # quantized convs are not costed at all
         ctx.notes.append("MACs of some convs are unknown (dynamic spatial dims); pass --input-shape to fix them")
 
 
