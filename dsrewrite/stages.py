@@ -27,6 +27,7 @@ from .measure import measure
 from .pipeline import Pass, Pipeline, default_opset
 from .plan import LINEAR_FIT_NOTE, LayerPlan
 from .report import Report, compute_totals
+from .verify import DEFAULT_DYNAMIC_DIM, feed_shapes
 from .report.text import speedups
 from .verify import VerificationResult, output_precision, verify
 
@@ -414,6 +415,13 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
                          f"way), so it is not timed against itself{ceiling}")  # fmt: skip
     result = latency.benchmark_models(ctx.original, rewritten, feed, threads=threads, references=references)
     result["rewritten_convs"] = totals.rewritten
+    result["input_shapes"] = {name: list(value.shape) for name, value in feed.items()}
+    guessed = guessed_input_dims(ctx)
+    if guessed:
+        ctx.notes.append(
+            f"latency measured at {guessed}: the model leaves those dims dynamic and neither --input-shape nor "
+            f"--calibration gave them, so they were set to {DEFAULT_DYNAMIC_DIM}; the speedup depends on them"
+        )
     if ctx.progress:
         ctx.progress("benchmarking", 1, steps)
     if cores != threads:
@@ -439,6 +447,23 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
         ctx.progress("benchmarking", steps, steps)
     ctx.warn(slowness_warnings(result, options))
     return result
+
+
+def guessed_input_dims(ctx: RewriteContext) -> str:
+    """The graph inputs whose non-batch dims are dynamic and were given neither by --input-shape nor by calibration
+    feeds, as 'name 1x3x64x64' (empty when there are none)."""
+    if ctx.calibration is not None:
+        return ""
+    initializers = {i.name for i in ctx.original.graph.initializer}
+    shapes = feed_shapes(ctx.original, ctx.options.input_shapes)
+    guessed = []
+    for value in ctx.original.graph.input:
+        if value.name in initializers or value.name in ctx.options.input_shapes:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in list(dims)[1:]):
+            guessed.append(f"{value.name} {'x'.join(map(str, shapes[value.name]))}")
+    return ", ".join(guessed)
 
 
 def slowness_warnings(bench: dict, options) -> list[str]:

@@ -528,3 +528,15 @@ def test_at_the_core_count_the_rewrites_are_judged_together():
     # At --threads each one must pay on its own.
     after[1]["a"] = 0.99
     assert _slower_in_place([a, b, c], before, after, 1, [1]) == [(a, 1)]
+
+
+def test_the_benchmark_says_at_which_shape_it_timed_dims_nobody_gave():
+    """Dynamic dims that neither --input-shape nor calibration set are timed at a default size: the report says
+    so, because the speedup depends on them; with --input-shape it does not need to."""
+    model = conv_model(in_channels=8, out_channels=8, spatial=("h", "w"), pads=(1, 1, 1, 1))
+    guessed = dsrewrite.rewrite(model, rank=1, benchmark=True).report
+    assert guessed.benchmark["input_shapes"] == {"x": [1, 8, 64, 64]}
+    assert any(note.startswith("latency measured at x 1x8x64x64: the model leaves those dims dynamic") for note in guessed.notes)
+    given = dsrewrite.rewrite(model, rank=1, benchmark=True, input_shapes={"x": [1, 8, 32, 32]}).report
+    assert given.benchmark["input_shapes"] == {"x": [1, 8, 32, 32]}
+    assert not any(note.startswith("latency measured at") for note in given.notes)
