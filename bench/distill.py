@@ -48,6 +48,7 @@ INPUT_SHAPES = {
     "ppocr_rec": {"x": (1, 3, 48, 320)},
     "ppocr_cls": {"x": (1, 3, 48, 192)},
     "ppocr_det": {"x": (1, 3, 736, 736)},
+    "yolox_det": {"images": (1, 3, 416, 416)},
 }
 
 METHODS = {

@@ -42,7 +42,6 @@ from dsrewrite.verify import random_feeds  # noqa: E402
 
 SHAPES = {
     **INPUT_SHAPES,
-    "yolox_det": {"images": (1, 3, 416, 416)},
     "yolov8n_320": {"images": (1, 3, 320, 320)},  # dynamic dims in the file
 }
 

@@ -497,6 +497,127 @@ def calib_ppocr_det(n: int = 8, batch_size: int = 1) -> list[Feed]:
 
 
 # --------------------------------------------------------------------------- #
+# yolox_det (ddddocr's click-captcha detector, YOLOX-style): glyphs on clutter
+# --------------------------------------------------------------------------- #
+
+YOLOX_SIZE = 416
+YOLOX_INPUT = "images"
+YOLOX_SCORE, YOLOX_NMS, YOLOX_IOU = 0.1, 0.45, 0.5  # the package's thresholds; a hit is IoU >= 0.5
+# Click captchas ask for characters and icons; DejaVu has no CJK, so Latin, Cyrillic and Greek letters and symbols.
+_YOLOX_GLYPHS = "ABDEFGHKMNPRSTUVWXYZabdeghkmnpqrtuyЖЯБДФШЩЮλΣΩΦΨ♣♠♥♦★☀☂☎✈♞"
+_YOLOX_FONTS = ("DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSans.ttf")
+
+
+def render_glyph_scene(rng: random.Random) -> tuple[Image.Image, np.ndarray]:
+    """A 416x416 colour field with ring clutter and 3-5 non-overlapping glyphs (28-56 px, turned up to 30
+    degrees, random colours); returns the image and the glyphs' ink boxes (x0, y0, x1, y1)."""
+    field = Image.fromarray(np.array([[[rng.randrange(256) for _ in range(3)] for _ in range(6)] for _ in range(6)],
+                                     dtype=np.uint8))  # fmt: skip
+    img = field.resize((YOLOX_SIZE, YOLOX_SIZE), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(3, 7)):  # rings the detector must not take for glyphs
+        x, y, r = rng.randrange(YOLOX_SIZE), rng.randrange(YOLOX_SIZE), rng.randint(10, 60)
+        draw.ellipse([x, y, x + r, y + r], outline=tuple(rng.randrange(256) for _ in range(3)), width=2)
+    boxes: list[tuple[int, int, int, int]] = []
+    for _ in range(rng.randint(3, 5)):
+        for _attempt in range(20):
+            size = rng.randint(28, 56)
+            glyph = Image.new("L", (2 * size, 2 * size), 0)
+            ImageDraw.Draw(glyph).text((size // 2, size // 4), rng.choice(_YOLOX_GLYPHS),
+                                       font=_font(rng.choice(_YOLOX_FONTS), size), fill=255)  # fmt: skip
+            glyph = glyph.rotate(rng.uniform(-30, 30), resample=Image.BICUBIC)
+            ink = glyph.getbbox()
+            if ink is None:
+                continue
+            glyph = glyph.crop(ink)
+            w, h = glyph.size
+            x, y = rng.randint(0, YOLOX_SIZE - w), rng.randint(0, YOLOX_SIZE - h)
+            box = (x, y, x + w, y + h)
+            if any(not (box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1]) for b in boxes):
+                continue
+            img.paste(Image.new("RGB", glyph.size, tuple(rng.randrange(256) for _ in range(3))), (x, y), glyph)
+            boxes.append(box)
+            break
+    return img, np.array(boxes, dtype=np.float32).reshape(-1, 4)
+
+
+@functools.lru_cache(maxsize=2)
+def yolox_dataset(n: int, seed: int = EVAL_SEED) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """``n`` scenes as (N,3,416,416) uint8 BGR (the package feeds OpenCV's BGR 0..255 as float, no resize at this
+    size; uint8 here keeps 1000 scenes at 0.5 GB), and each scene's glyph boxes."""
+    rng = random.Random(seed)
+    scenes = [render_glyph_scene(rng) for _ in range(n)]
+    x = np.stack([np.asarray(img)[:, :, ::-1].transpose(2, 0, 1) for img, _ in scenes])
+    return _frozen(np.ascontiguousarray(x)), tuple(_frozen(boxes) for _, boxes in scenes)
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    x0, y0 = np.maximum(a[:, None, 0], b[None, :, 0]), np.maximum(a[:, None, 1], b[None, :, 1])
+    x1, y1 = np.minimum(a[:, None, 2], b[None, :, 2]), np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
+
+
+def yolox_boxes(output: np.ndarray) -> np.ndarray:
+    """The package's decoding of one (1, 3549, 6) output: grid offsets and strides 8/16/32, score = objectness x
+    class, class-agnostic NMS. Boxes (x0, y0, x1, y1) in input pixels."""
+    grids, strides = [], []
+    for stride in (8, 16, 32):
+        cells = YOLOX_SIZE // stride
+        xv, yv = np.meshgrid(np.arange(cells), np.arange(cells))
+        grids.append(np.stack((xv, yv), 2).reshape(-1, 2))
+        strides.append(np.full((cells * cells, 1), stride))
+    grid, stride = np.concatenate(grids), np.concatenate(strides)
+    p = output[0].astype(np.float64)
+    centre, size = (p[:, :2] + grid) * stride, np.exp(p[:, 2:4]) * stride
+    score = p[:, 4] * p[:, 5]
+    keep = score > YOLOX_SCORE
+    boxes, score = np.concatenate([centre - size / 2, centre + size / 2], 1)[keep], score[keep]
+    order, kept = np.argsort(-score, kind="stable"), []
+    while order.size:
+        kept.append(order[0])
+        order = order[1:][_box_iou(boxes[order[:1]], boxes[order[1:]])[0] <= YOLOX_NMS]
+    return boxes[kept]
+
+
+def _matched(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per ground-truth box: found by a prediction at IoU >= 0.5 (greedy, best overlaps first, one-to-one)."""
+    found = np.zeros(len(truth), dtype=bool)
+    if len(pred) and len(truth):
+        iou = _box_iou(pred, truth)
+        for i in np.argsort(-iou.max(1), kind="stable"):
+            j = int(np.argmax(np.where(found, -1.0, iou[i])))
+            if iou[i, j] >= YOLOX_IOU and not found[j]:
+                found[j] = True
+    return found
+
+
+def predict_yolox_det(model: ModelLike, n: int = 200) -> Predictions:
+    """One decision per glyph: found or missed; the score is the glyph F1 (false detections count), pooled."""
+    x, truths = yolox_dataset(n)
+    sess = session(model)
+    found, false_hits = [], 0
+    for image, truth in zip(x, truths):
+        pred = yolox_boxes(sess.run(None, {YOLOX_INPUT: image[None].astype(np.float32)})[0])
+        hits = _matched(pred, truth)
+        found.append(hits)
+        false_hits += len(pred) - int(hits.sum())
+    found = np.concatenate(found)
+    tp = int(found.sum())
+    return Predictions(found, found, float(2 * tp / max(1, 2 * tp + false_hits + (len(found) - tp))))
+
+
+def eval_yolox_det(model: ModelLike, n: int = 200) -> float:
+    """Glyph F1 at IoU 0.5 against the rendered boxes, pooled over scenes."""
+    return predict_yolox_det(model, n).score
+
+
+def calib_yolox_det(n: int = 16, batch_size: int = 1) -> list[Feed]:
+    return _feeds(yolox_dataset(n, CALIB_SEED)[0].astype(np.float32), YOLOX_INPUT, batch_size)
+
+
+# --------------------------------------------------------------------------- #
 # Registry
 # --------------------------------------------------------------------------- #
 
@@ -521,6 +642,8 @@ EVALUATIONS: dict[str, Evaluation] = {
                             "0/180 degree orientation accuracy", 200, predict_ppocr_cls),
     "ppocr_det": Evaluation(eval_ppocr_det, calib_ppocr_det, PPOCR_INPUT,
                             "pixel F1 of thresholded map vs shrunk text boxes", 32, predict_ppocr_det),
+    "yolox_det": Evaluation(eval_yolox_det, calib_yolox_det, YOLOX_INPUT,
+                            "glyph F1 at IoU 0.5 (one decision per glyph: found or missed)", 200, predict_yolox_det),
 }
 
 

@@ -72,12 +72,13 @@ SETTINGS = {
     "rank=2": {"rank": 2},
     "target_macs=0.5": {"target_macs": 0.5},
 }
-DEFAULT_N = {"captcha_crnn": 1000, "ppocr_rec": 1000, "ppocr_cls": 1000, "ppocr_det": 300}
+DEFAULT_N = {"captcha_crnn": 1000, "ppocr_rec": 1000, "ppocr_cls": 1000, "ppocr_det": 300, "yolox_det": 1000}
 DATASETS = {
     "captcha_crnn": evaluations.captcha_dataset,
     "ppocr_rec": evaluations.ppocr_rec_dataset,
     "ppocr_cls": evaluations.ppocr_cls_dataset,
     "ppocr_det": evaluations.ppocr_det_dataset,
+    "yolox_det": evaluations.yolox_dataset,
 }
 FP32, INT8, PREPARED = "fp32 original", "INT8 original", "INT8 prepared"
 # A plan that rewrites nothing: rewrite() then runs only its other passes (fold_batchnorm, cleanup) and the
