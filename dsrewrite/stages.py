@@ -27,9 +27,8 @@ from .measure import measure
 from .pipeline import Pass, Pipeline, default_opset
 from .plan import LINEAR_FIT_NOTE, LayerPlan
 from .report import Report, compute_totals
-from .verify import DEFAULT_DYNAMIC_DIM, feed_shapes
 from .report.text import speedups
-from .verify import VerificationResult, output_precision, verify
+from .verify import DEFAULT_DYNAMIC_DIM, VerificationResult, feed_shapes, output_precision, verify
 
 log = logging.getLogger(__name__)
 

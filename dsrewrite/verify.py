@@ -63,7 +63,7 @@ class OutputComparison:
     passed: bool
     # Share of positions whose argmax over the last axis is unchanged (a decision proxy: the class of a
     # classifier, the symbol of a CTC frame); None unless the output is 2-D or 3-D with a last axis of 2 or more
-    # that the model does not declare as growing with its input (see ``_decision_axis_sizes``).
+    # that the model does not declare as growing with its input (see ``_decisions_on_last_axis``).
     argmax_agreement: float | None = None
 
 
@@ -213,7 +213,7 @@ def verify(
         for name, a, b in zip(ref_outputs, expected, actual):
             per_output[name].append((a, np.asarray(b)))
 
-    fixed = _decision_axis_sizes(original)
+    fixed = _decisions_on_last_axis(original)
     for name, pairs in per_output.items():
         comparison, problems = _compare(name, pairs, atol, rtol, decisions=fixed.get(name, True))
         result.outputs.append(comparison)
@@ -224,7 +224,7 @@ def verify(
     return result
 
 
-def _decision_axis_sizes(model: onnx.ModelProto) -> dict[str, bool]:
+def _decisions_on_last_axis(model: onnx.ModelProto) -> dict[str, bool]:
     """Per graph output with a declared shape: whether its last axis can hold decisions.
 
     A choice among alternatives (classes, symbols) is over a set the model fixes. A last axis the model declares
