@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import conv_model
-from onnx import numpy_helper
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from dsrewrite.verify import feed_shapes, random_feeds, verify
 
@@ -150,9 +151,6 @@ def test_figures_accumulated_feed_by_feed_match_one_comparison_of_everything():
 def test_argmax_agreement_only_over_a_last_axis_of_fixed_size(last_dim, has_decisions):
     """A last axis the model declares as growing with its input (a YOLO head's anchors) holds positions, not a
     choice among alternatives: no argmax agreement there. A fixed-size one (classes) gets it."""
-    import onnx
-    from onnx import TensorProto, helper
-
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((3, 2, 1, 1)).astype(np.float32), "W")
     shape = numpy_helper.from_array(np.array([1, 3, 16], dtype=np.int64), "shape")
