@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from conftest import conv_model
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dsrewrite.verify import feed_shapes, random_feeds, verify
