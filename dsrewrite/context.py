@@ -192,6 +192,21 @@ def without_io_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def inputs_left_dynamic(model: onnx.ModelProto, overrides: Mapping) -> dict[str, list[int | None]]:
+    """Graph inputs (not initializers, not in ``overrides``) with a dynamic dim past the batch dim, and their
+    declared dims (None where dynamic). A dynamic batch alone does not count: it is costed per sample."""
+    initializers = {i.name for i in model.graph.initializer}
+    dynamic = {}
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in initializers or vi.name in overrides or not dims:
+            continue
+        known = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+        if None in known[1:]:
+            dynamic[vi.name] = known
+    return dynamic
+
+
 def shapes_from_calibration(
     model: onnx.ModelProto, calibration: CalibrationSet, overrides: Mapping
 ) -> list[tuple[dict, int]]:
@@ -201,15 +216,7 @@ def shapes_from_calibration(
     Empty when no such input is left dynamic (``--input-shape`` wins). The batch dim stays per sample (1)
     where the model leaves it dynamic.
     """
-    initializers = {i.name for i in model.graph.initializer}
-    dynamic = {}
-    for vi in model.graph.input:
-        dims = vi.type.tensor_type.shape.dim
-        if vi.name in initializers or vi.name in overrides or not dims:
-            continue
-        known = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
-        if None in known[1:]:  # only the batch dynamic: costed per sample as before
-            dynamic[vi.name] = known[0] or 1
+    dynamic = {name: known[0] or 1 for name, known in inputs_left_dynamic(model, overrides).items()}
     if not dynamic:
         return []
     counts = Counter(

@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import replace
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import onnx
 
 from . import latency
 from ._version import __version__
-from .context import RewriteContext
+from .context import RewriteContext, inputs_left_dynamic
 from .cores import available_cores, timed_thread_counts
 from .decide import ERROR_CURVES, MIN_SPEEDUP, SavedPlan, apply_decisions, choose_strategy, revert, sweep
 from .heap import release_free_memory
@@ -28,7 +28,7 @@ from .pipeline import Pass, Pipeline, default_opset
 from .plan import LINEAR_FIT_NOTE, LayerPlan
 from .report import Report, compute_totals
 from .report.text import speedups
-from .verify import DEFAULT_DYNAMIC_DIM, VerificationResult, feed_shapes, output_precision, verify
+from .verify import DEFAULT_DYNAMIC_DIM, VerificationResult, output_precision, verify
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
     result = latency.benchmark_models(ctx.original, rewritten, feed, threads=threads, references=references)
     result["rewritten_convs"] = totals.rewritten
     result["input_shapes"] = {name: list(value.shape) for name, value in feed.items()}
-    guessed = guessed_input_dims(ctx)
+    guessed = guessed_input_dims(ctx, result["input_shapes"])
     if guessed:
         ctx.notes.append(
             f"latency measured at {guessed}: the model leaves those dims dynamic and neither --input-shape nor "
@@ -448,21 +448,13 @@ def benchmark(ctx: RewriteContext, rewritten: onnx.ModelProto, plans: list[Layer
     return result
 
 
-def guessed_input_dims(ctx: RewriteContext) -> str:
+def guessed_input_dims(ctx: RewriteContext, timed: Mapping[str, Sequence[int]]) -> str:
     """The graph inputs whose non-batch dims are dynamic and were given neither by --input-shape nor by calibration
-    feeds, as 'name 1x3x64x64' (empty when there are none)."""
+    feeds, at the shapes ``timed`` gave them, as 'name 1x3x64x64' (empty when there are none)."""
     if ctx.calibration is not None:
         return ""
-    initializers = {i.name for i in ctx.original.graph.initializer}
-    shapes = feed_shapes(ctx.original, ctx.options.input_shapes)
-    guessed = []
-    for value in ctx.original.graph.input:
-        if value.name in initializers or value.name in ctx.options.input_shapes:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in list(dims)[1:]):
-            guessed.append(f"{value.name} {'x'.join(map(str, shapes[value.name]))}")
-    return ", ".join(guessed)
+    left = inputs_left_dynamic(ctx.original, ctx.options.input_shapes)
+    return ", ".join(f"{name} {'x'.join(map(str, timed[name]))}" for name in left if name in timed)
 
 
 def slowness_warnings(bench: dict, options) -> list[str]:
