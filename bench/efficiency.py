@@ -20,7 +20,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -101,11 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print("| round | before (ms) | after (ms) | speedup | of Amdahl |")
         print("|---|---|---|---|---|")
         for index in range(args.rounds):
-            sessions = [latency.make_session(m, args.threads) for m in (original, result.model)]
-            times = latency.interleaved_medians(sessions, feed, warmup=5, min_repeats=20, max_repeats=3000,
-                                                budget_seconds=args.seconds)  # fmt: skip
-            before, after = (statistics.median(t) for t in times)
-            speedup = before / after
+            timed = latency.benchmark_models(original, result.model, feed, threads=args.threads, budget_seconds=args.seconds)
+            before, after, speedup = timed["latency_before_ms"], timed["latency_after_ms"], timed["speedup"]
             print(f"| {index + 1} | {before:.2f} | {after:.2f} | {speedup:.3f}x | {(speedup - 1) / (predicted - 1):.0%} |",
                   flush=True)  # fmt: skip
         layers = [layer for layer in result.report.layers if layer.rewritten]
