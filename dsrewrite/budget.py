@@ -187,25 +187,28 @@ def _lower_hull(states: list[tuple[int, float, int | None]]) -> list[tuple[int, 
     return hull
 
 
-def curves_from_plans(plans) -> tuple[list[ErrorCurve], bool]:
-    """Error curves of the eligible convs of a plan, and whether MACs are absolute.
-
-    Per-rank MACs follow ``cost.separable_cost``. When some conv's MACs are
-    unknown (dynamic spatial dims), every curve uses MACs per output pixel
-    instead, so the units still agree across convs.
-    """
-    from .cost import separable_cost  # noqa: PLC0415 (keep budget importable without the rest)
-
+def costing_pixels(plans) -> tuple[list, dict[str, int], bool]:
+    """The eligible convs with error curves, the output pixels each one's per-pixel MACs count for, and whether
+    MACs are absolute. When some conv's MACs are unknown (dynamic spatial dims), every conv counts one pixel: MACs
+    per output pixel, so the units still agree across convs."""
     eligible = [p for p in plans if p.eligible and p.error_at_rank]
     absolute = all(p.macs_before is not None for p in eligible)
+    pixels = {p.output: p.macs_before // p.macs_per_pixel_before if absolute else 1 for p in eligible}
+    return eligible, pixels, absolute
+
+
+def curves_from_plans(plans) -> tuple[list[ErrorCurve], bool]:
+    """Error curves of the eligible convs of a plan, and whether MACs are absolute (``costing_pixels``).
+
+    Per-rank MACs follow ``cost.separable_cost`` (``LayerPlan.macs_per_pixel_at``).
+    """
+    eligible, pixels, absolute = costing_pixels(plans)
     curves = []
     for p in eligible:
-        k = math.prod(p.kernel)
-        pixels = p.macs_before // p.macs_per_pixel_before if absolute else 1
-        before = p.macs_per_pixel_before * pixels
+        before = p.macs_per_pixel_before * pixels[p.output]
         macs, errors = [0], [0.0]
         for r, error in enumerate(p.error_at_rank, start=1):
-            cost = separable_cost(p.in_channels, p.out_channels, k, p.group, r, None, False).macs_per_pixel * pixels
+            cost = p.macs_per_pixel_at(r) * pixels[p.output]
             if cost >= before:
                 break
             macs.append(cost)

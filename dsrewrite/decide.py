@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol, Sequence
 
-from .budget import ErrorCurve, allocate, choose_auto_rank, curves_from_plans, smallest_rank_within
+from .budget import ErrorCurve, allocate, choose_auto_rank, costing_pixels, curves_from_plans, smallest_rank_within
 from .cost import projected_cost, separable_cost
 from .plan import FORM_PROJECTED, REWRITTEN, SKIPPED, Decision, Decisions, LayerPlan, decisions_from_document, default_form, valid_forms
 
@@ -326,11 +326,10 @@ def offer_projection(plans: Sequence[LayerPlan], decisions: Decisions, target: f
     fraction of the error. Both errors are the conv's own (linear) output NMSE from the same calibration
     statistics.
     """
-    curves = [p for p in eligible(plans) if p.error_at_rank]
-    absolute = all(p.macs_before is not None for p in curves)
+    curves, counted, _absolute = costing_pixels(plans)  # the allocation's units
 
     def pixels(plan: LayerPlan) -> int:
-        return plan.macs_before // plan.macs_per_pixel_before if absolute else 1
+        return counted[plan.output]
 
     def cost(plan: LayerPlan, decision: Decision) -> int:
         if decision.rank is None:
