@@ -82,6 +82,8 @@ BENCH_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
     "mtcnn_pnet": {"input_1": (1, 48, 48, 3)},
     "mtcnn_rnet": {"input_2": (1, 24, 24, 3)},
     "mtcnn_onet": {"input_3": (1, 48, 48, 3)},
+    "yolox_det": {"images": (1, 3, 416, 416)},  # fixed in the file
+    "yolov8n_320": {"images": (1, 3, 160, 160)},  # dynamic: small, to keep the guard quick
 }
 
 CALIB_SAMPLES = 16
