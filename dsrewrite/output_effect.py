@@ -16,9 +16,20 @@ handful of calibration feeds are compared with the original's.
   mean ``KL(p ‖ p̂)`` over those distributions, in nats (the divergence of the
   decisions the model's consumers read);
 * otherwise (logits, regressions, maps): relative MSE
-  ``Σ‖o − ô‖² / Σ‖o − ō‖²`` (``ō`` the output's mean).
+  ``Σ‖o − ô‖² / Σ‖o − ō‖²`` (``ō`` the output's mean);
+* a relative-MSE output with a **feature axis**: relative MSE per feature (each
+  index of that axis against its own spread), averaged over the features. One
+  relative MSE over a detection head weighs its values by their spread, so the
+  box regressions of thousands of anchors drown the one objectness score that
+  decides a detection (``[1, 3549, 4 + 1 + C]`` in YOLOX, ``[N, 4 + C, anchors]``
+  in YOLOv8). A feature axis is one the model declares with a fixed size of
+  2…``MAX_FEATURES`` that holds at least ``MIN_VALUES_PER_FEATURE`` values per
+  index per feed; of several, the one whose indices differ most in spread (a
+  head's columns, a map's channels; not its rows).
 
-Several compared outputs: the mean of their measures. Both are zero at full
+Several compared outputs: the mean of their measures. ``parts`` keeps them
+apart (one per output, one per feature of a featured output): the output guard
+bounds each part, since a mean can hide the one that decides. Both are zero at full
 rank and grow like the square of a small perturbation, so, like layer NMSEs,
 they add across convs to first order: the MAC-budget allocation can spend a
 budget on their sum. Non-float outputs are not compared; a model with no float
@@ -66,6 +77,9 @@ PROBE_FEEDS = 8
 REMEASURE_WIDTH = 2
 # A distribution's probabilities are floored here before the logarithm (a rewritten model may output exact zeros).
 _PROBABILITY_FLOOR = 1e-12
+# A feature axis (see the module docstring): at most this many features, each with this many values per feed.
+MAX_FEATURES = 256
+MIN_VALUES_PER_FEATURE = 64
 
 SOURCE = "model outputs"  # plans' error_source when their curve is output-level
 
@@ -76,18 +90,40 @@ class NotComparable(Exception):
 
 @dataclass(frozen=True)
 class OutputMeasure:
-    """How one output is compared: "kl" (a distribution over its last axis) or "relative_mse"."""
+    """How one output is compared: "kl" (a distribution over its last axis) or "relative_mse", maybe per feature."""
 
     name: str
     kind: str
     scale: float  # relative MSE: Σ‖o − ō‖² of the reference; KL: the number of distributions
+    feature_axis: int | None = None  # relative MSE per index of this axis
+    feature_scales: tuple[float, ...] = ()  # per feature: Σ‖o_f − ō_f‖² of the reference
+
+    @property
+    def scales(self) -> np.ndarray:
+        """What each part's divergence is divided by."""
+        return np.asarray(self.feature_scales if self.feature_axis is not None else (self.scale,), dtype=np.float64)
+
+    def part_names(self) -> list[str]:
+        if self.feature_axis is None:
+            return [repr(self.name)]
+        return [f"{self.name!r} feature {index} of axis {self.feature_axis}" for index in range(len(self.feature_scales))]
 
     def describe(self) -> str:
-        return f"KL divergence on {self.name!r}" if self.kind == "kl" else f"relative MSE on {self.name!r}"
+        if self.kind == "kl":
+            return f"KL divergence on {self.name!r}"
+        if self.feature_axis is not None:
+            return (f"relative MSE per feature on {self.name!r} (axis {self.feature_axis}, "
+                    f"{len(self.feature_scales)} features, mean)")  # fmt: skip
+        return f"relative MSE on {self.name!r}"
 
 
-def choose_measure(name: str, references: Sequence[np.ndarray]) -> OutputMeasure:
-    """KL for an output that is a distribution over its last axis (in every reference batch), relative MSE otherwise."""
+def choose_measure(name: str, references: Sequence[np.ndarray], declared: Sequence[int | None] | None = None,
+                   feeds: int = 1) -> OutputMeasure:  # fmt: skip
+    """KL for an output that is a distribution over its last axis (in every reference batch), relative MSE otherwise.
+
+    ``declared``: the output's dims as the model declares them (None where symbolic or absent), which is where a
+    feature axis can be; ``feeds``: how many feeds ``references`` hold.
+    """
     arrays = [np.asarray(r, dtype=np.float64) for r in references]
 
     def distribution(values: np.ndarray) -> bool:
@@ -99,25 +135,67 @@ def choose_measure(name: str, references: Sequence[np.ndarray]) -> OutputMeasure
     if arrays and all(distribution(a) for a in arrays):
         return OutputMeasure(name, "kl", float(sum(a.size // a.shape[-1] for a in arrays)))
     flat = np.concatenate([a.ravel() for a in arrays])
-    spread = float(np.sum((flat - flat.mean()) ** 2))
-    # A constant output: relative to its energy instead (or absolute, for an all-zero one).
-    return OutputMeasure(name, "relative_mse", spread if spread > 0 else float(np.sum(flat**2)) or 1.0)
+    axis = feature_axis(arrays, declared, feeds)
+    if axis is not None:
+        columns = _by_feature(arrays, axis)
+        return OutputMeasure(name, "relative_mse", _spread(flat), axis, tuple(_spread(c) for c in columns.T))
+    return OutputMeasure(name, "relative_mse", _spread(flat))
+
+
+def feature_axis(arrays: Sequence[np.ndarray], declared: Sequence[int | None] | None, feeds: int) -> int | None:
+    """The output's feature axis (module docstring), or None."""
+    if not declared or not arrays:
+        return None
+    total = sum(a.size for a in arrays)
+    candidates = [
+        axis for axis, size in enumerate(declared)
+        if size is not None and 2 <= size <= MAX_FEATURES and total / size / max(feeds, 1) >= MIN_VALUES_PER_FEATURE
+        and all(a.ndim == len(declared) and a.shape[axis] == size for a in arrays)
+    ]  # fmt: skip
+    if not candidates:
+        return None
+
+    def unevenness(axis: int) -> float:
+        spread = _by_feature(arrays, axis).var(axis=0)
+        return float(spread.max() / max(spread.min(), 1e-30))
+
+    return max(candidates, key=lambda axis: (unevenness(axis), -axis))
+
+
+def _by_feature(arrays: Sequence[np.ndarray], axis: int) -> np.ndarray:
+    """Every value, one column per index of ``axis``."""
+    return np.concatenate([np.moveaxis(a, axis, -1).reshape(-1, a.shape[axis]) for a in arrays])
+
+
+def _spread(values: np.ndarray) -> float:
+    """Σ‖o − ō‖²; a constant output's energy instead (1 for an all-zero one), so the measure stays relative."""
+    spread = float(np.sum((values - values.mean()) ** 2))
+    return spread if spread > 0 else float(np.sum(values**2)) or 1.0
 
 
 def divergence(measure: OutputMeasure, reference: np.ndarray, candidate: np.ndarray) -> float:
     """The unnormalised measure (KL summed over distributions, or Σ‖o − ô‖²) of one batch; divide by ``scale``."""
+    return float(divergence_parts(replace(measure, feature_axis=None), reference, candidate)[0])
+
+
+def divergence_parts(measure: OutputMeasure, reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Per part (the output, or each feature), the unnormalised measure of one batch; divide by ``scales``."""
     if candidate.shape != reference.shape:
         raise NotComparable(f"output {measure.name!r} changes shape ({reference.shape} → {candidate.shape})")
     p = reference.astype(np.float64)
     q = candidate.astype(np.float64)
+    parts = len(measure.scales)
     if not np.all(np.isfinite(q)):
-        return math.inf
+        return np.full(parts, math.inf)
     if measure.kind == "kl":
         p = np.clip(p, 0.0, None)
         q = np.clip(q, _PROBABILITY_FLOOR, None)
         terms = np.where(p > 0, p * (np.log(np.clip(p, _PROBABILITY_FLOOR, None)) - np.log(q)), 0.0)
-        return max(float(terms.sum()), 0.0)
-    return float(np.sum((p - q) ** 2))
+        return np.array([max(float(terms.sum()), 0.0)])
+    squared = (p - q) ** 2
+    if measure.feature_axis is not None:
+        return np.moveaxis(squared, measure.feature_axis, -1).reshape(-1, parts).sum(axis=0)
+    return np.array([float(squared.sum())])
 
 
 @dataclass
@@ -150,6 +228,7 @@ class OutputProbe:
         ignored = [o.name for o in model.graph.output if o.name not in float_outputs]
         if not float_outputs:
             raise NotComparable("no float output to compare (" + ", ".join(repr(n) for n in ignored) + ")")
+        feeds = list(feeds)
         probed, originals, inputs, dtypes = _weights_as_inputs(model, set(outputs))
         sess = session(probed, threads=threads)
         can_batch = all(spec.dims and spec.dims[0] is None for spec in model_inputs(model))
@@ -165,7 +244,9 @@ class OutputProbe:
             batches, references = _batched(list(feeds), False), []
             for batch in batches:
                 references.append(sess.run(float_outputs, {**batch, **weights}))
-        measures = [choose_measure(name, [r[index] for r in references]) for index, name in enumerate(float_outputs)]
+        declared = {o.name: _declared_dims(o) for o in model.graph.output}
+        measures = [choose_measure(name, [r[index] for r in references], declared[name], len(feeds))
+                    for index, name in enumerate(float_outputs)]  # fmt: skip
         probe = cls(sess, batches, originals, inputs, dtypes, float_outputs, measures, references, ignored=ignored)
         probe.seconds = time.perf_counter() - start
         return probe
@@ -181,6 +262,10 @@ class OutputProbe:
 
     def error(self, replaced: Mapping[str, Fit]) -> float:
         """The outputs' measure with the convs in ``replaced`` computing their factors, every other conv original."""
+        return self.compare(self.outputs_with(replaced))
+
+    def outputs_with(self, replaced: Mapping[str, Fit]) -> list[list[np.ndarray]]:
+        """Per probe batch, the compared outputs with the convs in ``replaced`` computing their factors."""
         start = time.perf_counter()
         weights = {}
         for key, (kernel, bias) in self.originals.items():
@@ -192,25 +277,42 @@ class OutputProbe:
         got = [self.session.run(self.output_names, {**batch, **weights}) for batch in self.feeds]
         self.runs += 1
         self.seconds += time.perf_counter() - start
-        return self.compare(got)
+        return got
 
     def compare(self, outputs: Sequence[Sequence[np.ndarray]]) -> float:
-        """The measure of ``outputs`` (per probe batch, the compared outputs in order) against the original's."""
-        sums = [0.0] * len(self.measures)
+        """The measure of ``outputs`` (per probe batch, the compared outputs in order): the mean of its outputs'."""
+        parts = self.parts(outputs)
+        means, start = [], 0
+        for measure in self.measures:
+            count = len(measure.scales)
+            means.append(float(np.mean(parts[start : start + count])))
+            start += count
+        return float(np.mean(means))
+
+    def parts(self, outputs: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+        """Each part's measure (every output's, or each feature's of a featured one), in ``part_names`` order."""
+        sums = [np.zeros(len(m.scales)) for m in self.measures]
         for got, reference in zip(outputs, self.references):
             for index, measure in enumerate(self.measures):
-                sums[index] += divergence(measure, reference[index], got[index])
-        return float(np.mean([total / measure.scale for total, measure in zip(sums, self.measures)]))
+                sums[index] += divergence_parts(measure, reference[index], got[index])
+        return np.concatenate([total / measure.scales for total, measure in zip(sums, self.measures)])
 
-    def error_of_model(self, model: onnx.ModelProto, *, threads: int = 1) -> float:
-        """The measure of another model with the same inputs and outputs (e.g. the original quantized) on the probe feeds."""
+    def part_names(self) -> list[str]:
+        return [name for measure in self.measures for name in measure.part_names()]
+
+    def outputs_of_model(self, model: onnx.ModelProto, *, threads: int = 1) -> list[list[np.ndarray]]:
+        """Per probe batch, the compared outputs of another model with the same inputs and outputs (e.g. quantized)."""
         from .verify import session  # noqa: PLC0415
 
         start = time.perf_counter()
         sess = session(model, threads=threads)
         got = [sess.run(self.output_names, batch) for batch in self.feeds]
         self.seconds += time.perf_counter() - start
-        return self.compare(got)
+        return got
+
+    def error_of_model(self, model: onnx.ModelProto, *, threads: int = 1) -> float:
+        """The measure of another model with the same inputs and outputs on the probe feeds."""
+        return self.compare(self.outputs_of_model(model, threads=threads))
 
     # -- curves --------------------------------------------------------------------------------
 
@@ -277,6 +379,13 @@ class OutputProbe:
                 if r not in around and math.isfinite(plan.error_at_rank[r - 1]):
                     copy.error_at_rank[r - 1] = plan.error_at_rank[r - 1] * factor
         return copies
+
+
+def _declared_dims(value: onnx.ValueInfoProto) -> list[int | None] | None:
+    """A graph output's dims as declared (None where symbolic), or None when it declares no shape."""
+    if not value.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in value.type.tensor_type.shape.dim]
 
 
 def fits_at_ranks(fits: Mapping[str, Mapping[int, Fit]], ranks: Mapping[str, int | None]) -> dict[str, Fit]:

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import dsrewrite
 from dsrewrite import lowrank
-from dsrewrite.output_effect import NotComparable, OutputProbe, choose_measure, divergence
+from dsrewrite.output_effect import NotComparable, OutputProbe, choose_measure, divergence, divergence_parts
 
 
 def two_branch_model(loud: float = 10.0, quiet: float = 0.1, softmax: bool = False) -> onnx.ModelProto:
@@ -126,7 +126,7 @@ def test_the_first_allocation_is_kept_when_the_remeasured_one_moves_the_outputs_
     def swapped_curves(self, plans, ranks):  # a re-measure that reverses which conv looks loud
         copies = OutputLevel.__dict__["_real_remeasure"](self, plans, ranks)
         a, b = (c for c in copies if c.output in ("a", "b"))
-        a.error_at_rank, b.error_at_rank = [e / 1e4 for e in a.error_at_rank], [e * 1e4 for e in b.error_at_rank]
+        a.error_at_rank, b.error_at_rank = b.error_at_rank, a.error_at_rank  # equal shapes: the curves swap places
         return copies
 
     joint = []
@@ -163,7 +163,7 @@ def test_target_macs_with_calibration_allocates_on_the_outputs_and_remeasures():
         if layer.rewritten:
             assert layer.model_output_error == pytest.approx(layer.error_at_rank[layer.rank - 1])
     notes = " ".join(result.report.notes)
-    assert "relative MSE on 'y'" in notes and "re-measured once" in notes and "errors from model outputs" in notes
+    assert "relative MSE per feature on 'y'" in notes and "re-measured once" in notes and "errors from model outputs" in notes
     data = result.report.data()
     assert all("model_output_error" in layer and "layer_error_at_rank" in layer for layer in data["layers"])
 
@@ -243,3 +243,41 @@ def test_fit_store_keeps_fits_in_files_as_float32_and_removes_them_when_closed()
     assert len(os.listdir(folder)) == 4
     store.close()
     assert not os.path.exists(folder)
+
+
+def test_a_declared_feature_axis_is_measured_per_feature_so_a_quiet_column_counts():
+    # A detection head: 300 anchors x (4 box values of spread ~100, 1 score of spread ~0.1).
+    rng = np.random.default_rng(0)
+    head = np.concatenate([100 * rng.standard_normal((1, 300, 4)), 0.1 * rng.standard_normal((1, 300, 1))], axis=-1)
+    moved = head.copy()
+    moved[..., 4] += 0.1 * rng.standard_normal((1, 300))  # the score moves by its whole spread, the boxes not at all
+    whole = choose_measure("out", [head])
+    assert whole.feature_axis is None  # no declared shape: one relative MSE
+    assert divergence(whole, head, moved) / whole.scale < 1e-5
+    featured = choose_measure("out", [head], declared=[1, 300, 5], feeds=1)
+    assert featured.feature_axis == 2 and len(featured.feature_scales) == 5
+    parts = divergence_parts(featured, head, moved) / featured.scales
+    assert parts[:4] == pytest.approx(0.0) and parts[4] == pytest.approx(1.0, rel=0.3)
+    assert featured.describe() == "relative MSE per feature on 'out' (axis 2, 5 features, mean)"
+    assert featured.part_names()[4] == "'out' feature 4 of axis 2"
+
+
+@pytest.mark.parametrize(
+    ("shape", "declared", "axis"),
+    [
+        ((1, 22, 500), [None, 22, None], 1),  # YOLOv8: [N, 4 + C, anchors]
+        ((1, 3549, 6), [1, 3549, 6], 2),  # YOLOX: [1, anchors, 4 + 1 + C]
+        ((1, 8, 16, 16), [1, 8, 16, 16], 1),  # a feature map: its channels, not its rows
+        ((1, 16, 16, 8), [1, 16, 16, 8], 3),  # the same, channels last
+        ((1, 10), [1, 10], None),  # a classifier's logits: one value per class per feed is not a feature
+        ((1, 22, 500), [None, None, None], None),  # nothing declared fixed
+        ((20, 1, 37), [20, None, 37], None),  # CTC logits [T, N, classes]: too few values per index
+    ],
+)
+def test_the_feature_axis_is_a_declared_fixed_axis_with_many_values_per_index(shape, declared, axis):
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal(shape)
+    if axis is not None:  # indices of the feature axis differ in spread, as a head's columns or a map's channels do
+        scale = np.geomspace(0.01, 100, shape[axis]).reshape([-1 if a == axis else 1 for a in range(len(shape))])
+        values = values * scale
+    assert choose_measure("out", [values], declared=declared, feeds=1).feature_axis == axis

@@ -11,17 +11,20 @@ from test_output_effect import feeds, two_branch_model
 
 import dsrewrite
 from dsrewrite.errors import UsageError
-from dsrewrite.output_effect import choose_measure, divergence
 from dsrewrite.output_guard import GUARD_FEEDS, admission_order, savings
 from dsrewrite.plan import LayerPlan
 
 
 def relative_mse(original, rewritten, data) -> float:
-    """The guard's own measure, computed independently: both models run in onnxruntime on ``data``."""
-    references = [run(original, feed)[0] for feed in data]
-    got = [run(rewritten, feed)[0] for feed in data]
-    measure = choose_measure("y", references)
-    return sum(divergence(measure, r, g) for r, g in zip(references, got)) / measure.scale
+    """The guard's own measure, computed independently: both models run in onnxruntime on ``data``.
+
+    The rewrite declares y's shape [n, 6, 8, 8] (shape inference fills it), so the measure is relative MSE per
+    channel, averaged over the six channels.
+    """
+    references = np.concatenate([run(original, feed)[0] for feed in data]).astype(np.float64)
+    got = np.concatenate([run(rewritten, feed)[0] for feed in data]).astype(np.float64)
+    per_channel = ((got - references) ** 2).sum(axis=(0, 2, 3)) / ((references - references.mean(axis=(0, 2, 3), keepdims=True)) ** 2).sum(axis=(0, 2, 3))
+    return float(per_channel.mean())
 
 
 def guarded(bound, **options):
@@ -64,7 +67,7 @@ def test_a_bound_between_the_two_convs_keeps_the_quiet_one_and_reverts_the_loud_
     assert 0 < record["error_kept"] <= everything / 10
     # Honest: the kept error is what the delivered model does on the calibration feeds.
     assert math.isclose(relative_mse(model, result.model, feeds(8)), record["error_kept"], rel_tol=1e-3)
-    assert any(note.startswith("output guard (relative MSE on 'y'") for note in result.report.notes)
+    assert any(note.startswith("output guard (relative MSE per feature on 'y' (axis 1, 6 features") for note in result.report.notes)
     assert result.report.data()["output_guard"]["error_kept"] == pytest.approx(record["error_kept"])
 
 
@@ -114,9 +117,13 @@ def test_under_a_mac_budget_the_guard_ranks_by_the_allocations_output_level_erro
     assert {layer.node for layer in free.report.layers if layer.rewritten} == {"conv_a", "conv_b"}
     everything = {layer.node: layer.model_output_error for layer in free.report.layers}
     assert everything["conv_a"] > 10 * everything["conv_b"] > 0
-    result = dsrewrite.rewrite(model, **options, max_output_error=2 * everything["conv_b"])
+    # The bound holds per channel of y: a conv's worst channel moves by at least its mean over the 6 channels and
+    # at most 6 times that, so this bound keeps conv_b (within 12x its mean) and not conv_a (over 10x conv_b's mean).
+    bound = 12 * everything["conv_b"]
+    assert everything["conv_a"] > bound
+    result = dsrewrite.rewrite(model, **options, max_output_error=bound)
     assert result.report.output_guard["reverted"] == ["conv_a"]
-    assert result.report.output_guard["error_kept"] <= 2 * everything["conv_b"]
+    assert result.report.output_guard["error_kept"] <= bound
     assert any("MAC budget" in note or "--target-macs" in note for note in result.report.notes)
 
 
@@ -138,3 +145,47 @@ def test_a_model_without_float_outputs_keeps_its_rewrites_and_says_the_guard_cou
     assert all(layer.rewritten for layer in result.report.layers)
     assert any(note.startswith("output guard skipped: the model's outputs cannot be compared") for note in result.report.notes)
     assert any(w.startswith("output guard skipped") and w.endswith("every rewrite was kept") for w in result.warnings)
+
+
+def head_model() -> "onnx.ModelProto":
+    """y = Concat(conv_a(x), conv_b(x)) on channels, [n, 30, 8, 8]: conv_a (24 channels) is exactly rank 1 per input
+    channel, so only conv_b's 6 channels move under a rank-1 rewrite."""
+    import onnx
+    from conftest import OPSET
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    rank_one = rng.standard_normal((24, 4, 1, 1)) * rng.standard_normal((1, 4, 3, 3))
+    inits = [numpy_helper.from_array(rank_one.astype(np.float32), "Wa"),
+             numpy_helper.from_array(rng.standard_normal((6, 4, 3, 3)).astype(np.float32), "Wb")]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "Wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "Wb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["a", "b"], ["y"], axis=1),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 30, 8, 8])
+    graph = helper.make_graph(nodes, "g", [x], [y], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_the_bound_holds_for_every_feature_not_only_for_their_mean():
+    options = dict(rank=1, calibration=feeds(8), latency_aware=False)
+    loose = dsrewrite.rewrite(head_model(), **options, max_output_error=1e9).report.output_guard
+    assert loose["measure"] == "relative MSE per feature on 'y' (axis 1, 30 features, mean)"
+    worst = loose["worst_part"]
+    assert worst["part"] in {f"'y' feature {i} of axis 1" for i in range(24, 30)}  # one of conv_b's channels
+    mean, highest = loose["error_all_rewrites"], worst["error"]
+    assert mean < highest / 4  # 24 of the 30 channels do not move
+    bound = (mean + highest) / 2  # over the mean, under the worst channel
+    result = dsrewrite.rewrite(head_model(), **options, max_output_error=bound)
+    record = result.report.output_guard
+    assert record["reverted"] == ["conv_b"]
+    layers = {layer.node: layer for layer in result.report.layers}
+    assert layers["conv_a"].rewritten and not layers["conv_b"].rewritten
+    assert "moved 'y' feature" in layers["conv_b"].reason and "over its bound" in layers["conv_b"].reason
+    assert record["error_kept"] < 1e-6
+    assert any("over its bound" in note for note in result.report.notes)
