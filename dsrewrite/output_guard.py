@@ -122,6 +122,11 @@ def savings(plans: Sequence[LayerPlan]) -> tuple[dict[str, float], str]:
             for p in plans}, "MACs"  # fmt: skip
 
 
+def int8_part_bounds(parts: np.ndarray, whole: float) -> np.ndarray:
+    """Each part's bound under INT8: INT8's own error on it, but at least ``PART_FLOOR`` of its error on the whole."""
+    return np.maximum(np.asarray(parts, dtype=np.float64), PART_FLOOR * whole)
+
+
 def admission_order(alone: Mapping[str, float], saved: Mapping[str, float]) -> list[str]:
     """Convs by error alone per unit saved, lowest first (a conv that saves nothing comes last)."""
 
@@ -162,7 +167,7 @@ def guard(
     if bound is None:
         quantized = probe.outputs_of_model(ctx.deployed_model(), threads=threads)
         bound, source = probe.compare(quantized), "INT8 without rewrite"
-        part_bounds = np.maximum(probe.parts(quantized), PART_FLOOR * bound)
+        part_bounds = int8_part_bounds(probe.parts(quantized), bound)
     else:
         part_bounds = np.full(len(names), bound)
 

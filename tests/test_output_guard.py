@@ -11,7 +11,7 @@ from test_output_effect import feeds, two_branch_model
 
 import dsrewrite
 from dsrewrite.errors import UsageError
-from dsrewrite.output_guard import GUARD_FEEDS, admission_order, savings
+from dsrewrite.output_guard import GUARD_FEEDS, PART_FLOOR, admission_order, int8_part_bounds, savings
 from dsrewrite.plan import LayerPlan
 
 
@@ -37,6 +37,16 @@ def test_admission_order_is_error_per_saving_and_a_conv_that_saves_nothing_comes
     alone = {"a": 0.4, "b": 0.1, "c": 0.1, "d": 0.0}
     saved = {"a": 4.0, "b": 0.5, "c": 2.0, "d": 0.0}
     assert admission_order(alone, saved) == ["c", "a", "b", "d"]  # 0.05, 0.1, 0.2 per unit; d saves nothing
+
+
+def test_under_int8_each_part_is_bounded_by_int8s_error_on_it_but_not_below_a_floor():
+    # The YOLOX-style head's columns under INT8 (16 feeds): x, y, w, h, objectness, class; their mean 0.247.
+    int8 = np.array([0.4301, 0.4481, 0.1440, 0.1089, 0.0529, 0.2984])
+    bounds = int8_part_bounds(int8, float(int8.mean()))
+    np.testing.assert_array_equal(bounds, int8)  # no column is under a tenth of the mean
+    # A part INT8 leaves almost untouched gets the floor, not its own near-zero error.
+    bounds = int8_part_bounds(np.array([0.2, 1e-9]), 0.1)
+    np.testing.assert_allclose(bounds, [0.2, PART_FLOOR * 0.1])
 
 
 def test_savings_are_in_one_unit_for_every_conv():
