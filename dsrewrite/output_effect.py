@@ -137,8 +137,9 @@ def choose_measure(name: str, references: Sequence[np.ndarray], declared: Sequen
     flat = np.concatenate([a.ravel() for a in arrays])
     axis = feature_axis(arrays, declared, feeds)
     if axis is not None:
-        columns = _by_feature(arrays, axis)
-        return OutputMeasure(name, "relative_mse", _spread(flat), axis, tuple(_spread(c) for c in columns.T))
+        spread, energy = _per_feature_spread(arrays, axis), _per_feature_spread(arrays, axis, centred=False)
+        scales = [s if s > 0 else (e or 1.0) for s, e in zip(spread.tolist(), energy.tolist())]  # as _spread does
+        return OutputMeasure(name, "relative_mse", _spread(flat), axis, tuple(scales))
     return OutputMeasure(name, "relative_mse", _spread(flat))
 
 
@@ -156,15 +157,24 @@ def feature_axis(arrays: Sequence[np.ndarray], declared: Sequence[int | None] | 
         return None
 
     def unevenness(axis: int) -> float:
-        spread = _by_feature(arrays, axis).var(axis=0)
+        spread = _per_feature_spread(arrays, axis)
         return float(spread.max() / max(spread.min(), 1e-30))
 
     return max(candidates, key=lambda axis: (unevenness(axis), -axis))
 
 
-def _by_feature(arrays: Sequence[np.ndarray], axis: int) -> np.ndarray:
-    """Every value, one column per index of ``axis``."""
-    return np.concatenate([np.moveaxis(a, axis, -1).reshape(-1, a.shape[axis]) for a in arrays])
+def _per_feature_spread(arrays: Sequence[np.ndarray], axis: int, centred: bool = True) -> np.ndarray:
+    """Per index f of ``axis``: Σ‖o_f − ō_f‖² over every array (``centred=False``: Σ‖o_f‖²); no copy of the whole."""
+    def others(a: np.ndarray) -> tuple[int, ...]:
+        return tuple(i for i in range(a.ndim) if i != axis)
+
+    def column(values: np.ndarray, a: np.ndarray) -> np.ndarray:
+        return values.reshape([-1 if i == axis else 1 for i in range(a.ndim)])
+
+    mean = np.zeros(arrays[0].shape[axis])
+    if centred:
+        mean = sum(a.sum(axis=others(a)) for a in arrays) / sum(a.size // a.shape[axis] for a in arrays)
+    return sum(((a - column(mean, a)) ** 2).sum(axis=others(a)) for a in arrays)
 
 
 def _spread(values: np.ndarray) -> float:
