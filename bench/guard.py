@@ -16,8 +16,8 @@ install must not win), then runs the CLI once per (model, setting) in a fresh
 subprocess and stores ``DIR/<sha>/<model>/<setting>/{out.onnx,report.json,result.json}``.
 ``compare`` prints one line per (model, setting), ``identical`` or
 ``DIFFERS: ...``, then ``N identical, M differ``; exit code 0 only if all are
-identical, apart from the timed settings (``TIMED_SETTINGS``), whose in-model
-check profiles afresh on every run: their differences are listed apart. ``--out-b`` reads REV_B's results from another out dir (e.g. a
+identical, apart from the timed settings (``TIMED_SETTINGS``), whose in-place
+timings are profiled afresh on every run: their differences are listed apart. ``--out-b`` reads REV_B's results from another out dir (e.g. a
 re-run for the determinism check).
 
 Fixed across revisions (made once per out dir, never per rev):
@@ -71,9 +71,9 @@ SETTINGS: dict[str, list[str]] = {
     "macs": ["--target-macs", "0.5", "--no-benchmark"],
     "calib": ["--rank", "2", "--calibration", "{calib}", "--no-benchmark"],
 }
-# Settings whose decisions rest on timings. The per-conv timings come from the snapshot, but the in-model check
-# profiles the whole model afresh on every run, so these can differ between two runs of one commit: compare lists
-# their differences apart and leaves them out of the exit code.
+# Settings whose decisions rest on timings. Convs timed alone come from the snapshot, but in-place timing (the
+# ladders' whole-model profiles and the in-model check) profiles afresh on every run, so these differ between two
+# runs of one commit: compare lists their differences apart and leaves them out of the exit code.
 TIMED_SETTINGS = {"auto", "macs"}
 
 # The concrete input shape each bench model is rewritten at (passed as --input-shape in every
