@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 import pytest
 from conftest import OPSET
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import dsrewrite
@@ -281,3 +283,33 @@ def test_the_feature_axis_is_a_declared_fixed_axis_with_many_values_per_index(sh
         scale = np.geomspace(0.01, 100, shape[axis]).reshape([-1 if a == axis else 1 for a in range(len(shape))])
         values = values * scale
     assert choose_measure("out", [values], declared=declared, feeds=1).feature_axis == axis
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    features=st.integers(2, 12),
+    rows=st.integers(64, 200),
+    channels_last=st.booleans(),
+    scale=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_per_feature_parts_do_not_depend_on_a_features_units(features, rows, channels_last, scale, seed):
+    """Rescaling one feature (say, boxes in pixels instead of in strides) leaves every part as it was; identical
+    outputs measure zero."""
+    rng = np.random.default_rng(seed)
+    shape, axis = ((1, rows, features), 2) if channels_last else ((1, features, rows), 1)
+    reference = rng.standard_normal(shape) * rng.uniform(0.1, 10, features).reshape([-1 if a == axis else 1 for a in range(3)])
+    candidate = reference + 0.1 * rng.standard_normal(shape)
+    declared = list(shape)
+    measure = choose_measure("head", [reference], declared, feeds=1)
+    assert measure.feature_axis == axis
+    parts = divergence_parts(measure, reference, candidate) / measure.scales
+    assert np.all(parts > 0)
+    assert divergence_parts(measure, reference, reference).sum() == 0.0
+
+    units = np.ones(features)
+    units[rng.integers(features)] = scale
+    units = units.reshape([-1 if a == axis else 1 for a in range(3)])
+    rescaled = choose_measure("head", [reference * units], declared, feeds=1)
+    rescaled_parts = divergence_parts(rescaled, reference * units, candidate * units) / rescaled.scales
+    np.testing.assert_allclose(rescaled_parts, parts, rtol=1e-9)
