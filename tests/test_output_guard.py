@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 import pytest
 from conftest import dsrewrite_cli, run
 from test_output_effect import feeds, two_branch_model
@@ -157,10 +158,9 @@ def test_a_model_without_float_outputs_keeps_its_rewrites_and_says_the_guard_cou
     assert any(w.startswith("output guard skipped") and w.endswith("every rewrite was kept") for w in result.warnings)
 
 
-def head_model() -> "onnx.ModelProto":
+def head_model() -> onnx.ModelProto:
     """y = Concat(conv_a(x), conv_b(x)) on channels, [n, 30, 8, 8]: conv_a (24 channels) is exactly rank 1 per input
     channel, so only conv_b's 6 channels move under a rank-1 rewrite."""
-    import onnx
     from conftest import OPSET
     from onnx import TensorProto, helper, numpy_helper
 
