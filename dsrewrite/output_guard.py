@@ -38,7 +38,11 @@ rewrite moved its head's objectness score six times as far as INT8 does (0.31
 against 0.053) while the head as a whole moved less than under INT8, and lost 3.5
 points of F1 once quantized. Under INT8 each part's bound is INT8's own error on
 that part, but at least ``PART_FLOOR`` of INT8's error on the whole: a part INT8
-happens to leave almost untouched does not forbid every rewrite.
+happens to leave almost untouched does not forbid every rewrite. With several
+parts, a conv's error alone is the largest share of a part's bound it uses
+(``bound_share``, measured with the independent fits), not its mean error: a
+conv that moves little on average but much in the part over its bound ranks as
+costly.
 """
 
 from __future__ import annotations
@@ -127,6 +131,11 @@ def int8_part_bounds(parts: np.ndarray, whole: float) -> np.ndarray:
     return np.maximum(np.asarray(parts, dtype=np.float64), PART_FLOOR * whole)
 
 
+def bound_share(parts: np.ndarray, part_bounds: np.ndarray) -> float:
+    """The largest share of its bound that any part uses (over 1: over that bound)."""
+    return float(np.max(np.asarray(parts) / np.maximum(part_bounds, 1e-300)))
+
+
 def admission_order(alone: Mapping[str, float], saved: Mapping[str, float]) -> list[str]:
     """Convs by error alone per unit saved, lowest first (a conv that saves nothing comes last)."""
 
@@ -183,14 +192,21 @@ def guard(
     error, parts = joint(fitted, [p.output for p in todo])
     outcome = GuardOutcome(bound, source, probe.describe(), len(feeds), error, error)
     if len(names) > 1:
-        worst = int(np.argmax(parts / np.maximum(part_bounds, 1e-300)))
+        worst = int(np.argmax(parts / np.maximum(part_bounds, 1e-300)))  # the part bound_share reads
         outcome.worst_part = {"part": names[worst], "error": float(parts[worst]), "bound": float(part_bounds[worst])}
     if not within(parts):
-        alone = {p.output: p.model_output_error for p in todo if p.model_output_error is not None}
-        missing = [p.output for p in todo if p.output not in alone]
-        if missing:
+        if len(names) > 1:
+            # Several parts: what each conv alone costs is the largest share of a part's bound it uses, so a conv
+            # that moves little on average but much in the part over its bound ranks as costly.
             ranking = fit_independently() if fit_independently is not None else fitted
-            alone.update({key: joint(ranking if key in ranking else fitted, [key])[0] for key in missing})
+            alone = {key: bound_share(joint(ranking if key in ranking else fitted, [key])[1], part_bounds)
+                     for key in (p.output for p in todo)}  # fmt: skip
+        else:
+            alone = {p.output: p.model_output_error for p in todo if p.model_output_error is not None}
+            missing = [p.output for p in todo if p.output not in alone]
+            if missing:
+                ranking = fit_independently() if fit_independently is not None else fitted
+                alone.update({key: joint(ranking if key in ranking else fitted, [key])[0] for key in missing})
         saved, unit = savings(todo)
         order = admission_order(alone, saved)
         by_key = {p.output: p for p in todo}
@@ -210,9 +226,9 @@ def guard(
         for key in order[low:]:
             plan = by_key[key]
             _forget_fit(plan)
+            cost = f"{alone[key]:.3g} of a part's bound" if len(names) > 1 else f"{alone[key]:.3g}"
             revert(plan, f"left alone by the output guard: all rewrites at once {moved} ({source}); this conv alone "
-                         f"costs {alone[key]:.3g} for "
-                         f"{saved.get(key, 0.0):.3g} {unit} saved")  # fmt: skip
+                         f"costs {cost} for {saved.get(key, 0.0):.3g} {unit} saved")  # fmt: skip
             outcome.reverted.append(plan.node or plan.output)
     outcome.runs, outcome.seconds = probe.runs, time.perf_counter() - start
     return outcome, fitted

@@ -199,3 +199,51 @@ def test_the_bound_holds_for_every_feature_not_only_for_their_mean():
     assert "moved 'y' feature" in layers["conv_b"].reason and "over its bound" in layers["conv_b"].reason
     assert record["error_kept"] < 1e-6
     assert any("over its bound" in note for note in result.report.notes)
+
+
+def sliced_model() -> onnx.ModelProto:
+    """y = Concat(conv_a(x), conv_b(x)[:, :1]), [n, 7, 8, 8]: two convs of one shape, each near rank 1 per input
+    channel; conv_a moves its six channels a little each, conv_b the one channel of it that reaches y a lot."""
+    from conftest import OPSET
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+
+    def kernel(noise: float) -> np.ndarray:
+        rank_one = rng.standard_normal((6, 4, 1, 1)) * rng.standard_normal((1, 4, 3, 3))
+        return (rank_one + noise * rng.standard_normal((6, 4, 3, 3))).astype(np.float32)
+
+    inits = [numpy_helper.from_array(kernel(0.3), "Wa"), numpy_helper.from_array(kernel(1.0), "Wb")]
+    inits += [numpy_helper.from_array(np.array([v]), name) for name, v in (("start", 0), ("end", 1), ("axis", 1))]
+    nodes = [
+        helper.make_node("Conv", ["x", "Wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "Wb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Slice", ["b", "start", "end", "axis"], ["b0"]),
+        helper.make_node("Concat", ["a", "b0"], ["y"], axis=1),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 7, 8, 8])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=inits),
+                              opset_imports=[helper.make_opsetid("", OPSET)])  # fmt: skip
+    model.ir_version = 8
+    return model
+
+
+def test_with_several_parts_a_conv_is_ranked_by_the_share_of_a_parts_bound_it_uses():
+    options = dict(rank=1, calibration=feeds(8), latency_aware=False)
+    alone = {}
+    for conv in ("conv_a", "conv_b"):
+        record = dsrewrite.rewrite(sliced_model(), **options, include=[conv], max_output_error=1e9).report.output_guard
+        alone[conv] = record["error_all_rewrites"], record["worst_part"]["error"]
+    (mean_a, worst_a), (mean_b, worst_b) = alone["conv_a"], alone["conv_b"]
+    # By the mean, conv_b is the cheaper of two convs that save the same: ranked first, its one channel over the
+    # bound would fail the first prefix and leave both convs alone. By the share of the bound, conv_a comes first.
+    assert mean_b < mean_a and worst_a < worst_b
+    bound = (worst_a + worst_b) / 2
+    result = dsrewrite.rewrite(sliced_model(), **options, max_output_error=bound)
+    record = result.report.output_guard
+    assert record["reverted"] == ["conv_b"]
+    layers = {layer.node: layer for layer in result.report.layers}
+    assert layers["conv_a"].rewritten
+    assert "of a part's bound" in layers["conv_b"].reason
+    assert 0 < record["error_kept"] and record["worst_part"]["part"] == "'y' feature 6 of axis 1"
