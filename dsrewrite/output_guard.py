@@ -40,7 +40,7 @@ points of F1 once quantized. Under INT8 each part's bound is INT8's own error on
 that part, but at least ``PART_FLOOR`` of INT8's error on the whole: a part INT8
 happens to leave almost untouched does not forbid every rewrite. With several
 parts, a conv's error alone is the largest share of a part's bound it uses
-(``bound_share``, measured with the independent fits), not its mean error: a
+(``bound_shares``, measured with the independent fits), not its mean error: a
 conv that moves little on average but much in the part over its bound ranks as
 costly.
 """
@@ -131,9 +131,9 @@ def int8_part_bounds(parts: np.ndarray, whole: float) -> np.ndarray:
     return np.maximum(np.asarray(parts, dtype=np.float64), PART_FLOOR * whole)
 
 
-def bound_share(parts: np.ndarray, part_bounds: np.ndarray) -> float:
-    """The largest share of its bound that any part uses (over 1: over that bound)."""
-    return float(np.max(np.asarray(parts) / np.maximum(part_bounds, 1e-300)))
+def bound_shares(parts: np.ndarray, part_bounds: np.ndarray) -> np.ndarray:
+    """The share of its bound that each part uses (over 1: over that bound)."""
+    return np.asarray(parts, dtype=np.float64) / np.maximum(part_bounds, 1e-300)
 
 
 def admission_order(alone: Mapping[str, float], saved: Mapping[str, float]) -> list[str]:
@@ -192,14 +192,14 @@ def guard(
     error, parts = joint(fitted, [p.output for p in todo])
     outcome = GuardOutcome(bound, source, probe.describe(), len(feeds), error, error)
     if len(names) > 1:
-        worst = int(np.argmax(parts / np.maximum(part_bounds, 1e-300)))  # the part bound_share reads
+        worst = int(np.argmax(bound_shares(parts, part_bounds)))
         outcome.worst_part = {"part": names[worst], "error": float(parts[worst]), "bound": float(part_bounds[worst])}
     if not within(parts):
         if len(names) > 1:
             # Several parts: what each conv alone costs is the largest share of a part's bound it uses, so a conv
             # that moves little on average but much in the part over its bound ranks as costly.
             ranking = fit_independently() if fit_independently is not None else fitted
-            alone = {key: bound_share(joint(ranking if key in ranking else fitted, [key])[1], part_bounds)
+            alone = {key: float(bound_shares(joint(ranking if key in ranking else fitted, [key])[1], part_bounds).max())
                      for key in (p.output for p in todo)}  # fmt: skip
         else:
             alone = {p.output: p.model_output_error for p in todo if p.model_output_error is not None}
