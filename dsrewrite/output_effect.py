@@ -135,16 +135,20 @@ def choose_measure(name: str, references: Sequence[np.ndarray], declared: Sequen
     if arrays and all(distribution(a) for a in arrays):
         return OutputMeasure(name, "kl", float(sum(a.size // a.shape[-1] for a in arrays)))
     flat = np.concatenate([a.ravel() for a in arrays])
-    axis = feature_axis(arrays, declared, feeds)
-    if axis is not None:
-        spread, energy = _per_feature_spread(arrays, axis), _per_feature_spread(arrays, axis, centred=False)
-        scales = [s if s > 0 else (e or 1.0) for s, e in zip(spread.tolist(), energy.tolist())]  # as _spread does
-        return OutputMeasure(name, "relative_mse", _spread(flat), axis, tuple(scales))
+    found = feature_axis(arrays, declared, feeds)
+    if found is not None:
+        axis, spread = found
+        if np.any(spread <= 0):  # a constant feature: relative to its energy, as _spread does for a whole output
+            energy = _per_feature_spread(arrays, axis, centred=False)
+            spread = np.where(spread > 0, spread, np.where(energy > 0, energy, 1.0))
+        return OutputMeasure(name, "relative_mse", _spread(flat), axis, tuple(spread.tolist()))
     return OutputMeasure(name, "relative_mse", _spread(flat))
 
 
-def feature_axis(arrays: Sequence[np.ndarray], declared: Sequence[int | None] | None, feeds: int) -> int | None:
-    """The output's feature axis (module docstring), or None."""
+def feature_axis(
+    arrays: Sequence[np.ndarray], declared: Sequence[int | None] | None, feeds: int
+) -> tuple[int, np.ndarray] | None:  # fmt: skip
+    """The output's feature axis (module docstring) and each feature's spread Σ‖o_f − ō_f‖², or None."""
     if not declared or not arrays:
         return None
     total = sum(a.size for a in arrays)
@@ -156,11 +160,13 @@ def feature_axis(arrays: Sequence[np.ndarray], declared: Sequence[int | None] | 
     if not candidates:
         return None
 
-    def unevenness(axis: int) -> float:
-        spread = _per_feature_spread(arrays, axis)
-        return float(spread.max() / max(spread.min(), 1e-30))
+    spreads = {axis: _per_feature_spread(arrays, axis) for axis in candidates}
 
-    return max(candidates, key=lambda axis: (unevenness(axis), -axis))
+    def unevenness(axis: int) -> float:
+        return float(spreads[axis].max() / max(spreads[axis].min(), 1e-30))
+
+    axis = max(candidates, key=lambda axis: (unevenness(axis), -axis))
+    return axis, spreads[axis]
 
 
 def _per_feature_spread(arrays: Sequence[np.ndarray], axis: int, centred: bool = True) -> np.ndarray:
@@ -183,13 +189,9 @@ def _spread(values: np.ndarray) -> float:
     return spread if spread > 0 else float(np.sum(values**2)) or 1.0
 
 
-def divergence(measure: OutputMeasure, reference: np.ndarray, candidate: np.ndarray) -> float:
-    """The unnormalised measure (KL summed over distributions, or Σ‖o − ô‖²) of one batch; divide by ``scale``."""
-    return float(divergence_parts(replace(measure, feature_axis=None), reference, candidate)[0])
-
-
 def divergence_parts(measure: OutputMeasure, reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """Per part (the output, or each feature), the unnormalised measure of one batch; divide by ``scales``."""
+    """Per part (the output, or each feature), the unnormalised measure of one batch (KL summed over distributions,
+    or Σ‖o − ô‖²); divide by ``scales``."""
     if candidate.shape != reference.shape:
         raise NotComparable(f"output {measure.name!r} changes shape ({reference.shape} → {candidate.shape})")
     p = reference.astype(np.float64)
@@ -290,14 +292,13 @@ class OutputProbe:
         return got
 
     def compare(self, outputs: Sequence[Sequence[np.ndarray]]) -> float:
-        """The measure of ``outputs`` (per probe batch, the compared outputs in order): the mean of its outputs'."""
-        parts = self.parts(outputs)
-        means, start = [], 0
-        for measure in self.measures:
-            count = len(measure.scales)
-            means.append(float(np.mean(parts[start : start + count])))
-            start += count
-        return float(np.mean(means))
+        """The measure of ``outputs`` (per probe batch, the compared outputs in order)."""
+        return self.measure_of(self.parts(outputs))
+
+    def measure_of(self, parts: np.ndarray) -> float:
+        """The measure from its ``parts``: the mean over outputs of each output's mean over its parts."""
+        boundaries = np.cumsum([len(m.scales) for m in self.measures])[:-1]
+        return float(np.mean([chunk.mean() for chunk in np.split(np.asarray(parts), boundaries)]))
 
     def parts(self, outputs: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
         """Each part's measure (every output's, or each feature's of a featured one), in ``part_names`` order."""
@@ -319,10 +320,6 @@ class OutputProbe:
         got = [sess.run(self.output_names, batch) for batch in self.feeds]
         self.seconds += time.perf_counter() - start
         return got
-
-    def error_of_model(self, model: onnx.ModelProto, *, threads: int = 1) -> float:
-        """The measure of another model with the same inputs and outputs on the probe feeds."""
-        return self.compare(self.outputs_of_model(model, threads=threads))
 
     # -- curves --------------------------------------------------------------------------------
 

@@ -174,17 +174,17 @@ def guard(
         return None
     source, names = "--max-output-error", probe.part_names()
     if bound is None:
-        quantized = probe.outputs_of_model(ctx.deployed_model(), threads=threads)
-        bound, source = probe.compare(quantized), "INT8 without rewrite"
-        part_bounds = int8_part_bounds(probe.parts(quantized), bound)
+        quantized = probe.parts(probe.outputs_of_model(ctx.deployed_model(), threads=threads))
+        bound, source = probe.measure_of(quantized), "INT8 without rewrite"
+        part_bounds = int8_part_bounds(quantized, bound)
     else:
         part_bounds = np.full(len(names), bound)
 
     def joint(factors: Mapping, keys) -> tuple[float, np.ndarray]:
         if not keys:
             return 0.0, np.zeros(len(names))
-        outputs = probe.outputs_with({k: (factors[k].factors, factors[k].bias) for k in keys})
-        return probe.compare(outputs), probe.parts(outputs)
+        parts = probe.parts(probe.outputs_with({k: (factors[k].factors, factors[k].bias) for k in keys}))
+        return probe.measure_of(parts), parts
 
     def within(parts: np.ndarray) -> bool:
         return bool(np.all(parts <= part_bounds))

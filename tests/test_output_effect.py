@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import dsrewrite
 from dsrewrite import lowrank
-from dsrewrite.output_effect import NotComparable, OutputProbe, choose_measure, divergence, divergence_parts
+from dsrewrite.output_effect import NotComparable, OutputProbe, choose_measure, divergence_parts
 
 
 def two_branch_model(loud: float = 10.0, quiet: float = 0.1, softmax: bool = False) -> onnx.ModelProto:
@@ -80,9 +80,9 @@ def test_measures_kl_for_distributions_relative_mse_otherwise():
     measure = choose_measure("p", [p])
     q = np.array([[0.3, 0.7], [0.5, 0.5]])
     expected = 0.2 * math.log(0.2 / 0.3) + 0.8 * math.log(0.8 / 0.7)
-    assert divergence(measure, p, q) == pytest.approx(expected)
+    assert divergence_parts(measure, p, q)[0] == pytest.approx(expected)
     with pytest.raises(NotComparable):
-        divergence(measure, p, q[:1])
+        divergence_parts(measure, p, q[:1])
 
 
 def test_remeasure_sees_the_other_convs_at_their_ranks():
@@ -255,7 +255,7 @@ def test_a_declared_feature_axis_is_measured_per_feature_so_a_quiet_column_count
     moved[..., 4] += 0.1 * rng.standard_normal((1, 300))  # the score moves by its whole spread, the boxes not at all
     whole = choose_measure("out", [head])
     assert whole.feature_axis is None  # no declared shape: one relative MSE
-    assert divergence(whole, head, moved) / whole.scale < 1e-5
+    assert divergence_parts(whole, head, moved)[0] / whole.scale < 1e-5
     featured = choose_measure("out", [head], declared=[1, 300, 5], feeds=1)
     assert featured.feature_axis == 2 and len(featured.feature_scales) == 5
     parts = divergence_parts(featured, head, moved) / featured.scales
