@@ -27,6 +27,7 @@ import onnx
 from .cores import available_cores
 from .errors import InputError, UsageError
 from .geometry import ConvGeometry
+from .graph import declared_dims
 from .heap import release_free_memory
 from .lowrank import RegressionStats
 from .model_io.protos import node_subgraphs
@@ -124,7 +125,7 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tensor_type = vi.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type else np.float32
-        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim)
+        dims = declared_dims(vi) or ()
         specs.append(InputSpec(vi.name, np.dtype(dtype), dims))
     return specs
 

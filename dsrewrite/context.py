@@ -19,7 +19,7 @@ import onnx
 
 from .calibration import CalibrationSet, capture
 from .errors import InputError, UsageError
-from .graph import CONV_OPS, collect_shapes
+from .graph import CONV_OPS, collect_shapes, declared_dims
 from .model_io import check_model, load_model
 from .options import RewriteOptions
 from .pipeline import PassResult, infer_shapes
@@ -198,10 +198,9 @@ def inputs_left_dynamic(model: onnx.ModelProto, overrides: Mapping) -> dict[str,
     initializers = {i.name for i in model.graph.initializer}
     dynamic = {}
     for vi in model.graph.input:
-        dims = vi.type.tensor_type.shape.dim
-        if vi.name in initializers or vi.name in overrides or not dims:
+        known = list(declared_dims(vi) or ())
+        if vi.name in initializers or vi.name in overrides or not known:
             continue
-        known = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
         if None in known[1:]:
             dynamic[vi.name] = known
     return dynamic
@@ -295,7 +294,7 @@ def _fill_conv_shapes_by_running(analysis: onnx.ModelProto, shapes: dict) -> Non
     for vi in analysis.graph.input:
         if vi.name in initializers:
             continue
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in vi.type.tensor_type.shape.dim]
+        dims = list(declared_dims(vi) or ())
         if None in dims:
             return
         feed_dims[vi.name] = dims

@@ -90,17 +90,21 @@ def is_graph_output(tensor: gs.Tensor, root: gs.Graph) -> bool:
     return any(tensor in g.outputs for g in iter_graphs(root))
 
 
+def declared_dims(value: onnx.ValueInfoProto) -> Shape | None:
+    """A value's dims as declared (None where symbolic, unknown or not positive); None when it declares no shape."""
+    if not (value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape")):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in value.type.tensor_type.shape.dim)
+
+
 def collect_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     """Tensor name -> shape (None for unknown dims) from a shape-inferred model, subgraphs included."""
     shapes: dict[str, Shape] = {}
 
     def visit(graph: onnx.GraphProto) -> None:
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-                dims = tuple(
-                    d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                    for d in vi.type.tensor_type.shape.dim
-                )
+            dims = declared_dims(vi)
+            if dims is not None:
                 shapes.setdefault(vi.name, dims)
         for init in graph.initializer:
             shapes.setdefault(init.name, tuple(init.dims))

@@ -62,7 +62,7 @@ import onnx_graphsurgeon as gs
 from . import lowrank
 from .calibration import batch_groups
 from .fit_store import Fit
-from .graph import NameAllocator, constant_value, convs_by_output, export_model
+from .graph import NameAllocator, constant_value, convs_by_output, declared_dims, export_model
 from .plan import LayerPlan
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ class OutputProbe:
             batches, references = _batched(list(feeds), False), []
             for batch in batches:
                 references.append(sess.run(float_outputs, {**batch, **weights}))
-        declared = {o.name: _declared_dims(o) for o in model.graph.output}
+        declared = {o.name: declared_dims(o) for o in model.graph.output}
         measures = [choose_measure(name, [r[index] for r in references], declared[name], len(feeds))
                     for index, name in enumerate(float_outputs)]  # fmt: skip
         probe = cls(sess, batches, originals, inputs, dtypes, float_outputs, measures, references, ignored=ignored)
@@ -386,13 +386,6 @@ class OutputProbe:
                 if r not in around and math.isfinite(plan.error_at_rank[r - 1]):
                     copy.error_at_rank[r - 1] = plan.error_at_rank[r - 1] * factor
         return copies
-
-
-def _declared_dims(value: onnx.ValueInfoProto) -> list[int | None] | None:
-    """A graph output's dims as declared (None where symbolic), or None when it declares no shape."""
-    if not value.type.tensor_type.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in value.type.tensor_type.shape.dim]
 
 
 def fits_at_ranks(fits: Mapping[str, Mapping[int, Fit]], ranks: Mapping[str, int | None]) -> dict[str, Fit]:
