@@ -65,6 +65,7 @@ def rewrite(model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions 
     fitted = stages.guard_outputs(ctx, plans, fitted)  # all rewrites at once within --max-output-error (INT8: INT8's own)
     rewritten = stages.emit(ctx, plans, fitted, finishing)  # decompose_conv emits the plans, then e.g. cleanup
     rewritten = stages.finetune(ctx, rewritten)  # --finetune-seconds/-steps: the new factors distilled (extra)
+    rewritten = stages.guard_finetuned(ctx, plans, fitted, rewritten, finishing)  # the guard, on trained factors
     rewritten = stages.deploy(ctx, rewritten)  # --quantize int8
     stages.explain(ctx, plans)
     verification = stages.verify_outputs(ctx, rewritten)

@@ -43,6 +43,8 @@ class RewriteContext:
     emitted: dict[str, list[str]] = field(default_factory=dict)  # conv output -> the node names it was emitted as
     finetune: dict | None = None  # what fine-tuning did, for the report
     output_guard: dict | None = None  # what the output guard measured and left alone, for the report
+    guard_deferred: bool = False  # the output guard waits for fine-tuning's trained factors
+    emission_results: list[PassResult] = field(default_factory=list)  # the last emission's, within ``results``
     _latency_cache: object = None
     _deployed_model: onnx.ModelProto | None = None
     _timing_ranges: object = None  # quantize.TimingRanges, once the working model is deployed in INT8

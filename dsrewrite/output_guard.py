@@ -80,6 +80,7 @@ class GuardOutcome:
     worst_part: dict | None = None  # all rewrites at once: the part furthest over (or nearest) its bound
     runs: int = 0
     seconds: float = 0.0  # the guard's own time, refits included
+    factors: str = "fitted"  # what was judged: "fitted" (closed form, refitted per trial) or "fine-tuned" (as trained)
 
     def record(self) -> dict:
         return {
@@ -93,6 +94,7 @@ class GuardOutcome:
             "worst_part": self.worst_part,
             "runs": self.runs,
             "seconds": round(self.seconds, 3),
+            "factors": self.factors,
         }
 
     def note(self) -> str:
@@ -106,8 +108,9 @@ class GuardOutcome:
         if not self.reverted:
             return head + ": every rewrite kept"
         hint = "; --max-output-error sets another bound, inf none" if self.bound_source != "--max-output-error" else ""
+        rest = "the rest keep their fine-tuned weights" if self.factors == "fine-tuned" else "the rest fitted again"
         return head + (
-            f": {len(self.reverted)} conv(s) left alone (the costliest error per saving) and the rest fitted again, "
+            f": {len(self.reverted)} conv(s) left alone (the costliest error per saving) and {rest}, "
             f"which brings it to {self.error_kept:.4g}{hint}"
         )
 
@@ -149,12 +152,15 @@ def admission_order(alone: Mapping[str, float], saved: Mapping[str, float]) -> l
 def guard(
     ctx: "RewriteContext", plans: Sequence[LayerPlan], fitted: Mapping, bound: float | None,
     fit_without: Callable[[set[str]], Mapping], fit_independently: Callable[[], Mapping] | None = None,
+    trained: bool = False,
 ) -> tuple[GuardOutcome, Mapping] | None:  # fmt: skip
     """Leave convs alone (``decide.revert``) until the fitted rewrites move the outputs by at most the bound.
 
     ``bound=None``: the INT8-without-rewrite error (``--quantize int8``). ``fit_without(keys)``: the factors when the
     convs in ``keys`` are left alone; ``fit_independently()``: every decided conv fitted on the original model's
-    inputs, for the ranking (sequential fits overstate an early conv's error alone). Returns the outcome and the
+    inputs, for the ranking (sequential fits overstate an early conv's error alone). ``trained``: ``fitted`` holds
+    fine-tuned factors, ranked by what each does alone as trained, and ``fit_without`` returns the others as
+    trained. Returns the outcome and the
     factors to emit, or None when there is nothing to guard or the outputs cannot be compared (a note says which).
     """
     from .decide import revert  # noqa: PLC0415
@@ -190,7 +196,8 @@ def guard(
         return bool(np.all(parts <= part_bounds))
 
     error, parts = joint(fitted, [p.output for p in todo])
-    outcome = GuardOutcome(bound, source, probe.describe(), len(feeds), error, error)
+    outcome = GuardOutcome(bound, source, probe.describe(), len(feeds), error, error,
+                           factors="fine-tuned" if trained else "fitted")  # fmt: skip
     if len(names) > 1:
         worst = int(np.argmax(bound_shares(parts, part_bounds)))
         outcome.worst_part = {"part": names[worst], "error": float(parts[worst]), "bound": float(part_bounds[worst])}
@@ -201,8 +208,8 @@ def guard(
             ranking = fit_independently() if fit_independently is not None else fitted
             alone = {key: float(bound_shares(joint(ranking if key in ranking else fitted, [key])[1], part_bounds).max())
                      for key in (p.output for p in todo)}  # fmt: skip
-        else:
-            alone = {p.output: p.model_output_error for p in todo if p.model_output_error is not None}
+        else:  # trained factors are ranked as trained, not by the allocation's estimates of the fits
+            alone = {} if trained else {p.output: p.model_output_error for p in todo if p.model_output_error is not None}
             missing = [p.output for p in todo if p.output not in alone]
             if missing:
                 ranking = fit_independently() if fit_independently is not None else fitted

@@ -15,7 +15,9 @@ import math
 from dataclasses import replace
 from typing import Mapping, Sequence
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from . import latency
 from ._version import __version__
@@ -26,6 +28,7 @@ from .heap import release_free_memory
 from .measure import measure
 from .pipeline import Pass, Pipeline, default_opset
 from .plan import LINEAR_FIT_NOTE, LayerPlan
+from .projection import ProjectedFactors
 from .report import Report, compute_totals
 from .report.text import speedups
 from .verify import DEFAULT_DYNAMIC_DIM, VerificationResult, output_precision, verify
@@ -249,9 +252,8 @@ def record_fits(plans: Sequence[LayerPlan], fitted: dict) -> None:
 
 def guard_outputs(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict) -> dict:
     """``--max-output-error`` (default under ``--quantize``: INT8's own error): keep the cheapest rewrites whose
-    fits, all at once, move the model's outputs by at most the bound; the others are left alone."""
-    from .output_guard import guard  # noqa: PLC0415
-
+    fits, all at once, move the model's outputs by at most the bound; the others are left alone. With fine-tuning
+    the guard waits for the trained factors (``guard_finetuned``): they, not the fits, are what ships."""
     bound = ctx.options.decompose.max_output_error
     if bound == math.inf or ctx.calibration is None or (bound is None and ctx.options.deploy.quantize is None):
         return fitted
@@ -260,8 +262,39 @@ def guard_outputs(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict) -> 
         return fitted
     if not fitted:
         return fitted
+    if ctx.options.finetune.enabled:
+        ctx.guard_deferred = True
+        return fitted
+    return _guard(ctx, plans, fitted, trained=False)
+
+
+def guard_finetuned(
+    ctx: RewriteContext, plans: list[LayerPlan], fitted: dict, rewritten: onnx.ModelProto, finishing: Sequence[Pass]
+) -> onnx.ModelProto:  # fmt: skip
+    """The output guard deferred past fine-tuning. It judges the trained factors, read back from the model
+    (``emitted_factors``), and a trial keeps a subset of them as trained: refitting would discard the training.
+    When fine-tuning wrote nothing back, it guards the fits as it would have before, refits included. Either way
+    the convs it leaves alone are emitted again without their rewrite."""
+    if not ctx.guard_deferred:
+        return rewritten
+    ctx.guard_deferred = False
+    trained = bool((ctx.finetune or {}).get("written_back"))
+    factors = _trained_factors(rewritten, ctx.emitted, plans, fitted) if trained else fitted
+    kept = _guard(ctx, plans, factors, trained=trained)
+    if not (ctx.output_guard or {}).get("reverted"):
+        return rewritten
+    if ctx.finetune is not None:
+        ctx.finetune["left_alone_by_output_guard"] = len(ctx.output_guard["reverted"])
+    return emit(ctx, plans, kept, finishing)
+
+
+def _guard(ctx: RewriteContext, plans: list[LayerPlan], factors: dict, trained: bool) -> dict:
+    """Run the output guard on ``factors``; a trial refits the convs it keeps, unless they are ``trained``."""
+    from .output_guard import guard  # noqa: PLC0415
 
     def fit_without(left_alone: set[str]) -> dict:
+        if trained:
+            return {key: layer for key, layer in factors.items() if key not in left_alone}
         trial = []
         for plan in plans:
             if plan.output in left_alone:
@@ -270,15 +303,42 @@ def guard_outputs(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict) -> 
             trial.append(plan)
         return _fit_plans(ctx, trial) if any(p.rewritten for p in trial) else {}
 
-    guarded = guard(ctx, plans, fitted, bound, fit_without, lambda: _fit_plans(ctx, plans, sequential=False))
+    bound = ctx.options.decompose.max_output_error
+    independently = None if trained else (lambda: _fit_plans(ctx, plans, sequential=False))
+    guarded = guard(ctx, plans, factors, bound, fit_without, independently, trained=trained)
     if guarded is None:
-        return fitted
-    outcome, fitted = guarded
-    if outcome.reverted:
-        record_fits(plans, fitted)
+        return factors
+    outcome, kept = guarded
+    if outcome.reverted and not trained:
+        record_fits(plans, kept)
     ctx.output_guard = outcome.record()
     ctx.notes.append(outcome.note())
-    return fitted
+    return kept
+
+
+def _trained_factors(model: onnx.ModelProto, emitted: Mapping[str, Sequence[str]], plans: Sequence[LayerPlan],
+                     fitted: dict) -> dict:  # fmt: skip
+    """The fitted layers with the factors and biases fine-tuning left in ``model`` (by the emitted nodes)."""
+    from .passes.decompose_conv import emitted_factors  # noqa: PLC0415
+
+    nodes = {node.name: node for node in model.graph.node}
+    tensors = {t.name: t for t in model.graph.initializer}
+    forms = {p.output: p.form for p in plans if p.rewritten}
+    trained = {}
+    for key, layer in fitted.items():
+        names = emitted.get(key)
+        if key not in forms or not names or any(name not in nodes for name in names):
+            trained[key] = layer
+            continue
+        chain = [nodes[name] for name in names]
+        read = {name: numpy_helper.to_array(tensors[name]) for node in chain for name in node.input[1:3] if name in tensors}
+        factors, bias = emitted_factors(chain, read, forms[key])
+        bias = np.zeros(len(layer.bias)) if bias is None else bias
+        if isinstance(factors, ProjectedFactors):
+            trained[key] = replace(layer, factors=factors.separable(), projected=factors, bias=bias)
+        else:
+            trained[key] = replace(layer, factors=factors, bias=bias)
+    return trained
 
 
 def emit(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict, finishing: Sequence[Pass]) -> onnx.ModelProto:
@@ -289,7 +349,9 @@ def emit(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict, finishing: S
         return ctx.original
     emission = DecomposeConv(plans=plans, fitted=fitted)
     outcome = Pipeline([emission, *finishing], name="emit").run(ctx.model, shapes=ctx.shapes)
-    ctx.results += outcome.results
+    # Emitted again after the output guard left convs alone: the new emission's results replace the old.
+    ctx.results = [r for r in ctx.results if all(r is not old for old in ctx.emission_results)] + outcome.results
+    ctx.emission_results = list(outcome.results)
     ctx.emitted = emission.emitted  # which nodes hold each conv's new weights (fine-tuning trains them)
     return outcome.model
 

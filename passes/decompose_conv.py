@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from dsrewrite import lowrank
@@ -68,7 +69,7 @@ from .analyse_convs import AnalyseConvs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONV_OPS", "DecomposeConv", "DecomposeOptions"]
+__all__ = ["CONV_OPS", "DecomposeConv", "DecomposeOptions", "emitted_factors"]
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,56 @@ def _emit_branches(spec, factors, names, base, x, y, dw_attrs, bias, bias_tensor
         acc = y if j == r - 1 else gs.Variable(names.fresh(f"{base}/sum{j}_out"))
         new_nodes.append(gs.Node("Add", names.fresh(f"{base}/add{j}"), {}, [out, total], [acc]))
         total = acc
+
+
+def emitted_factors(
+    nodes: Sequence[onnx.NodeProto], weights: Mapping[str, np.ndarray], form: str
+) -> tuple[lowrank.SeparableFactors | ProjectedFactors, np.ndarray | None]:
+    """The inverse of emission: the factors and pointwise bias that one conv's emitted ``nodes`` (in emission
+    order, as ``DecomposeConv.emitted`` names them) hold in ``weights`` (initializers by name), e.g. after
+    fine-tuning trained them. The bias is None when the pointwise conv has none."""
+    convs = [n for n in nodes if n.op_type == "Conv"]
+
+    def weight(node: onnx.NodeProto) -> np.ndarray:
+        return np.asarray(weights[node.input[1]], dtype=np.float64)
+
+    def bias(node: onnx.NodeProto) -> np.ndarray | None:
+        name = node.input[2] if len(node.input) > 2 else ""
+        return np.asarray(weights[name], dtype=np.float64) if name else None
+
+    def group(node: onnx.NodeProto) -> int:
+        return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+    if form == FORM_PROJECTED:
+        mix, dw, pw = convs
+        w = weight(dw)
+        r, kernel = w.shape[0], tuple(w.shape[2:])
+        factors = ProjectedFactors(projection=weight(mix).reshape(-1), depthwise=w.reshape(r, -1),
+                                   pointwise=weight(pw).reshape(-1, r), kernel_shape=kernel)  # fmt: skip
+        return factors, bias(pw)
+    if form == FORM_BRANCHES:
+        dws, pws = convs[0::2], convs[1::2]
+    else:  # concat (r multiplier-1 depthwise convs, rank-major) or one multiplier-r depthwise conv
+        dws, pws = convs[:-1], convs[-1:]
+    first = weight(dws[0])
+    m, kernel = group(dws[0]), tuple(first.shape[2:])
+    g = group(pws[0])
+    if form == FORM_BRANCHES:
+        depthwise = np.stack([weight(d).reshape(m, -1) for d in dws], axis=1)
+        pointwise = np.stack([weight(p).reshape(weight(p).shape[0], -1) for p in pws], axis=2)
+    elif form == FORM_MULTIPLIER:
+        r = first.shape[0] // m
+        depthwise = first.reshape(m, r, -1)
+        pw = weight(pws[0])
+        pointwise = pw.reshape(pw.shape[0], -1, r)
+    else:
+        r = len(dws)
+        depthwise = np.stack([weight(d).reshape(m, -1) for d in dws], axis=1)
+        pw = weight(pws[0])
+        pointwise = pw.reshape(pw.shape[0], r, -1).transpose(0, 2, 1)
+    factors = lowrank.SeparableFactors(depthwise=depthwise, pointwise=np.ascontiguousarray(pointwise), groups=g,
+                                       kernel_shape=kernel)  # fmt: skip
+    return factors, bias(pws[0])
 
 
 def _spatial_attrs(spec: ConvSpec, group: int) -> dict:

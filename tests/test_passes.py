@@ -6,12 +6,17 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import SAMPLES, assert_same_outputs, conv_model, ops, random_input
 
 import dsrewrite
+from dsrewrite import lowrank
 from dsrewrite.decide import apply_decisions
+from dsrewrite.distill import FittedLayer
 from dsrewrite.errors import DsrewriteError, InputError, PassError, UsageError
 from dsrewrite.graph import collect_shapes
+from dsrewrite.passes.decompose_conv import emitted_factors
 from dsrewrite.passes import REGISTRY, AnalyseConvs, Cleanup, DecomposeConv, FoldBatchNorm, resolve_passes
 from dsrewrite.pipeline import (
     ONNX_CHECKER,
@@ -25,6 +30,7 @@ from dsrewrite.pipeline import (
     infer_shapes,
 )
 from dsrewrite.plan import Decision, Decisions
+from dsrewrite.projection import ProjectedFactors
 
 
 def analysed(model):
@@ -279,3 +285,42 @@ def test_convs_inside_local_functions_are_inlined_rewritten_and_verified():
     assert result.ok and result.report.verification.passed is True  # exact, against the original with its function
     assert any("inlined the model's local functions (1, convs in custom.Block)" in n for n in result.report.notes)
     assert not result.model.functions and len(model.functions) == 1  # the input is untouched
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    groups=st.sampled_from([1, 2]), per_group_in=st.integers(2, 4), per_group_out=st.integers(4, 6),
+    rank=st.integers(1, 3), form=st.sampled_from(["concat", "multiplier", "branches", "projected"]),
+    bias=st.booleans(), seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_emitted_factors_reads_back_exactly_what_emission_laid_out(groups, per_group_in, per_group_out, rank, form, bias, seed):
+    """``emitted_factors`` is emission's inverse for every form: trained weights can be read back as factors."""
+    if (form == "concat" and groups > 1) or (form == "projected" and groups > 1):
+        form = "multiplier"
+    m, n = groups * per_group_in, groups * per_group_out
+    model = conv_model(in_channels=m, out_channels=n, group=groups, bias=bias, pads=(1, 1, 1, 1), seed=seed % 97)
+    plans = analysed(model)[0].facts
+    apply_decisions(plans, Decisions({"y": Decision(rank, form=form)}))
+    assert plans[0].rewritten and plans[0].rank == rank
+    form = plans[0].form  # rank 1 is emitted in one form
+    rng = np.random.default_rng(seed)
+    f32 = lambda shape: rng.standard_normal(shape).astype(np.float32).astype(np.float64)  # noqa: E731
+    if form == "projected":
+        factors = ProjectedFactors(f32(m), f32((rank, 9)), f32((n, rank)), (3, 3))
+        fitted = FittedLayer(factors.separable(), f32(n), 0, 0, 0, 0, 0, "test", projected=factors)
+    else:
+        factors = lowrank.SeparableFactors(f32((m, rank, 9)), f32((n, per_group_in, rank)), groups, (3, 3))
+        fitted = FittedLayer(factors, f32(n), 0, 0, 0, 0, 0, "test")
+    emission = DecomposeConv(plans=plans, fitted={"y": fitted})
+    emitted = Pipeline([emission, Cleanup()]).run(model).model
+    by_name = {node.name: node for node in emitted.graph.node}
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in emitted.graph.initializer}
+    got, got_bias = emitted_factors([by_name[name] for name in emission.emitted["y"]], weights, form)
+    if form == "projected":
+        for field in ("projection", "depthwise", "pointwise"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(factors, field))
+    else:
+        np.testing.assert_array_equal(got.depthwise, factors.depthwise)
+        np.testing.assert_array_equal(got.pointwise, factors.pointwise)
+        assert got.groups == groups and got.kernel_shape == (3, 3)
+    np.testing.assert_array_equal(got_bias, fitted.bias)
