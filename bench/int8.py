@@ -25,9 +25,13 @@ pixel of the thresholded det map). Latency: medians of all variants run interlea
 The script wraps a few dsrewrite functions (stages, ``quantize_int8``, ``measure_layer``) to time them and
 samples the process RSS; the wrappers only observe and call through.
 
+With ``--finetune-seconds S``, each setting also gets ``rewrite+INT8 <setting>, fine-tuned S s``: the INT8 run
+fine-tuned before quantization (``finetune_threads``, seed 0), so the output guard judges the trained factors.
+
 Usage:
     python bench/int8.py [--models ppocr_cls captcha_crnn ...] [--n 1000] [--det-pages 300]
                          [--samples 64] [--budget 8] [--out bench/.cache/int8_results.json]
+                         [--settings rank=1 rank=2 target_macs=0.5] [--finetune-seconds S] [--finetune-threads 1]
 
 Results: a Markdown table per model on stdout, and ``--out`` (JSON; one key per model, merged with what the
 file already holds so models can be run one at a time).
@@ -196,7 +200,8 @@ def verification_summary(report) -> dict | None:
     }  # fmt: skip
 
 
-def run_model(name: str, n: int, samples: int, budget: float, probe: Probe, latency_cache: Path) -> dict:
+def run_model(name: str, n: int, samples: int, budget: float, probe: Probe, latency_cache: Path,
+              settings: dict = SETTINGS, finetune: dict | None = None) -> dict:  # fmt: skip
     t_model = time.perf_counter()
     probe.peak_rss_mib.clear()
     probe.take()
@@ -254,8 +259,12 @@ def run_model(name: str, n: int, samples: int, budget: float, probe: Probe, late
         return result
 
     run(PREPARED, "empty plan (no conv rewritten)", {"plan": EMPTY_PLAN}, "int8")
-    for setting, keywords in SETTINGS.items():
+    for setting, keywords in settings.items():
         quantized = run(f"rewrite+INT8 {setting}", setting, keywords, "int8")
+        if finetune:
+            # The same, fine-tuned before quantization; the output guard then judges the trained factors.
+            run(f"rewrite+INT8 {setting}, fine-tuned {finetune['finetune_seconds']:g} s", setting,
+                {**keywords, **finetune}, "int8")  # fmt: skip
         run(f"rewrite fp32 {setting}", setting, keywords, None)
         if quantized is not None:
             # Diagnostic: the INT8 run's decisions (ranks, forms, convs kept), fitted the same way, not quantized.
@@ -386,7 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=64, help="calibration feeds")
     parser.add_argument("--budget", type=float, default=8.0, help="seconds of interleaved timing (all variants)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / ".cache" / "int8_results.json")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--finetune-seconds", type=float, default=None,
+                        help="also run each setting's INT8 rewrite fine-tuned for this long (needs the finetune extra)")
+    parser.add_argument("--finetune-threads", type=int, default=1)
     args = parser.parse_args(argv)
+    settings = {key: SETTINGS[key] for key in args.settings}
+    finetune = None if args.finetune_seconds is None else {
+        "finetune_seconds": args.finetune_seconds, "finetune_threads": args.finetune_threads, "seed": 0}
 
     probe = install_probe()
     for name in args.models:
@@ -394,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         # A private per-run latency cache: every conv is timed afresh in this run (shared between its settings),
         # and the user's ~/.cache/dsrewrite is left alone.
         with tempfile.TemporaryDirectory(prefix="int8-bench-") as tmp:
-            result = run_model(name, n, args.samples, args.budget, probe, Path(tmp) / "latency.json")
+            result = run_model(name, n, args.samples, args.budget, probe, Path(tmp) / "latency.json", settings, finetune)
         result["peak_rss_mib_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         save(args.out, name, result)
         print(markdown(result), flush=True)
