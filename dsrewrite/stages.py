@@ -250,6 +250,10 @@ def record_fits(plans: Sequence[LayerPlan], fitted: dict) -> None:
                 plan.notes.append(note)
 
 
+# After the output guard leaves fine-tuned convs alone, the kept ones train again for this share of the budget.
+RETUNE_SHARE = 0.25
+
+
 def guard_outputs(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict) -> dict:
     """``--max-output-error`` (default under ``--quantize``: INT8's own error): keep the cheapest rewrites whose
     fits, all at once, move the model's outputs by at most the bound; the others are left alone. With fine-tuning
@@ -273,19 +277,41 @@ def guard_finetuned(
 ) -> onnx.ModelProto:  # fmt: skip
     """The output guard deferred past fine-tuning. It judges the trained factors, read back from the model
     (``emitted_factors``), and a trial keeps a subset of them as trained: refitting would discard the training.
-    When fine-tuning wrote nothing back, it guards the fits as it would have before, refits included. Either way
-    the convs it leaves alone are emitted again without their rewrite."""
+    The convs it leaves alone are emitted again without their rewrite, and the kept ones, trained alongside them and
+    partly making up for them, are trained again from where they are for ``RETUNE_SHARE`` of the budget and judged
+    once more (what that guard leaves alone is not trained a third time). When fine-tuning wrote nothing back, the
+    guard runs on the fits as it would have before, refits included."""
     if not ctx.guard_deferred:
         return rewritten
     ctx.guard_deferred = False
     trained = bool((ctx.finetune or {}).get("written_back"))
     factors = _trained_factors(rewritten, ctx.emitted, plans, fitted) if trained else fitted
     kept = _guard(ctx, plans, factors, trained=trained)
-    if not (ctx.output_guard or {}).get("reverted"):
+    first = ctx.output_guard
+    if not (first or {}).get("reverted"):
         return rewritten
-    if ctx.finetune is not None:
-        ctx.finetune["left_alone_by_output_guard"] = len(ctx.output_guard["reverted"])
-    return emit(ctx, plans, kept, finishing)
+    model = emit(ctx, plans, kept, finishing)
+    if not trained or not any(p.rewritten for p in plans):
+        return model
+    before = ctx.finetune
+    settings = ctx.options.finetune
+    short = replace(settings, seconds=None if settings.seconds is None else settings.seconds * RETUNE_SHARE,
+                    steps=None if settings.steps is None else max(1, math.ceil(settings.steps * RETUNE_SHARE)))  # fmt: skip
+    retuned = finetune(ctx, model, short)
+    again = ctx.finetune
+    if again is before:  # no second training ran
+        return model
+    ctx.finetune = {**before, "left_alone_by_output_guard": len(first["reverted"]), "retrained": again}
+    ctx.notes[-1] = f"trained again after the output guard left {len(first['reverted'])} conv(s) alone: {ctx.notes[-1]}"
+    if not again.get("written_back"):
+        return model  # the kept convs as first trained, within the bound
+    kept = _guard(ctx, plans, _trained_factors(retuned, ctx.emitted, plans, kept), trained=True)
+    second, ctx.output_guard = ctx.output_guard, first
+    if second is None:
+        return retuned
+    first.update(error_kept=second["error_kept"], reverted=first["reverted"] + second["reverted"],
+                 runs=first["runs"] + second["runs"], seconds=first["seconds"] + second["seconds"])  # fmt: skip
+    return emit(ctx, plans, kept, finishing) if second["reverted"] else retuned
 
 
 def _guard(ctx: RewriteContext, plans: list[LayerPlan], factors: dict, trained: bool) -> dict:
@@ -356,10 +382,11 @@ def emit(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict, finishing: S
     return outcome.model
 
 
-def finetune(ctx: RewriteContext, rewritten: onnx.ModelProto) -> onnx.ModelProto:
+def finetune(ctx: RewriteContext, rewritten: onnx.ModelProto, settings=None) -> onnx.ModelProto:
     """Distil the new factors against the original model (optional extra); the trained weights are written back
-    by initializer name, so the deploy, verify, benchmark and report stages all see the fine-tuned model."""
-    settings = ctx.options.finetune
+    by initializer name, so the deploy, verify, benchmark and report stages all see the fine-tuned model.
+    ``settings``: other than the options' (a shorter budget for the retraining after the output guard)."""
+    settings = settings or ctx.options.finetune
     if not settings.enabled or ctx.options.dry_run or ctx.calibration is None:
         return rewritten
     from .finetune import run_finetune  # noqa: PLC0415

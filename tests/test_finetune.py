@@ -285,16 +285,18 @@ def test_dry_run_and_no_rewritten_conv_do_not_train(stand_in):
 
 
 class ConvScalingTrainer(StandInTrainer):
-    """Scales only the weights of the convs whose names start with one of ``scales``' keys, each by its factor."""
+    """Scales only the weights whose names start with one of the keys of ``scales[call]``, each by its factor
+    (a later call: the last dict)."""
 
-    def __init__(self, scales: dict[str, float]):
+    def __init__(self, *scales: dict[str, float]):
         super().__init__(factor=1.0)
         self.scales = scales
 
     def train(self, student, teacher, trainable, targets, feeds, held_out, settings, progress=None, hints=()):
         result = super().train(student, teacher, trainable, targets, feeds, held_out, settings, progress, hints)
+        scales = self.scales[min(len(self.calls), len(self.scales)) - 1]
         for name in result.weights:
-            result.weights[name] = result.weights[name] * next((f for p, f in self.scales.items() if name.startswith(p)), 1.0)
+            result.weights[name] = result.weights[name] * next((f for p, f in scales.items() if name.startswith(p)), 1.0)
         return result
 
 
@@ -310,24 +312,44 @@ def test_the_output_guard_judges_the_fine_tuned_weights_not_the_fits(stand_in):
     bound = 2 * fitted.report.output_guard["error_all_rewrites"]
     assert dsrewrite.rewrite(model, **common, max_output_error=bound).report.output_guard["reverted"] == []
     # Training leaves conv_a's weights a hair different and makes conv_b's pointwise conv far worse.
-    stand_in(ConvScalingTrainer({"conv_a/": 1.001, "conv_b/pw": 300.0}))
-    tuned = dsrewrite.rewrite(model, **common, max_output_error=bound, finetune_steps=5)
+    trainer = stand_in(ConvScalingTrainer({"conv_a/": 1.001, "conv_b/pw": 300.0}))
+    tuned = dsrewrite.rewrite(model, **common, max_output_error=bound, finetune_steps=8)
     record = tuned.report.output_guard
     assert record["factors"] == "fine-tuned" and record["reverted"] == ["conv_b"]
     assert record["error_all_rewrites"] > bound >= record["error_kept"] > 0
     layers = {layer.node: layer for layer in tuned.report.layers}
     assert layers["conv_b"].status == "skipped" and layers["conv_a"].status == "rewritten"
-    assert tuned.report.finetune["left_alone_by_output_guard"] == 1
-    # conv_b is back as it was; conv_a carries its trained weights (the fits times 1.001), not a refit.
+    # conv_a, trained alongside conv_b, is trained again alone from its trained weights, for a quarter of the steps.
+    first, again = trainer.calls
+    assert all(name.startswith("conv_a/") for name in again["trainable"]) and again["settings"].steps == 2
+    tuning = tuned.report.finetune
+    assert tuning["left_alone_by_output_guard"] == 1 and tuning["retrained"]["written_back"] and tuning["steps"] == 5
+    assert any(note.startswith("trained again after the output guard left 1 conv(s) alone: fine-tuned 1 rewritten conv(s)")
+               for note in tuned.report.notes)  # fmt: skip
+    # conv_b is back as it was; conv_a carries its trained weights (the fits times 1.001, twice), not a refit.
     convs = {n.name: n for n in tuned.model.graph.node if n.op_type == "Conv"}
     assert "conv_b" in convs and not any(name.startswith("conv_b/") for name in convs)
     before, after = initializers(fitted.model), initializers(tuned.model)
     for name in (i for n in convs.values() if n.name.startswith("conv_a/") for i in n.input[1:]):
-        np.testing.assert_allclose(after[name], before[name] * 1.001, rtol=1e-6)
+        np.testing.assert_allclose(after[name], before[name] * 1.001**2, rtol=1e-6)
     # The kept error is what the delivered model does, and the report has one emission's pass results.
     assert math.isclose(relative_mse(model, tuned.model, feeds(8)), record["error_kept"], rel_tol=1e-3)
     assert [p["name"] for p in tuned.report.data()["passes"]].count("decompose_conv") == 1
     assert any("keep their fine-tuned weights" in note for note in tuned.report.notes)
+
+
+def test_what_the_retraining_moves_past_the_bound_is_left_alone_too(stand_in):
+    from test_output_effect import feeds, two_branch_model  # noqa: PLC0415
+
+    model = two_branch_model()
+    common = dict(rank=1, calibration=feeds(8), latency_aware=False, benchmark=False)
+    bound = 2 * dsrewrite.rewrite(model, **common, max_output_error=1e9).report.output_guard["error_all_rewrites"]
+    stand_in(ConvScalingTrainer({"conv_b/pw": 300.0}, {"conv_a/pw": 300.0}))
+    tuned = dsrewrite.rewrite(model, **common, max_output_error=bound, finetune_steps=4)
+    record = tuned.report.output_guard
+    assert record["reverted"] == ["conv_b", "conv_a"] and record["error_kept"] == 0.0
+    assert [n.name for n in tuned.model.graph.node if n.op_type == "Conv"] == ["conv_a", "conv_b"]
+    assert [p["name"] for p in tuned.report.data()["passes"]].count("decompose_conv") == 1
 
 
 def test_when_fine_tuning_writes_nothing_back_the_guard_refits_as_without_it(stand_in):
