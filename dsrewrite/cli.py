@@ -116,7 +116,8 @@ def parse_input_shape(value: str) -> tuple[str, tuple[int, ...]]:
                    "rewrite decisions are timed in INT8.")
 @click.option("--finetune-seconds", type=float, default=None, metavar="S",
               help="After the fit, distil the new factors against the original model on --calibration for at most S "
-                   "seconds (needs the optional extra: pip install \"dsrewrite[finetune]\").")
+                   "seconds (needs the optional extra: pip install \"dsrewrite[finetune]\"). Under an output bound, "
+                   "convs the guard then leaves alone cost another S/4 to train the kept ones again.")
 @click.option("--finetune-steps", type=int, default=None, metavar="N",
               help="Fine-tune for at most N optimizer steps (with --seed: the same inputs give the same model).")
 @click.option("--finetune-lr", type=float, default=FinetuneSettings.learning_rate, show_default=True,

@@ -305,9 +305,10 @@ def guard_finetuned(
     ctx.notes[-1] = f"trained again after the output guard left {len(first['reverted'])} conv(s) alone: {ctx.notes[-1]}"
     if not again.get("written_back"):
         return model  # the kept convs as first trained, within the bound
+    ctx.output_guard = None
     kept = _guard(ctx, plans, _trained_factors(retuned, ctx.emitted, plans, kept), trained=True)
     second, ctx.output_guard = ctx.output_guard, first
-    if second is None:
+    if second is None:  # nothing left to compare
         return retuned
     first.update(error_kept=second["error_kept"], reverted=first["reverted"] + second["reverted"],
                  runs=first["runs"] + second["runs"], seconds=first["seconds"] + second["seconds"])  # fmt: skip
