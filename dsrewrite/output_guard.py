@@ -105,6 +105,8 @@ class GuardOutcome:
         worst = self.worst_part
         if worst is not None and worst["error"] > worst["bound"] and worst["error"] > 0:
             head += f"; {worst['part']} moves by {worst['error']:.4g}, over its bound {worst['bound']:.4g}"
+        if self.factors.startswith("fitted ("):
+            return head + f": the closed-form fits they were trained from move them by {self.error_kept:.4g} and are kept"
         if not self.reverted:
             return head + ": every rewrite kept"
         hint = "; --max-output-error sets another bound, inf none" if self.bound_source != "--max-output-error" else ""
@@ -152,7 +154,7 @@ def admission_order(alone: Mapping[str, float], saved: Mapping[str, float]) -> l
 def guard(
     ctx: "RewriteContext", plans: Sequence[LayerPlan], fitted: Mapping, bound: float | None,
     fit_without: Callable[[set[str]], Mapping], fit_independently: Callable[[], Mapping] | None = None,
-    trained: bool = False,
+    trained: bool = False, fallback: Mapping | None = None,
 ) -> tuple[GuardOutcome, Mapping] | None:  # fmt: skip
     """Leave convs alone (``decide.revert``) until the fitted rewrites move the outputs by at most the bound.
 
@@ -160,7 +162,8 @@ def guard(
     convs in ``keys`` are left alone; ``fit_independently()``: every decided conv fitted on the original model's
     inputs, for the ranking (sequential fits overstate an early conv's error alone). ``trained``: ``fitted`` holds
     fine-tuned factors, ranked by what each does alone as trained, and ``fit_without`` returns the others as
-    trained. Returns the outcome and the
+    trained; ``fallback``: the fits they were trained from, kept whole (no conv left alone) when the trained factors
+    are over the bound and the fits are not. Returns the outcome and the
     factors to emit, or None when there is nothing to guard or the outputs cannot be compared (a note says which).
     """
     from .decide import revert  # noqa: PLC0415
@@ -201,6 +204,12 @@ def guard(
     if len(names) > 1:
         worst = int(np.argmax(bound_shares(parts, part_bounds)))
         outcome.worst_part = {"part": names[worst], "error": float(parts[worst]), "bound": float(part_bounds[worst])}
+    if not within(parts) and fallback is not None:
+        fallback_error, fallback_parts = joint(fallback, [p.output for p in todo])
+        if within(fallback_parts):  # training moved the outputs further than the fits it started from
+            outcome.factors, outcome.error_kept = "fitted (the fine-tuned factors were over the bound)", fallback_error
+            outcome.runs, outcome.seconds = probe.runs, time.perf_counter() - start
+            return outcome, fallback
     if not within(parts):
         if len(names) > 1:
             # Several parts: what each conv alone costs is the largest share of a part's bound it uses, so a conv

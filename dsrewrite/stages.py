@@ -279,19 +279,28 @@ def guard_finetuned(
     (``emitted_factors``), and a trial keeps a subset of them as trained: refitting would discard the training.
     The convs it leaves alone are emitted again without their rewrite, and the kept ones, trained alongside them and
     partly making up for them, are trained again from where they are for ``RETUNE_SHARE`` of the budget and judged
-    once more (what that guard leaves alone is not trained a third time). When fine-tuning wrote nothing back, the
-    guard runs on the fits as it would have before, refits included."""
+    once more (what that guard leaves alone is not trained a third time). Trained factors over the bound whose fits
+    are within it give way to the fits. When fine-tuning wrote nothing back, the guard runs on the fits as it would
+    have before, refits included."""
     if not ctx.guard_deferred:
         return rewritten
     ctx.guard_deferred = False
     trained = bool((ctx.finetune or {}).get("written_back"))
     factors = _trained_factors(rewritten, ctx.emitted, plans, fitted) if trained else fitted
-    kept = _guard(ctx, plans, factors, trained=trained)
+    kept = _guard(ctx, plans, factors, trained=trained, fallback=fitted if trained else None)
     first = ctx.output_guard
+    if trained and kept is fitted:  # the fits are within the bound and the trained factors are not
+        ctx.finetune["written_back"] = False
+        ctx.notes.append("the fine-tuned weights moved the outputs further than the output guard's bound, and the "
+                         "closed-form fits they started from do not: the fits are written instead")  # fmt: skip
+        return emit(ctx, plans, fitted, finishing)
     if not (first or {}).get("reverted"):
         return rewritten
     model = emit(ctx, plans, kept, finishing)
-    if not trained or not any(p.rewritten for p in plans):
+    if not trained:
+        return model
+    ctx.finetune["left_alone_by_output_guard"] = len(first["reverted"])
+    if not any(p.rewritten for p in plans):
         return model
     before = ctx.finetune
     settings = ctx.options.finetune
@@ -301,7 +310,7 @@ def guard_finetuned(
     again = ctx.finetune
     if again is before:  # no second training ran
         return model
-    ctx.finetune = {**before, "left_alone_by_output_guard": len(first["reverted"]), "retrained": again}
+    ctx.finetune = {**before, "retrained": again}
     ctx.notes[-1] = f"trained again after the output guard left {len(first['reverted'])} conv(s) alone: {ctx.notes[-1]}"
     if not again.get("written_back"):
         return model  # the kept convs as first trained, within the bound
@@ -315,8 +324,9 @@ def guard_finetuned(
     return emit(ctx, plans, kept, finishing) if second["reverted"] else retuned
 
 
-def _guard(ctx: RewriteContext, plans: list[LayerPlan], factors: dict, trained: bool) -> dict:
-    """Run the output guard on ``factors``; a trial refits the convs it keeps, unless they are ``trained``."""
+def _guard(ctx: RewriteContext, plans: list[LayerPlan], factors: dict, trained: bool, fallback: dict | None = None) -> dict:
+    """Run the output guard on ``factors``; a trial refits the convs it keeps, unless they are ``trained``
+    (``fallback``: the fits they came from, kept whole if they are within the bound and the trained ones are not)."""
     from .output_guard import guard  # noqa: PLC0415
 
     def fit_without(left_alone: set[str]) -> dict:
@@ -332,7 +342,7 @@ def _guard(ctx: RewriteContext, plans: list[LayerPlan], factors: dict, trained: 
 
     bound = ctx.options.decompose.max_output_error
     independently = None if trained else (lambda: _fit_plans(ctx, plans, sequential=False))
-    guarded = guard(ctx, plans, factors, bound, fit_without, independently, trained=trained)
+    guarded = guard(ctx, plans, factors, bound, fit_without, independently, trained=trained, fallback=fallback)
     if guarded is None:
         return factors
     outcome, kept = guarded
