@@ -37,17 +37,22 @@ class RewriteContext:
     shapes: dict  # tensor name -> shape at the analysed input shapes
     calibration: CalibrationSet | None = None
     notes: list[str] = field(default_factory=list)
-    results: list[PassResult] = field(default_factory=list)  # of every pass that changed the model, in order
+    preparation_results: list[PassResult] = field(default_factory=list)  # of the passes before emission
     conv_pixels: dict[str, int] | None = None  # output positions per conv, averaged over calibration shapes
     warnings: list[str] = field(default_factory=list)  # the notes the CLI also prints as warning lines (see warn)
     emitted: dict[str, list[str]] = field(default_factory=dict)  # conv output -> the node names it was emitted as
     finetune: dict | None = None  # what fine-tuning did, for the report
     output_guard: dict | None = None  # what the output guard measured and left alone, for the report
     guard_deferred: bool = False  # the output guard waits for fine-tuning's trained factors
-    emission_results: list[PassResult] = field(default_factory=list)  # the last emission's, within ``results``
+    emission_results: list[PassResult] = field(default_factory=list)  # of the last emission and the passes after it
     _latency_cache: object = None
     _deployed_model: onnx.ModelProto | None = None
     _timing_ranges: object = None  # quantize.TimingRanges, once the working model is deployed in INT8
+
+    @property
+    def results(self) -> list[PassResult]:
+        """Every pass that ran on the delivered model, in order (an emission done again replaces the first)."""
+        return self.preparation_results + self.emission_results
 
     @classmethod
     def open(cls, model: onnx.ModelProto | str | os.PathLike, options: RewriteOptions) -> "RewriteContext":

@@ -64,6 +64,8 @@ if TYPE_CHECKING:
 GUARD_FEEDS = 16
 # Under INT8, no part's bound is under this share of INT8's error on the whole measure.
 PART_FLOOR = 0.1
+# GuardOutcome.factors when fine-tuned factors over the bound gave way to the fits they started from.
+FITS_KEPT = "fitted (the fine-tuned factors were over the bound)"
 
 
 @dataclass
@@ -105,7 +107,7 @@ class GuardOutcome:
         worst = self.worst_part
         if worst is not None and worst["error"] > worst["bound"] and worst["error"] > 0:
             head += f"; {worst['part']} moves by {worst['error']:.4g}, over its bound {worst['bound']:.4g}"
-        if self.factors.startswith("fitted ("):
+        if self.factors == FITS_KEPT:
             return head + f": the closed-form fits they were trained from move them by {self.error_kept:.4g} and are kept"
         if not self.reverted:
             return head + ": every rewrite kept"
@@ -207,7 +209,7 @@ def guard(
     if not within(parts) and fallback is not None:
         fallback_error, fallback_parts = joint(fallback, [p.output for p in todo])
         if within(fallback_parts):  # training moved the outputs further than the fits it started from
-            outcome.factors, outcome.error_kept = "fitted (the fine-tuned factors were over the bound)", fallback_error
+            outcome.factors, outcome.error_kept = FITS_KEPT, fallback_error
             outcome.runs, outcome.seconds = probe.runs, time.perf_counter() - start
             return outcome, fallback
     if not within(parts):

@@ -58,7 +58,7 @@ def prepare(ctx: RewriteContext, passes: Sequence[Pass]) -> None:
     if passes:
         outcome = Pipeline(list(passes), name="prepare").run(ctx.model, shapes=ctx.shapes)
         ctx.model = outcome.model
-        ctx.results += outcome.results
+        ctx.preparation_results = list(outcome.results)
 
 
 def analyse(ctx: RewriteContext) -> list[LayerPlan]:
@@ -269,7 +269,9 @@ def guard_outputs(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict) -> 
     if ctx.options.finetune.enabled:
         ctx.guard_deferred = True
         return fitted
-    return _guard(ctx, plans, fitted, trained=False)
+    kept, outcome = _guard(ctx, plans, fitted, trained=False)
+    _record_guard(ctx, outcome)
+    return kept
 
 
 def guard_finetuned(
@@ -282,24 +284,26 @@ def guard_finetuned(
     once more (what that guard leaves alone is not trained a third time). Trained factors over the bound whose fits
     are within it give way to the fits. When fine-tuning wrote nothing back, the guard runs on the fits as it would
     have before, refits included."""
+    from .output_guard import FITS_KEPT  # noqa: PLC0415
+
     if not ctx.guard_deferred:
         return rewritten
     ctx.guard_deferred = False
     trained = bool((ctx.finetune or {}).get("written_back"))
     factors = _trained_factors(rewritten, ctx.emitted, plans, fitted) if trained else fitted
-    kept = _guard(ctx, plans, factors, trained=trained, fallback=fitted if trained else None)
-    first = ctx.output_guard
-    if trained and kept is fitted:  # the fits are within the bound and the trained factors are not
+    kept, first = _guard(ctx, plans, factors, trained=trained, fallback=fitted if trained else None)
+    _record_guard(ctx, first)
+    if first is not None and first.factors == FITS_KEPT:  # the fits are within the bound, the trained factors not
         ctx.finetune["written_back"] = False
         ctx.notes.append("the fine-tuned weights moved the outputs further than the output guard's bound, and the "
                          "closed-form fits they started from do not: the fits are written instead")  # fmt: skip
         return emit(ctx, plans, fitted, finishing)
-    if not (first or {}).get("reverted"):
+    if first is None or not first.reverted:
         return rewritten
     model = emit(ctx, plans, kept, finishing)
     if not trained:
         return model
-    ctx.finetune["left_alone_by_output_guard"] = len(first["reverted"])
+    ctx.finetune["left_alone_by_output_guard"] = len(first.reverted)
     if not any(p.rewritten for p in plans):
         return model
     before = ctx.finetune
@@ -311,22 +315,23 @@ def guard_finetuned(
     if again is before:  # no second training ran
         return model
     ctx.finetune = {**before, "retrained": again}
-    ctx.notes[-1] = f"trained again after the output guard left {len(first['reverted'])} conv(s) alone: {ctx.notes[-1]}"
+    ctx.notes[-1] = f"trained again after the output guard left {len(first.reverted)} conv(s) alone: {ctx.notes[-1]}"
     if not again.get("written_back"):
         return model  # the kept convs as first trained, within the bound
-    ctx.output_guard = None
-    kept = _guard(ctx, plans, _trained_factors(retuned, ctx.emitted, plans, kept), trained=True)
-    second, ctx.output_guard = ctx.output_guard, first
+    kept, second = _guard(ctx, plans, _trained_factors(retuned, ctx.emitted, plans, kept), trained=True)
     if second is None:  # nothing left to compare
         return retuned
-    first.update(error_kept=second["error_kept"], reverted=first["reverted"] + second["reverted"],
-                 runs=first["runs"] + second["runs"], seconds=first["seconds"] + second["seconds"])  # fmt: skip
-    return emit(ctx, plans, kept, finishing) if second["reverted"] else retuned
+    ctx.notes.append(second.note())
+    first.error_kept, first.reverted = second.error_kept, first.reverted + second.reverted
+    first.runs, first.seconds = first.runs + second.runs, first.seconds + second.seconds
+    ctx.output_guard = first.record()
+    return emit(ctx, plans, kept, finishing) if second.reverted else retuned
 
 
-def _guard(ctx: RewriteContext, plans: list[LayerPlan], factors: dict, trained: bool, fallback: dict | None = None) -> dict:
-    """Run the output guard on ``factors``; a trial refits the convs it keeps, unless they are ``trained``
-    (``fallback``: the fits they came from, kept whole if they are within the bound and the trained ones are not)."""
+def _guard(ctx: RewriteContext, plans: list[LayerPlan], factors: dict, trained: bool, fallback: dict | None = None):
+    """Run the output guard on ``factors``: the factors to emit and its ``GuardOutcome`` (None when it could not
+    compare). A trial refits the convs it keeps, unless they are ``trained`` (``fallback``: the fits they came from,
+    kept whole if they are within the bound and the trained ones are not)."""
     from .output_guard import guard  # noqa: PLC0415
 
     def fit_without(left_alone: set[str]) -> dict:
@@ -344,13 +349,18 @@ def _guard(ctx: RewriteContext, plans: list[LayerPlan], factors: dict, trained: 
     independently = None if trained else (lambda: _fit_plans(ctx, plans, sequential=False))
     guarded = guard(ctx, plans, factors, bound, fit_without, independently, trained=trained, fallback=fallback)
     if guarded is None:
-        return factors
+        return factors, None
     outcome, kept = guarded
     if outcome.reverted and not trained:
         record_fits(plans, kept)
-    ctx.output_guard = outcome.record()
-    ctx.notes.append(outcome.note())
-    return kept
+    return kept, outcome
+
+
+def _record_guard(ctx: RewriteContext, outcome) -> None:
+    """The guard's record and note into the report (nothing when it could not compare)."""
+    if outcome is not None:
+        ctx.output_guard = outcome.record()
+        ctx.notes.append(outcome.note())
 
 
 def _trained_factors(model: onnx.ModelProto, emitted: Mapping[str, Sequence[str]], plans: Sequence[LayerPlan],
@@ -386,9 +396,7 @@ def emit(ctx: RewriteContext, plans: list[LayerPlan], fitted: dict, finishing: S
         return ctx.original
     emission = DecomposeConv(plans=plans, fitted=fitted)
     outcome = Pipeline([emission, *finishing], name="emit").run(ctx.model, shapes=ctx.shapes)
-    # Emitted again after the output guard left convs alone: the new emission's results replace the old.
-    ctx.results = [r for r in ctx.results if all(r is not old for old in ctx.emission_results)] + outcome.results
-    ctx.emission_results = list(outcome.results)
+    ctx.emission_results = list(outcome.results)  # emitted again after the output guard: these replace the first
     ctx.emitted = emission.emitted  # which nodes hold each conv's new weights (fine-tuning trains them)
     return outcome.model
 
